@@ -1,0 +1,1 @@
+"""Dagster asset definitions, checks, sensors, schedules and jobs (thin adapters over ``curation``)."""

@@ -1,0 +1,1 @@
+"""Asset checks, one property each, grouped by the assets they guard."""

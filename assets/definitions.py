@@ -1,0 +1,28 @@
+"""The one explicit ``Definitions`` of the platform (loaded by ``workspace.yaml``)."""
+
+from __future__ import annotations
+
+from dagster import Definitions
+
+from assets import embeddings, ingest, models, pool
+from assets.checks import embeddings as embeddings_checks
+from assets.checks import ingest as ingest_checks
+from assets.checks import models as models_checks
+from assets.checks import pool as pool_checks
+from resources import ComputeResource, DatasetsResource, LakeResource
+
+
+def default_resources() -> dict:
+    """Resources bound by key, with defaults that run on the embedded dataset."""
+    return {
+        "lake": LakeResource(),
+        "datasets": DatasetsResource(),
+        "compute": ComputeResource(),
+    }
+
+
+defs = Definitions(
+    assets=[*ingest.ASSETS, *embeddings.ASSETS, *pool.ASSETS, *models.ASSETS],
+    asset_checks=[*ingest_checks.CHECKS, *embeddings_checks.CHECKS, *pool_checks.CHECKS, *models_checks.CHECKS],
+    resources=default_resources(),
+)

@@ -1,0 +1,189 @@
+"""Delta Lake storage: the tables of the platform and idempotent partition writes.
+
+All tables live under one root URI (a local path by default; ``s3://``, ``gs://`` or
+``abfs://`` with deltalake storage options). Writes that name a partition replace
+exactly that partition (``mode="overwrite"`` with a predicate), so re-materializing a
+partition never duplicates rows. Embedding columns are ``List(Float32)`` because Delta
+has no fixed-size array type; :func:`list_column_to_matrix` casts them back to a
+contiguous ``(n, d) float32`` matrix without going through Python lists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import TableNotFoundError
+
+log = logging.getLogger(__name__)
+
+# Table name -> partition column (None: unpartitioned). The schemas are in docs/storage.md.
+TABLES: dict[str, str | None] = {
+    "samples": "shard",
+    "quarantine": "shard",
+    "embeddings": "shard",
+    "clusters": None,
+    "assignments": None,
+    "dedup_scores": None,
+    "filter_embeddings": None,
+    "subsets": "recipe",
+    "checkpoints": "recipe",
+    "eval_results": "recipe",
+}
+
+
+def _sql_literal(value: str) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+@dataclass(frozen=True)
+class Lake:
+    """A lake root plus deltalake storage options.
+
+    Args:
+        root: local directory or object-store URI (``s3://bucket/prefix``).
+        storage_options: passed to deltalake (credentials, endpoint, ...).
+    """
+
+    root: str
+    storage_options: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.root or self.root.startswith("file://")
+
+    def uri(self, table: str) -> str:
+        if table not in TABLES:
+            raise ValueError(f"unknown table {table!r}; expected one of {sorted(TABLES)}")
+        return self.root.rstrip("/") + "/" + table
+
+    def _opts(self) -> dict[str, str] | None:
+        return dict(self.storage_options) or None
+
+    def exists(self, table: str) -> bool:
+        try:
+            DeltaTable(self.uri(table), storage_options=self._opts())
+            return True
+        except TableNotFoundError:
+            return False
+
+    def table(self, table: str) -> DeltaTable:
+        return DeltaTable(self.uri(table), storage_options=self._opts())
+
+    def write(
+        self,
+        table: str,
+        data: pl.DataFrame | pa.Table,
+        partition: str | None = None,
+        mode: str = "overwrite",
+    ) -> int:
+        """Write ``data`` to ``table``.
+
+        With ``partition`` (a value of the table's partition column) the write replaces
+        exactly that partition and leaves the others alone. Without it, ``mode``
+        ``"overwrite"`` replaces the whole table and ``"append"`` appends.
+
+        Returns:
+            The number of rows written.
+        """
+        if self.is_local:
+            os.makedirs(self.root, exist_ok=True)
+        arrow = data.to_arrow() if isinstance(data, pl.DataFrame) else data
+        part_col = TABLES[table]
+        kwargs: dict = {"storage_options": self._opts()}
+        if part_col is not None:
+            kwargs["partition_by"] = [part_col]
+        if partition is not None:
+            if part_col is None:
+                raise ValueError(f"table {table!r} is not partitioned")
+            col = arrow.column(part_col)
+            if len(col) and set(col.unique().to_pylist()) != {partition}:
+                raise ValueError(f"rows for partition {partition!r} carry other {part_col} values")
+            if self.exists(table):
+                kwargs["predicate"] = f"{part_col} = {_sql_literal(partition)}"
+            mode = "overwrite"
+        if mode == "overwrite":
+            kwargs["schema_mode"] = "overwrite" if partition is None else None
+            if kwargs["schema_mode"] is None:
+                del kwargs["schema_mode"]
+        write_deltalake(self.uri(table), arrow, mode=mode, **kwargs)
+        log.info("wrote %d rows to %s%s", arrow.num_rows, table, f"[{partition}]" if partition else "")
+        return arrow.num_rows
+
+    def delete_partition(self, table: str, partition: str) -> None:
+        part_col = TABLES[table]
+        if part_col is None or not self.exists(table):
+            return
+        self.table(table).delete(f"{part_col} = {_sql_literal(partition)}")
+
+    def read(
+        self,
+        table: str,
+        columns: Sequence[str] | None = None,
+        partitions: Iterable[str] | None = None,
+    ) -> pl.DataFrame:
+        """Read ``table`` (optionally only some columns / partitions) into polars."""
+        dt = self.table(table)
+        part_col = TABLES[table]
+        filters = None
+        if partitions is not None:
+            parts = list(partitions)
+            if part_col is None:
+                raise ValueError(f"table {table!r} is not partitioned")
+            if not parts:
+                return pl.from_arrow(dt.schema().to_arrow().empty_table()).select(columns or pl.all())
+            filters = [(part_col, "in", parts)]
+        arrow = dt.to_pyarrow_table(columns=list(columns) if columns else None, filters=filters)
+        return pl.from_arrow(arrow)
+
+    def partitions(self, table: str) -> list[str]:
+        part_col = TABLES[table]
+        if part_col is None or not self.exists(table):
+            return []
+        return sorted({p[part_col] for p in self.table(table).partitions()})
+
+
+def matrix_to_list_column(mat: np.ndarray) -> pa.Array:
+    """``(n, d) float32`` -> Arrow ``List(Float32)`` without Python objects."""
+    mat = np.ascontiguousarray(mat, dtype=np.float32)
+    n, d = mat.shape
+    offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(mat.reshape(-1)))
+
+
+def list_column_to_matrix(col: pa.ChunkedArray | pa.Array | pl.Series, dim: int | None = None) -> np.ndarray:
+    """Arrow/polars ``List(Float32)`` column -> contiguous ``(n, d) float32`` matrix.
+
+    Raises:
+        ValueError: if the rows do not all have the same length.
+    """
+    if isinstance(col, pl.Series):
+        col = col.to_arrow()
+    if isinstance(col, pa.ChunkedArray):
+        chunks = col.chunks
+    else:
+        chunks = [col]
+    parts = []
+    for ch in chunks:
+        if pa.types.is_large_list(ch.type):
+            ch = ch.cast(pa.list_(pa.float32()))
+        n = len(ch)
+        if n == 0:
+            continue
+        flat = ch.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        d = flat.size // n
+        if d * n != flat.size:
+            raise ValueError("embedding rows have different lengths")
+        offs = np.asarray(ch.offsets)
+        if not np.all(np.diff(offs) == d):
+            raise ValueError("embedding rows have different lengths")
+        parts.append(flat.reshape(n, d))
+    if not parts:
+        return np.zeros((0, dim or 0), dtype=np.float32)
+    return np.ascontiguousarray(np.concatenate(parts) if len(parts) > 1 else parts[0])
