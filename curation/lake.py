@@ -82,11 +82,14 @@ class Lake:
         data: pl.DataFrame | pa.Table,
         partition: str | None = None,
         mode: str = "overwrite",
+        where: Mapping[str, str] | None = None,
     ) -> int:
         """Write ``data`` to ``table``.
 
         With ``partition`` (a value of the table's partition column) the write replaces
-        exactly that partition and leaves the others alone. Without it, ``mode``
+        exactly that partition and leaves the others alone; ``where`` narrows the replaced
+        rows further (``{"stage": "embed"}`` replaces only that stage's rows of the
+        partition, so two stages can share one table partition). Without it, ``mode``
         ``"overwrite"`` replaces the whole table and ``"append"`` appends.
 
         Returns:
@@ -106,7 +109,10 @@ class Lake:
             if len(col) and set(col.unique().to_pylist()) != {partition}:
                 raise ValueError(f"rows for partition {partition!r} carry other {part_col} values")
             if self.exists(table):
-                kwargs["predicate"] = f"{part_col} = {_sql_literal(partition)}"
+                conds = [f"{part_col} = {_sql_literal(partition)}"]
+                for col_name, value in (where or {}).items():
+                    conds.append(f"{col_name} = {_sql_literal(value)}")
+                kwargs["predicate"] = " AND ".join(conds)
             mode = "overwrite"
         if mode == "overwrite":
             kwargs["schema_mode"] = "overwrite" if partition is None else None

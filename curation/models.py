@@ -1,0 +1,28 @@
+"""Model-config registry: the platform's small open_clip architectures.
+
+Configs are data: one JSON per architecture in ``curation/model_configs/``, registered with
+open_clip (``open_clip.add_model_config``) so ``open_clip.create_model(name)`` and
+``open_clip.list_models()`` see them beside open_clip's own configs.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources as ir
+
+
+def model_config_dir() -> str:
+    return str(ir.files("curation") / "model_configs")
+
+
+@functools.cache
+def register_model_configs() -> list[str]:
+    """Register the shipped configs with open_clip (idempotent). Returns their names."""
+    import curation._compat  # noqa: F401  (before open_clip imports torchvision)
+    import open_clip
+
+    d = ir.files("curation") / "model_configs"
+    names = sorted(p.name[: -len(".json")] for p in d.iterdir() if p.name.endswith(".json"))
+    if names:
+        open_clip.add_model_config(model_config_dir())
+    return names
