@@ -23,7 +23,7 @@ from deltalake.exceptions import TableNotFoundError
 
 log = logging.getLogger(__name__)
 
-# Table name -> partition column (None: unpartitioned). The schemas are in docs/storage.md.
+# Table name -> partition column (None: unpartitioned). The schemas are in docs/architecture.md.
 TABLES: dict[str, str | None] = {
     "samples": "shard",
     "quarantine": "shard",
