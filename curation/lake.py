@@ -143,7 +143,8 @@ class Lake:
             if part_col is None:
                 raise ValueError(f"table {table!r} is not partitioned")
             if not parts:
-                return pl.from_arrow(dt.schema().to_arrow().empty_table()).select(columns or pl.all())
+                empty = pl.DataFrame(pa.schema(dt.schema().to_arrow()).empty_table())
+                return empty.select(list(columns)) if columns else empty
             filters = [(part_col, "in", parts)]
         arrow = dt.to_pyarrow_table(columns=list(columns) if columns else None, filters=filters)
         return pl.from_arrow(arrow)

@@ -1,0 +1,75 @@
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from curation.lake import Lake, list_column_to_matrix, matrix_to_list_column
+
+
+def _rows(shard, n, stage=None):
+    d = {"uid": [f"{shard}{i}" for i in range(n)], "shard": [shard] * n}
+    if stage:
+        d["stage"] = [stage] * n
+    return pl.DataFrame(d)
+
+
+def test_partition_write_replaces_exactly_that_partition(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    for _ in range(3):
+        lake.write("samples", _rows("a", 2), partition="a")
+        lake.write("samples", _rows("b", 3), partition="b")
+    assert lake.read("samples").height == 5
+    lake.write("samples", _rows("a", 1), partition="a")
+    df = lake.read("samples")
+    assert sorted(df["uid"].to_list()) == ["a0", "b0", "b1", "b2"]
+    assert lake.partitions("samples") == ["a", "b"]
+    assert lake.read("samples", partitions=["b"]).height == 3
+    assert lake.read("samples", partitions=[]).height == 0
+
+
+def test_where_replaces_only_one_stage(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    lake.write("quarantine", _rows("a", 2, "ingest"), partition="a", where={"stage": "ingest"})
+    lake.write("quarantine", _rows("a", 3, "embed"), partition="a", where={"stage": "embed"})
+    lake.write("quarantine", _rows("a", 1, "embed"), partition="a", where={"stage": "embed"})
+    df = lake.read("quarantine")
+    assert df.filter(pl.col("stage") == "ingest").height == 2
+    assert df.filter(pl.col("stage") == "embed").height == 1
+
+
+def test_partition_rows_must_match(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    with pytest.raises(ValueError, match="other shard values"):
+        lake.write("samples", _rows("b", 2), partition="a")
+    with pytest.raises(ValueError, match="not partitioned"):
+        lake.write("clusters", pl.DataFrame({"cluster_id": [0]}), partition="x")
+    with pytest.raises(ValueError, match="unknown table"):
+        lake.uri("nope")
+
+
+def test_unpartitioned_overwrite_replaces_schema(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    lake.write("clusters", pl.DataFrame({"cluster_id": [0, 1]}))
+    lake.write("clusters", pl.DataFrame({"cluster_id": [5], "size": [3]}))
+    df = lake.read("clusters")
+    assert df.to_dicts() == [{"cluster_id": 5, "size": 3}]
+
+
+def test_list_column_round_trip_is_exact_and_contiguous(tmp_path):
+    rng = np.random.default_rng(0)
+    mat = rng.standard_normal((7, 5)).astype(np.float32)
+    col = matrix_to_list_column(mat)
+    assert col.type == pa.list_(pa.float32())
+    lake = Lake(str(tmp_path / "lake"))
+    lake.write("embeddings", pa.table({"uid": list("abcdefg"), "shard": ["s"] * 7, "image_emb": col}), partition="s")
+    back = list_column_to_matrix(lake.read("embeddings")["image_emb"])
+    assert back.dtype == np.float32 and back.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(back, mat)
+    chunked = pa.chunked_array([matrix_to_list_column(mat[:3]), matrix_to_list_column(mat[3:])])
+    np.testing.assert_array_equal(list_column_to_matrix(chunked), mat)
+
+
+def test_ragged_lists_are_rejected():
+    ragged = pa.array([[1.0, 2.0], [3.0]], type=pa.list_(pa.float32()))
+    with pytest.raises(ValueError, match="different lengths"):
+        list_column_to_matrix(ragged)
