@@ -1,0 +1,122 @@
+"""Ray vs in-process parity for the executor, and the per-cluster wrappers."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from curation.compute import ComputeSpec
+from curation.distributed import (
+    DistributedConfig,
+    InProcessExecutor,
+    RayExecutor,
+    cluster_members,
+    gpus_for_compute,
+    make_executor,
+)
+
+
+def _weighted_rows(idx, x, scale=1.0):
+    """A pure per-item function over a shared matrix: row sums of x[idx] times scale."""
+    return (x[idx].sum(axis=1) * scale).astype(np.float64)
+
+
+class _Scaler:
+    """A stateful worker: setup once, then a method per item."""
+
+    def __init__(self):
+        self.setups = 1
+        self.w = np.arange(4, dtype=np.float32)
+
+    def apply(self, idx, x):
+        return x[idx] @ self.w
+
+
+@pytest.fixture(scope="module")
+def ray_executor():
+    """One local Ray session (2 CPUs) for the whole module: Ray start-up is the slow part."""
+    import ray.cloudpickle
+
+    # This test module is not importable on Ray workers (pytest puts it on sys.path of the
+    # driver only): ship its helper functions by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ex = RayExecutor(DistributedConfig(address="local", num_cpus=2, max_in_flight=3))
+    yield ex
+    ex.shutdown()
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_in_process_does_not_import_ray():
+    code = (
+        "import sys, numpy as np\n"
+        "from curation.distributed import make_executor, DistributedConfig\n"
+        "ex = make_executor(DistributedConfig())\n"
+        "assert ex.map(abs, [-1, 2, -3]) == [1, 2, 3]\n"
+        "assert 'ray' not in sys.modules, 'ray imported'\n"
+    )
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_config_validation_and_factory():
+    with pytest.raises(ValueError, match="num_cpus: got 0"):
+        DistributedConfig(address="local", num_cpus=0)
+    with pytest.raises(ValueError, match="gpus_per_task: got -1"):
+        DistributedConfig(gpus_per_task=-1)
+    with pytest.raises(ValueError, match="address"):
+        RayExecutor(DistributedConfig())
+    assert isinstance(make_executor(None), InProcessExecutor)
+    assert isinstance(make_executor(DistributedConfig(address="local")), RayExecutor)
+    assert gpus_for_compute(ComputeSpec(device="cpu")) == 0
+    assert gpus_for_compute(ComputeSpec(device="cuda:1")) == 1
+
+
+def test_cluster_members_groups_and_sorts():
+    got = cluster_members(np.array([2, 0, 2, 5, 0, 2]))
+    assert [c for c, _ in got] == [0, 2, 5]
+    assert [g.tolist() for _, g in got] == [[1, 4], [0, 2, 5], [3]]
+
+
+def test_generic_map_parity(ray_executor):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 4)).astype(np.float32)
+    groups = [g for _, g in cluster_members(rng.integers(0, 9, size=200))]
+    ref = InProcessExecutor().map(_weighted_rows, groups, shared={"x": x}, scale=2.0)
+    got = ray_executor.map(_weighted_rows, groups, shared={"x": x}, scale=2.0)
+    assert len(got) == len(ref) == len(groups)
+    for a, b in zip(ref, got):
+        np.testing.assert_array_equal(a, b)
+    assert ray_executor.map(_weighted_rows, [], shared={"x": x}) == []
+
+
+def test_stateful_map_parity(ray_executor):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(50, 4)).astype(np.float32)
+    items = [np.arange(i, i + 5) for i in range(0, 45, 5)]
+    ref = InProcessExecutor().map_stateful(_Scaler, "apply", items, shared={"x": x})
+    got = ray_executor.map_stateful(_Scaler, "apply", items, num_workers=2, shared={"x": x})
+    for a, b in zip(ref, got):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_task_errors_propagate(ray_executor):
+    import ray
+
+    with pytest.raises(ray.exceptions.RayTaskError):
+        ray_executor.map(_weighted_rows, [np.array([0, 99])], shared={"x": np.zeros((3, 4))})
+
+
+def test_resource_builds_executors():
+    from resources.distributed import DistributedResource
+
+    assert isinstance(DistributedResource().executor(), InProcessExecutor)
+    cfg = DistributedResource(address="local", num_cpus=2).config(ComputeSpec(device="cuda"))
+    assert cfg.gpus_per_task == 1.0 and cfg.num_cpus == 2
+    cfg = DistributedResource(address="ray://head:10001", gpus_per_task=0.5).config(ComputeSpec(device="cpu"))
+    assert cfg.gpus_per_task == 0.5
+    assert DistributedResource(address="local").config(ComputeSpec(device="cpu")).gpus_per_task == 0.0
