@@ -50,6 +50,9 @@ __all__ = [
     "make_executor",
     "gpus_for_compute",
     "cluster_members",
+    "chunk_groups",
+    "semdedup_scores_distributed",
+    "clipcov_select_distributed",
 ]
 
 
@@ -338,3 +341,159 @@ def cluster_members(cluster_ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
     cuts = np.flatnonzero(np.diff(sorted_ids)) + 1
     groups = np.split(order.astype(np.int64), cuts)
     return [(int(cluster_ids[g[0]]), np.sort(g)) for g in groups if len(g)]
+
+
+def chunk_groups(groups: Sequence[Any], sizes: Sequence[int], rows_per_task: int) -> list[list[Any]]:
+    """Pack consecutive groups into chunks of about ``rows_per_task`` rows (one task each).
+
+    Many small clusters would otherwise cost one scheduler round trip each; a group larger
+    than ``rows_per_task`` gets a chunk of its own. Order is preserved.
+    """
+    if rows_per_task < 1:
+        raise ValueError(f"rows_per_task: got {rows_per_task}; expected >= 1")
+    chunks: list[list[Any]] = []
+    cur: list[Any] = []
+    rows = 0
+    for g, n in zip(groups, sizes):
+        if cur and rows + n > rows_per_task:
+            chunks.append(cur)
+            cur, rows = [], 0
+        cur.append(g)
+        rows += int(n)
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def _semdedup_chunk(chunk: list[np.ndarray], x: np.ndarray, block: int) -> list[np.ndarray]:
+    """Per-cluster SemDeDup for a chunk of clusters: ``M`` of each cluster's members, which
+    arrive already in the SemDeDup order (:func:`curation.similarity.max_sim_to_earlier`)."""
+    from curation.similarity import max_sim_to_earlier
+
+    return [max_sim_to_earlier(x[members], block=block) for members in chunk]
+
+
+def semdedup_scores_distributed(
+    executor: Executor,
+    x: np.ndarray,
+    cluster_ids: np.ndarray,
+    cos_to_centroid: np.ndarray,
+    uids,
+    block: int | None = None,
+    rows_per_task: int = 50_000,
+) -> np.ndarray:
+    """:func:`curation.dedup.semdedup_scores` with the clusters spread over ``executor``.
+
+    The in-cluster order is :func:`curation.budgets.in_cluster_order` (``hard``), the same
+    as the in-process function; ``x`` is shared once (``ray.put``) and each task receives
+    only member indices. The result is identical to ``semdedup_scores`` (parity-tested).
+
+    Args:
+        executor: from :func:`make_executor`.
+        x: (n, d) float32 unit-norm embeddings.
+        cluster_ids: (n,) int; cos_to_centroid: (n,) float32; uids: (n,) str.
+        block: rows per similarity block inside a cluster (default: the library's).
+        rows_per_task: clusters are packed into tasks of about this many rows.
+
+    Returns:
+        (n,) float32 max cosine to an earlier member of the same cluster (-1 for the first).
+    """
+    from curation.budgets import in_cluster_order
+    from curation.similarity import DEFAULT_BLOCK
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = x.shape[0]
+    if not (len(cluster_ids) == len(cos_to_centroid) == len(uids) == n):
+        raise ValueError(
+            f"lengths: got x={n}, cluster_ids={len(cluster_ids)}, cos={len(cos_to_centroid)}, "
+            f"uids={len(uids)}; expected all equal"
+        )
+    order = in_cluster_order(cluster_ids, cos_to_centroid, uids, order="hard")
+    c_sorted = np.asarray(cluster_ids, dtype=np.int64)[order]
+    bounds = np.flatnonzero(np.diff(c_sorted)) + 1
+    groups = [g for g in np.split(order, bounds) if len(g) >= 2]
+    out = np.full(n, -1.0, dtype=np.float32)
+    if not groups:
+        return out
+    chunks = chunk_groups(groups, [len(g) for g in groups], rows_per_task)
+    results = executor.map(_semdedup_chunk, chunks, shared={"x": x}, block=block or DEFAULT_BLOCK)
+    for chunk, res in zip(chunks, results):
+        for members, m in zip(chunk, res):
+            out[members] = m
+    return out
+
+
+def _clipcov_chunk(chunk: list[tuple[np.ndarray, int]], img, txt, max_dense, large, factorized):
+    """Greedy CLIPCov (:func:`curation.clipcov.clipcov_greedy`) for a chunk of classes."""
+    from curation.clipcov import clipcov_greedy
+
+    return [
+        clipcov_greedy(img[members], txt[members], b, max_dense=max_dense, large=large, factorized=factorized)
+        for members, b in chunk
+    ]
+
+
+def clipcov_select_distributed(
+    executor: Executor,
+    img: np.ndarray,
+    txt: np.ndarray,
+    class_ids: np.ndarray,
+    uids,
+    n_keep: int,
+    max_dense: int | None = None,
+    large: str = "factorized",
+    factorized: bool = False,
+    rows_per_task: int = 20_000,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`curation.clipcov.clipcov_select` with the proxy classes spread over ``executor``.
+
+    Same per-class budgets (:func:`curation.budgets.ssp_budgets`), same member order (by
+    class, then uid) and same greedy per class, so the output equals ``clipcov_select``'s.
+
+    Args:
+        executor: from :func:`make_executor`.
+        img, txt: (n, d) float32 aligned unit-norm embeddings (shared once).
+        class_ids: (n,) int proxy class; uids: (n,) str; n_keep: total to keep.
+        max_dense, large, factorized: see :func:`curation.clipcov.clipcov_greedy`.
+        rows_per_task: classes are packed into tasks of about this many rows.
+
+    Returns:
+        ``(kept, pos, gain)``: (n_keep,) int64 pool indices, int64 pick position within the
+        class, float64 marginal gain when picked.
+    """
+    from curation.budgets import ssp_budgets
+    from curation.clipcov import DEFAULT_MAX_DENSE
+
+    img = np.ascontiguousarray(img, dtype=np.float32)
+    txt = np.ascontiguousarray(txt, dtype=np.float32)
+    n = img.shape[0]
+    class_ids = np.asarray(class_ids, dtype=np.int64)
+    if class_ids.shape[0] != n or txt.shape[0] != n or len(uids) != n:
+        raise ValueError("clipcov_select_distributed: got arrays of different lengths; expected one row per sample")
+    u = np.asarray([str(v) for v in uids])
+    order = np.lexsort((u, class_ids)).astype(np.int64)  # by class, then uid
+    _, starts, counts = np.unique(class_ids[order], return_index=True, return_counts=True)
+    budgets = ssp_budgets(counts, n_keep)
+    items = [
+        (order[s : s + c], int(b))
+        for s, c, b in zip(starts.tolist(), counts.tolist(), budgets.tolist())
+        if b > 0
+    ]
+    if not items:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64)
+    chunks = chunk_groups(items, [len(m) for m, _ in items], rows_per_task)
+    results = executor.map(
+        _clipcov_chunk,
+        chunks,
+        shared={"img": img, "txt": txt},
+        max_dense=max_dense or DEFAULT_MAX_DENSE,
+        large=large,
+        factorized=factorized,
+    )
+    kept, pos, gain = [], [], []
+    for chunk, res in zip(chunks, results):
+        for (members, b), (p, g) in zip(chunk, res):
+            kept.append(members[p])
+            pos.append(np.arange(b, dtype=np.int64))
+            gain.append(g)
+    return np.concatenate(kept), np.concatenate(pos), np.concatenate(gain)
