@@ -1,0 +1,175 @@
+"""Blocked similarity kernels shared by clustering, SemDeDup and CLIPCov.
+
+Every kernel works on L2-normalized ``float32`` rows (cosine = inner product) and is
+*blocked*: it never materializes an ``n x n`` (or ``n x k`` for large ``k``) matrix, only
+``block x n`` tiles, so peak extra memory is ``O(block * n)`` floats. The dense products
+run through BLAS (numpy ``matmul``) which uses every core it is given.
+
+Functions:
+    max_sim_to_earlier   M_j = max_{i<j} x_i . x_j for an ordered set (SemDeDup).
+    blocked_max_sim      for each query, the max inner product with a key set.
+    topk_inner_product   the ``l`` largest inner products per query, optionally excluding
+                         the query's own index (nearest OTHER centroids).
+    clipped_row_col_sums row and column sums of ``max(0, A @ B.T)`` (CLIPCov coverage).
+    rowwise_dot          ``sum(a * b, axis=1)`` without an ``(n, d)`` temporary.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_BLOCK = 2048
+
+
+def _as_f32(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _check_block(block: int) -> int:
+    if int(block) < 1:
+        raise ValueError(f"block: got {block}; expected >= 1")
+    return int(block)
+
+
+_MASKS: dict[int, np.ndarray] = {}
+
+
+def _upper_mask(b: int) -> np.ndarray:
+    """(b, b) bool upper triangle including the diagonal (cached; slices of it are too)."""
+    for size, m in _MASKS.items():
+        if size >= b:
+            return m
+    m = np.triu(np.ones((b, b), dtype=bool))
+    _MASKS.clear()
+    _MASKS[b] = m
+    return m
+
+
+def max_sim_to_earlier(x: np.ndarray, block: int = DEFAULT_BLOCK) -> np.ndarray:
+    """For rows in their given order, the max cosine to any EARLIER row.
+
+    ``M_j = max_{i < j} x_i . x_j`` and ``M_0 = -1`` (nothing earlier). Rows are processed
+    in blocks of ``block``: block ``[s, e)`` is multiplied only against rows ``[0, e)``
+    (the lower triangle), so the work is ~n^2 d / 2 and peak extra memory ``block * n``.
+
+    Args:
+        x: (n, d) float32, unit-norm rows, already in the SemDeDup order.
+        block: rows per block.
+
+    Returns:
+        (n,) float32 max similarity to earlier rows (-1 for the first row).
+    """
+    block = _check_block(block)
+    x = _as_f32(x)
+    n = x.shape[0]
+    out = np.full(n, -1.0, dtype=np.float32)
+    if n <= 1:
+        return out
+    b0 = min(block, n)
+    upper = _upper_mask(b0)
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        g = x[s:e] @ x[:e].T  # (b, e)
+        # Mask the diagonal block's upper triangle incl. the diagonal: column i >= row j.
+        np.copyto(g[:, s:e], -np.inf, where=upper[: e - s, : e - s])
+        m = g.max(axis=1)
+        if s == 0:
+            m[0] = -1.0
+        out[s:e] = m
+    return out
+
+
+def blocked_max_sim(queries: np.ndarray, keys: np.ndarray, block: int = DEFAULT_BLOCK) -> np.ndarray:
+    """Max inner product of each query with any key.
+
+    Args:
+        queries: (m, d) float32.
+        keys: (n, d) float32.
+        block: query rows per block (peak extra memory ``block * n`` floats).
+
+    Returns:
+        (m,) float32; -inf where ``keys`` is empty.
+    """
+    block = _check_block(block)
+    q, k = _as_f32(queries), _as_f32(keys)
+    out = np.full(q.shape[0], -np.inf, dtype=np.float32)
+    if k.shape[0] == 0:
+        return out
+    for s in range(0, q.shape[0], block):
+        e = min(q.shape[0], s + block)
+        out[s:e] = (q[s:e] @ k.T).max(axis=1)
+    return out
+
+
+def topk_inner_product(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    l: int,
+    exclude_self: bool = False,
+    block: int = DEFAULT_BLOCK,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``l`` largest inner products of each query with the keys.
+
+    Args:
+        queries: (m, d) float32.
+        keys: (n, d) float32.
+        l: neighbours per query (``<= n``, or ``<= n - 1`` with ``exclude_self``).
+        exclude_self: query ``i`` is key ``i`` (``queries is keys``); never return it.
+        block: query rows per block (peak extra memory ``block * n`` floats).
+
+    Returns:
+        ``(sims, idx)``: (m, l) float32 sorted descending, (m, l) int64 key indices.
+    """
+    block = _check_block(block)
+    q, k = _as_f32(queries), _as_f32(keys)
+    m, n = q.shape[0], k.shape[0]
+    avail = n - 1 if exclude_self else n
+    if l < 0 or l > avail:
+        raise ValueError(f"l: got {l}; expected 0 <= l <= {avail}")
+    sims = np.empty((m, l), dtype=np.float32)
+    idx = np.empty((m, l), dtype=np.int64)
+    if l == 0:
+        return sims, idx
+    for s in range(0, m, block):
+        e = min(m, s + block)
+        g = q[s:e] @ k.T  # (b, n)
+        if exclude_self:
+            r = np.arange(e - s)
+            g[r, s + r] = -np.inf
+        part = np.argpartition(-g, l - 1, axis=1)[:, :l]
+        vals = np.take_along_axis(g, part, axis=1)
+        order = np.argsort(-vals, axis=1, kind="stable")
+        sims[s:e] = np.take_along_axis(vals, order, axis=1)
+        idx[s:e] = np.take_along_axis(part, order, axis=1)
+    return sims, idx
+
+
+def clipped_row_col_sums(a: np.ndarray, b: np.ndarray, block: int = DEFAULT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column sums of ``S = max(0, a @ b.T)`` without forming ``S``.
+
+    Args:
+        a: (n, d) float32 (e.g. image embeddings of a class).
+        b: (m, d) float32 (e.g. caption embeddings of the same class).
+        block: rows of ``a`` per block (peak extra memory ``block * m`` floats).
+
+    Returns:
+        ``(row, col)``: (n,) float64 ``sum_j S_ij`` and (m,) float64 ``sum_i S_ij``.
+    """
+    block = _check_block(block)
+    a, b = _as_f32(a), _as_f32(b)
+    row = np.zeros(a.shape[0], dtype=np.float64)
+    col = np.zeros(b.shape[0], dtype=np.float64)
+    for s in range(0, a.shape[0], block):
+        e = min(a.shape[0], s + block)
+        g = a[s:e] @ b.T
+        np.maximum(g, 0.0, out=g)
+        row[s:e] = g.sum(axis=1, dtype=np.float64)
+        col += g.sum(axis=0, dtype=np.float64)
+    return row, col
+
+
+def rowwise_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(a * b).sum(1)`` for (n, d) float32 inputs, as (n,) float32, with no (n, d) temporary."""
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: got {a.shape} and {b.shape}; expected equal shapes")
+    return np.einsum("ij,ij->i", _as_f32(a), _as_f32(b)).astype(np.float32, copy=False)
