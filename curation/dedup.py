@@ -1,0 +1,81 @@
+"""SemDeDup: semantic near-duplicate scores within concept clusters (ALGORITHMS.md section 2).
+
+Within each cluster, members are ordered by ``cos_to_centroid`` ascending (least
+prototypical first; ties by uid, :func:`curation.budgets.in_cluster_order` with ``hard``).
+For the member at position ``j``: ``M_j = max_{i<j} cos(x_i, x_j)`` (``-1`` for the first),
+whether or not the earlier members are themselves removed. A sample is a duplicate at
+threshold ``eps`` when ``M_j > 1 - eps``: a larger eps removes MORE. ``M`` is stored once
+(the ``dedup_scores`` table) so any eps is a filter, not a recomputation.
+
+Memory: each cluster is processed with :func:`curation.similarity.max_sim_to_earlier` in
+row blocks, so the peak extra memory is ``O(block * n_cluster)`` plus one gathered copy of
+the cluster's rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import numpy as np
+
+from curation.budgets import in_cluster_order
+from curation.similarity import DEFAULT_BLOCK, max_sim_to_earlier
+
+log = logging.getLogger(__name__)
+
+EPS_GRID = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1)
+
+
+def semdedup_scores(
+    x: np.ndarray,
+    cluster_ids: np.ndarray,
+    cos_to_centroid: np.ndarray,
+    uids,
+    block: int = DEFAULT_BLOCK,
+) -> np.ndarray:
+    """``M_j`` of every sample, in the input row order.
+
+    Args:
+        x: (n, d) float32 unit-norm embeddings.
+        cluster_ids: (n,) int cluster of each sample.
+        cos_to_centroid: (n,) float32 cosine of each sample to its centroid.
+        uids: (n,) str uids (tie-break of the order).
+        block: rows per block inside a cluster.
+
+    Returns:
+        (n,) float32 max cosine to an earlier member of the same cluster (-1 for the first).
+    """
+    n = x.shape[0]
+    if not (len(cluster_ids) == len(cos_to_centroid) == len(uids) == n):
+        raise ValueError(
+            f"lengths: got x={n}, cluster_ids={len(cluster_ids)}, cos={len(cos_to_centroid)}, "
+            f"uids={len(uids)}; expected all equal"
+        )
+    order = in_cluster_order(cluster_ids, cos_to_centroid, uids, order="hard")
+    c_sorted = np.asarray(cluster_ids, dtype=np.int64)[order]
+    bounds = np.flatnonzero(np.diff(c_sorted)) + 1
+    starts = np.concatenate([[0], bounds])
+    ends = np.concatenate([bounds, [n]])
+    out = np.full(n, -1.0, dtype=np.float32)
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        if e - s < 2:
+            continue
+        members = order[s:e]
+        out[members] = max_sim_to_earlier(x[members], block=block)
+    return out
+
+
+def is_duplicate(max_sim: np.ndarray, eps: float) -> np.ndarray:
+    """(n,) bool: ``M > 1 - eps`` (duplicate at threshold eps; larger eps removes more)."""
+    if not 0.0 <= eps <= 2.0:
+        raise ValueError(f"eps: got {eps}; expected 0 <= eps <= 2")
+    return np.asarray(max_sim) > (1.0 - eps)
+
+
+def removed_fraction(max_sim: np.ndarray, eps_grid: Iterable[float] = EPS_GRID) -> dict[float, float]:
+    """Fraction of samples removed at each eps of the grid, ``{eps: fraction}``."""
+    m = np.asarray(max_sim)
+    if m.size == 0:
+        return {float(e): 0.0 for e in eps_grid}
+    return {float(e): float(is_duplicate(m, e).mean()) for e in eps_grid}
