@@ -57,6 +57,7 @@ from dagster import (
 )
 from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
 
+from assets.jobs import shard_ingest_job
 from assets.partitions import recipe_partitions
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,12 @@ POOL_ASSETS = ("concept_clusters", "dedup_scores", "complexity_scores", "filter_
 RECIPE_ASSETS = ("pruned_subsets", "trained_checkpoints", "eval_reports")
 REPORT_ASSETS = ("curation_report",)
 
-INGEST_JOB = "shard_ingest_job"  # defined in assets/jobs.py (the landing sensor's job)
+INGEST_JOB = shard_ingest_job.name  # the landing sensor's per-shard job (assets/jobs.py)
 
 # Run tags.
 WAVE_TAG = "curation/wave"  # ties the runs of one curation pass together
 TRIGGER_TAG = "curation/trigger"  # ingest | schedule | backfill
+STAGE_TAG = "curation/stage"  # pool | recipe | report: for tag_concurrency_limits of the run queue
 MODE_TAG = "curation/cluster_mode"
 PARTITION_TAG = "dagster/partition"
 BACKFILL_TAG = "dagster/backfill"
@@ -107,6 +109,7 @@ def pool_run_config(mode: str) -> dict:
 pool_curation_job = define_asset_job(
     "pool_curation_job",
     selection=AssetSelection.assets(*POOL_ASSETS),
+    tags={STAGE_TAG: "pool"},
     description="Pool-wide curation: cluster (auto-assign or retrain), dedup and complexity scores, filter model.",
 )
 
@@ -114,12 +117,14 @@ recipe_job = define_asset_job(
     "recipe_job",
     selection=AssetSelection.assets(*RECIPE_ASSETS),
     partitions_def=recipe_partitions,
+    tags={STAGE_TAG: "recipe"},
     description="Per recipe: prune the pool, train a CLIP on the subset, evaluate it. Backfill it over recipes.",
 )
 
 report_job = define_asset_job(
     "report_job",
     selection=AssetSelection.assets(*REPORT_ASSETS),
+    tags={STAGE_TAG: "report"},
     description="The side-by-side curation report over all recipes.",
 )
 

@@ -132,6 +132,7 @@ def test_definitions_resolve_jobs_schedule_sensors():
     assert {k.to_user_string() for k in pool.asset_layer.executable_asset_keys} == set(auto.POOL_ASSETS)
     recipes = DEFS.resolve_job_def("recipe_job")
     assert recipes.partitions_def == recipe_partitions
+    assert pool.tags[auto.STAGE_TAG] == "pool"
     assert {s.name for s in auto.SENSORS} == {"curate_after_ingest", "recipes_after_pool_curation", "report_after_recipes"}
     assert DEFS.resolve_schedule_def("recurate_schedule").cron_schedule == auto.DEFAULT_RECURATE_CRON
 
