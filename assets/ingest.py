@@ -1,2 +1,152 @@
-"""(being written)"""
-ASSETS: list = []
+"""Ingest assets: ``raw_shards[shard]`` (the landed file) -> ``samples[shard]`` (+ quarantine).
+
+Thin adapters over :mod:`curation.shards`: ``raw_shards`` records what landed (bytes, sha256,
+members; its data version is the file hash, so a replaced file makes ``samples`` stale);
+``samples`` streams the shard through :func:`curation.shards.read_shard` and replaces its
+partition of the ``samples`` table and its stage-``ingest`` rows of the ``quarantine`` table.
+"""
+
+
+import hashlib
+import tarfile
+import time
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from assets.partitions import shard_partitions
+from curation.shards import INGEST_STAGE, parse_shard_key, read_shard, shard_path
+from resources import DatasetsResource, LakeResource
+
+GROUP = "ingest"
+
+
+def _file_sha256(path: Path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _count_members(path: Path) -> tuple[int, str | None]:
+    """(file members, error) of a tar read as a stream; error is None for a clean tar."""
+    n = 0
+    try:
+        with tarfile.open(path, mode="r|*") as tf:
+            for info in tf:
+                if info.isfile():
+                    n += 1
+    except Exception as e:  # noqa: BLE001 - any unreadable input is reported, not raised
+        return n, f"{type(e).__name__}: {e}"
+    return n, None
+
+
+def _markdown_table(df: pl.DataFrame, max_rows: int = 10, max_chars: int = 60) -> str:
+    if df.height == 0:
+        return "_no rows_"
+    head = df.head(max_rows)
+    cols = head.columns
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in head.iter_rows():
+        cells = []
+        for v in row:
+            s = str(v).replace("|", "\\|").replace("\n", " ")
+            cells.append(s if len(s) <= max_chars else s[: max_chars - 1] + "…")
+        lines.append("| " + " | ".join(cells) + " |")
+    if df.height > max_rows:
+        lines.append(f"\n_{df.height - max_rows} more rows_")
+    return "\n".join(lines)
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    group_name=GROUP,
+    kinds={"webdataset"},
+    description="A raw img2dataset-style shard in the landing zone: size, sha256, member count. "
+    "Its data version is the file's sha256, so a replaced file makes `samples` stale.",
+)
+def raw_shards(context: dg.AssetExecutionContext, datasets: DatasetsResource) -> dg.MaterializeResult:
+    key = context.partition_key
+    path = shard_path(datasets.landing, key)
+    if not path.is_file():
+        raise dg.Failure(
+            description=f"shard {key!r}: {path} does not exist (was it removed from the landing zone?)",
+            metadata={"path": dg.MetadataValue.path(str(path))},
+        )
+    t0 = time.perf_counter()
+    sha = _file_sha256(path)
+    members, error = _count_members(path)
+    is_tar = not (error is not None and members == 0)
+    status = "ok" if error is None else ("not a tar" if not is_tar else "damaged tar")
+    if error is not None:
+        context.log.warning("shard %s (%s): %s; samples will quarantine what cannot be read", key, path, error)
+    manifest = path.with_suffix(".parquet")
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(sha),
+        metadata={
+            "path": dg.MetadataValue.path(str(path)),
+            "bytes": path.stat().st_size,
+            "sha256": sha,
+            "members": members,
+            "is_tar": is_tar,
+            "status": status,
+            "error": error or "",
+            "has_parquet_manifest": manifest.is_file(),
+            "seconds": round(time.perf_counter() - t0, 4),
+        },
+    )
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    deps=[raw_shards],
+    group_name=GROUP,
+    kinds={"delta", "polars"},
+    description="One row per readable sample of the shard (`samples` Delta table); every other "
+    "key goes to `quarantine` with stage `ingest` and a reason code. Nothing is dropped.",
+)
+def samples(
+    context: dg.AssetExecutionContext, lake: LakeResource, datasets: DatasetsResource
+) -> dg.MaterializeResult:
+    key = context.partition_key
+    dataset, _ = parse_shard_key(key)
+    path = shard_path(datasets.landing, key)
+    t0 = time.perf_counter()
+    res = read_shard(path, dataset, key, max_pixels=datasets.max_pixels)
+    read_s = time.perf_counter() - t0
+    sdf = res.samples_frame()
+    qdf = res.quarantine_frame()
+    db = lake.lake()
+    db.write("samples", sdf, partition=key)
+    db.write("quarantine", qdf, partition=key, where={"stage": INGEST_STAGE})
+    seconds = time.perf_counter() - t0
+    reasons = res.reasons()
+    if qdf.height:
+        context.log.warning("shard %s: quarantined %d of %d keys: %s", key, qdf.height, res.keys_seen, reasons)
+    metadata = {
+        "dataset": dataset,
+        "rows": sdf.height,
+        "quarantined": qdf.height,
+        "keys_seen": res.keys_seen,
+        "members": res.members,
+        "truncated": res.truncated,
+        "is_tar": res.is_tar,
+        "quarantine_fraction": round(qdf.height / res.keys_seen, 6) if res.keys_seen else 0.0,
+        "quarantine_reasons": dg.MetadataValue.json(reasons),
+        "bytes_images": int(sdf["n_bytes"].sum()) if sdf.height else 0,
+        "seconds": round(seconds, 4),
+        "samples_per_second": round(res.keys_seen / read_s, 1) if read_s > 0 else 0.0,
+        "preview": dg.MetadataValue.md(
+            _markdown_table(sdf.select("key", "caption", "width", "height", "format", "uid"))
+        ),
+    }
+    if qdf.height:
+        metadata["quarantine_preview"] = dg.MetadataValue.md(_markdown_table(qdf.select("key", "reason", "detail")))
+    for reason, n in reasons.items():
+        metadata[f"quarantine_{reason}"] = n
+    return dg.MaterializeResult(metadata=metadata)
+
+
+ASSETS = [raw_shards, samples]

@@ -1,2 +1,76 @@
-"""(being written)"""
-CHECKS: list = []
+"""Checks of the ingest stage, one property each (partitioned like the shards they guard)."""
+
+
+import dagster as dg
+import polars as pl
+
+from assets.ingest import samples
+from assets.partitions import shard_partitions
+from curation.shards import INGEST_STAGE, list_keys, shard_path
+from resources import DatasetsResource, LakeResource
+
+
+def _partition_rows(lake: LakeResource, table: str, key: str, columns: list[str]) -> pl.DataFrame:
+    db = lake.lake()
+    if not db.exists(table):
+        return pl.DataFrame({c: [] for c in columns}, schema={c: pl.String for c in columns})
+    return db.read(table, columns=columns, partitions=[key])
+
+
+@dg.asset_check(
+    asset=samples,
+    partitions_def=shard_partitions,
+    blocking=True,
+    description="Every distinct key of the shard (tar members + parquet manifest, counted "
+    "independently of the reader) is in exactly one of `samples` or ingest `quarantine`.",
+)
+def every_key_accounted_for(
+    context: dg.AssetCheckExecutionContext, lake: LakeResource, datasets: DatasetsResource
+) -> dg.AssetCheckResult:
+    return key_accounting(lake, datasets, context.partition_key)
+
+
+def key_accounting(lake: LakeResource, datasets: DatasetsResource, key: str) -> dg.AssetCheckResult:
+    """The accounting property of shard ``key``: keys seen == samples + ingest quarantine."""
+    seen = list_keys(shard_path(datasets.landing, key))
+    s_keys = _partition_rows(lake, "samples", key, ["key"])["key"].to_list()
+    q = _partition_rows(lake, "quarantine", key, ["key", "stage"])
+    q_keys = q.filter(pl.col("stage") == INGEST_STAGE)["key"].to_list()
+    in_both = set(s_keys) & set(q_keys)
+    accounted = set(s_keys) | set(q_keys)
+    missing = sorted(seen - accounted)
+    extra = sorted(accounted - seen)
+    repeated = (len(s_keys) - len(set(s_keys))) + (len(q_keys) - len(set(q_keys)))
+    passed = not missing and not extra and not in_both and repeated == 0
+    return dg.AssetCheckResult(
+        passed=passed,
+        metadata={
+            "keys_seen": len(seen),
+            "samples": len(s_keys),
+            "quarantined_ingest": len(q_keys),
+            "observed_accounted": len(s_keys) + len(q_keys),
+            "threshold": "samples + ingest quarantine == keys seen, no key twice",
+            "missing_keys": dg.MetadataValue.json(missing[:20]),
+            "unexpected_keys": dg.MetadataValue.json(extra[:20]),
+            "keys_in_both": len(in_both),
+            "repeated_rows": repeated,
+        },
+    )
+
+
+@dg.asset_check(
+    asset=samples,
+    partitions_def=shard_partitions,
+    description="uids are unique within the shard's `samples` partition (uid = hash(dataset, shard, key)).",
+)
+def uids_unique(context: dg.AssetCheckExecutionContext, lake: LakeResource) -> dg.AssetCheckResult:
+    key = context.partition_key
+    uids = _partition_rows(lake, "samples", key, ["uid"])["uid"]
+    n_dup = uids.len() - uids.n_unique()
+    return dg.AssetCheckResult(
+        passed=n_dup == 0,
+        metadata={"rows": uids.len(), "duplicate_uids": n_dup, "threshold": 0},
+    )
+
+
+CHECKS = [every_key_accounted_for, uids_unique]
