@@ -1,0 +1,99 @@
+"""Helpers for the browser test: Debian's Chromium through Playwright, the Dagster GraphQL API.
+
+Never downloads a browser: Playwright drives ``/usr/bin/chromium`` (``apt-get install
+chromium``; the Makefile's ``chromium`` target installs it for CI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path(os.environ.get("CURATION_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def require_chromium() -> None:
+    """Skip when Chromium or Playwright is missing; FAIL instead when ``CI=true``."""
+    problems = []
+    if not CHROMIUM.exists():
+        problems.append(f"Chromium not found at {CHROMIUM} (install it: `apt-get install -y chromium` or `make chromium`)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        problems.append("the Python package playwright is not installed (pip install -e '.[test]')")
+    if not problems:
+        return
+    msg = "browser test cannot run: " + "; ".join(problems)
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def graphql(base_url: str, query: str, variables: dict | None = None, timeout: float = 30.0) -> dict:
+    """POST a query to the webserver's GraphQL endpoint; returns ``data`` (raises on errors)."""
+    body = json.dumps({"query": query, "variables": variables or {}}).encode()
+    req = urllib.request.Request(f"{base_url}/graphql", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        out = json.load(r)
+    if out.get("errors"):
+        raise RuntimeError(f"GraphQL errors: {out['errors']}")
+    return out["data"]
+
+
+RUNS_QUERY = """
+query Runs($filter: RunsFilter) {
+  runsOrError(filter: $filter, limit: 20) {
+    __typename
+    ... on Runs { results { runId status jobName tags { key value } } }
+  }
+}
+"""
+
+TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
+
+
+def wait_for_partition_run(base_url: str, partition: str, timeout: float = 150.0) -> dict:
+    """Poll GraphQL until a run tagged ``dagster/partition=<partition>`` is terminal; return it."""
+    deadline = time.monotonic() + timeout
+    last = None
+    flt = {"tags": [{"key": "dagster/partition", "value": partition}]}
+    while time.monotonic() < deadline:
+        runs = graphql(base_url, RUNS_QUERY, {"filter": flt})["runsOrError"]["results"]
+        if runs:
+            last = runs[0]
+            if last["status"] in TERMINAL:
+                return last
+        time.sleep(1.0)
+    raise TimeoutError(f"no finished run for partition {partition!r} within {timeout:.0f} s (last: {last})")
+
+
+def dismiss_popups(page, wait_ms: int = 3000) -> None:
+    """Close the first-visit 'Join the Dagster community' dialog if it shows up."""
+    skip = page.get_by_role("button", name="Skip")
+    try:
+        skip.wait_for(state="visible", timeout=wait_ms)
+    except Exception:  # playwright TimeoutError: no dialog this time
+        return
+    skip.click()

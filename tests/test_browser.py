@@ -1,0 +1,150 @@
+"""Drive the Dagster UI in headless Chromium: the lineage is there and a partition run succeeds.
+
+Starts ``curation ui``'s server (``assets.ui.start_ui``) on a temporary instance and data
+home holding a small build of the default dataset, opens the global asset lineage, checks
+every lineage asset is shown, launches ``raw_shards`` for one shard from the asset page's
+Materialize dialog, and waits (GraphQL) until that run succeeds. Screenshots go to
+``test-artifacts/``. The server is stopped by its process group in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from browser_helpers import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    dismiss_popups,
+    free_port,
+    require_chromium,
+    wait_for_partition_run,
+)
+
+pytestmark = pytest.mark.browser
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+HOST = "127.0.0.1"
+LINEAGE = (
+    "raw_shards",
+    "samples",
+    "embeddings",
+    "concept_clusters",
+    "dedup_scores",
+    "complexity_scores",
+    "filter_model",
+    "pruned_subsets",
+    "trained_checkpoints",
+    "eval_reports",
+    "curation_report",
+)
+
+
+@pytest.fixture
+def ui_homes(small_dataset, tmp_path):
+    """A fresh data home (landing + eval copied from the small dataset) and Dagster home
+    (the shipped dagster.yaml) with the shard partitions registered."""
+    from dagster import DagsterInstance
+
+    from curation.shards import find_shards
+
+    home = tmp_path / "curation_home"
+    for sub in ("landing", "eval"):
+        if (small_dataset / sub).exists():
+            shutil.copytree(small_dataset / sub, home / sub)
+    dagster_home = tmp_path / "dagster_home"
+    dagster_home.mkdir()
+    shutil.copy(REPO_ROOT / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")
+    keys = sorted(find_shards(home / "landing"))
+    assert keys, f"no shards in {home / 'landing'}"
+    with DagsterInstance.from_config(str(dagster_home)) as instance:
+        instance.add_dynamic_partitions("shards", keys)
+    return home, dagster_home, keys
+
+
+def test_ui_shows_lineage_and_runs_a_partition(ui_homes, tmp_path):
+    require_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    from assets.ui import start_ui, stop_ui
+
+    home, dagster_home, keys = ui_homes
+    shard = keys[0]
+    ARTIFACTS.mkdir(exist_ok=True)
+    port = free_port(HOST)
+    base = f"http://{HOST}:{port}"
+    t0 = time.perf_counter()
+    proc = start_ui(
+        host=HOST,
+        port=port,
+        dagster_home=dagster_home,
+        env={"CURATION_HOME": str(home)},
+        log_file=tmp_path / "ui.log",
+    )
+    t_up = time.perf_counter() - t0
+    page = None
+    try:
+        with sync_playwright() as pw:
+            ctx = pw.chromium.launch_persistent_context(
+                user_data_dir=str(tmp_path / "chromium-profile"),  # empty profile
+                executable_path=str(CHROMIUM),
+                args=CHROMIUM_ARGS,
+                headless=True,
+                viewport={"width": 1600, "height": 1000},
+            )
+            try:
+                page = ctx.new_page()
+                page.set_default_timeout(60_000)
+
+                # 1. The global asset lineage lists every asset of the platform.
+                page.goto(f"{base}/asset-groups")
+                dismiss_popups(page)
+                expect(page.get_by_text("Global asset lineage")).to_be_visible()
+                for name in LINEAGE:
+                    expect(page.get_by_text(name, exact=True).first).to_be_attached()
+                page.screenshot(path=str(ARTIFACTS / "ui_lineage.png"))
+
+                # 2. Launch raw_shards for one shard from the asset's Materialize dialog.
+                page.goto(f"{base}/assets/raw_shards")
+                dismiss_popups(page, wait_ms=1500)
+                page.get_by_role("button", name="Materialize…").click()
+                dialog = page.get_by_role("dialog").filter(has_text="Launch runs to materialize")
+                expect(dialog).to_be_visible()
+                dialog.get_by_text("Select a partition or create one").click()
+                page.get_by_role("menuitem").filter(has_text=shard).first.click()
+                dialog.get_by_text("Launch runs to materialize").click()  # close the picker
+                page.screenshot(path=str(ARTIFACTS / "ui_launch_dialog.png"))
+                dialog.get_by_role("button", name="Launch 1 run").click()
+
+                # 3. The run succeeds (polled through the webserver's GraphQL API).
+                t1 = time.perf_counter()
+                run = wait_for_partition_run(base, shard, timeout=150)
+                t_run = time.perf_counter() - t1
+                page.goto(f"{base}/runs/{run['runId']}")
+                expect(page.get_by_text("Success").first).to_be_visible()
+                page.screenshot(path=str(ARTIFACTS / "ui_run.png"))
+                assert run["status"] == "SUCCESS", f"run {run['runId']} ended {run['status']}; see {tmp_path / 'ui.log'}"
+                tags = {t["key"]: t["value"] for t in run["tags"]}
+                assert tags.get("dagster/partition") == shard
+                log.info("UI up in %.1f s; run %s succeeded in %.1f s", t_up, run["runId"], t_run)
+            except BaseException:
+                if page is not None:
+                    page.screenshot(path=str(ARTIFACTS / "ui_failure.png"))
+                raise
+            finally:
+                ctx.close()
+    finally:
+        stop_ui(proc)
+
+    # The materialization reached the instance the UI ran on.
+    from dagster import AssetKey, DagsterInstance
+
+    with DagsterInstance.from_config(str(dagster_home)) as instance:
+        assert shard in instance.get_materialized_partitions(AssetKey("raw_shards"))
