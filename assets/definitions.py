@@ -10,6 +10,7 @@ from assets.checks import ingest as ingest_checks
 from assets.checks import models as models_checks
 from assets.checks import pool as pool_checks
 from resources import ComputeResource, DatasetsResource, LakeResource
+from resources.encoder import EncoderResource
 
 
 def default_resources() -> dict:
@@ -18,6 +19,7 @@ def default_resources() -> dict:
         "lake": LakeResource(),
         "datasets": DatasetsResource(),
         "compute": ComputeResource(),
+        "encoder": EncoderResource(),
     }
 
 
