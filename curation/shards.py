@@ -280,18 +280,17 @@ def _iter_members(tf: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, bytes 
         yield info, data, None
 
 
-def _has_end_marker(path: Path, offset: int) -> bool:
-    """True if an uncompressed tar has its end-of-archive zero block at ``offset``.
+def _has_end_marker(tf: tarfile.TarFile, path: Path) -> bool:
+    """True if an uncompressed tar has its end-of-archive zero block where the members end.
 
     Members that end exactly where the file is cut leave no error in tarfile's stream mode;
     the missing end-of-archive block is what tells a truncated tar from a complete one.
     Compressed tars (gzip etc.) are checked by their decompressor instead.
     """
+    if getattr(tf.fileobj, "comptype", "tar") != "tar":
+        return True
     with open(path, "rb") as f:
-        magic = f.read(2)
-        if magic in (b"\x1f\x8b", b"BZ", b"\xfd7") or magic[:1] == b"\x28":
-            return True
-        f.seek(offset)
+        f.seek(tf.offset)
         block = f.read(512)
     return len(block) == 512 and block == b"\x00" * 512
 
@@ -400,8 +399,13 @@ def read_shard(
     Returns:
         A :class:`ShardReadResult`; every distinct key seen is in exactly one of
         ``samples`` / ``quarantine``.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist (a missing file is not bad data).
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"shard {shard_key!r}: {path} does not exist")
     res = ShardReadResult()
     if manifest is True:
         manifest_keys = _read_manifest_keys(path.with_suffix(".parquet"))
@@ -476,7 +480,7 @@ def read_shard(
                 current.names[ext] = info.name
                 if len(data) == 0 and ext != METADATA_EXT and current.problem is None:
                     current.problem = ("empty_member", f"{info.name} has 0 bytes")
-            if not _has_end_marker(path, tf.offset):
+            if not _has_end_marker(tf, path):
                 raise _Truncated(f"no end-of-archive block after byte {tf.offset}")
             if current is not None:
                 place(*_finish_group(current, dataset, shard_key, max_pixels))

@@ -341,3 +341,17 @@ def test_load_members_one_pass(tmp_path):
     assert load_members(tmp_path / "bad.tar", ["a.png"]) == {}
     (tmp_path / "cut.tar").write_bytes(data[: data.index(b"caption of b") + 5])
     assert set(load_members(tmp_path / "cut.tar", ["a.txt", "c.txt"])) == {"a.txt"}
+
+
+def test_tar_whose_first_name_looks_like_a_magic_number_is_still_checked(tmp_path):
+    # "(\xb5/\xfd" is zstd's magic, "BZh" bzip2's: names must not disable truncation checks
+    data = make_tar([("BZh1.png", png()), ("BZh1.txt", b"x"), ("BZh2.png", png())])
+    cut = ((data.rindex(b"IEND") + 8 + 511) // 512) * 512
+    res, p = read_bytes(tmp_path, data[:cut])
+    assert res.truncated and reasons(res) == {"BZh2": "truncated_tar"}
+    check_invariant(res, p)
+
+
+def test_missing_file_is_an_error_not_bad_data(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_shard(tmp_path / "nope.tar", "ds", "ds-nope")
