@@ -329,15 +329,24 @@ def _max_sim(pool: Pool) -> np.ndarray:
 
 
 def candidates(recipe: Recipe, pool: Pool) -> np.ndarray:
-    """(n',) int64 pool rows the recipe selects from: all, or those left after chained SemDeDup."""
-    if recipe.after_semdedup_eps is None:
+    """(n',) int64 pool rows the recipe selects from.
+
+    All rows; for ``semdedup`` and for recipes chained with ``after_semdedup_eps``, the rows
+    that are not duplicates at that eps.
+    """
+    eps = recipe.eps if recipe.method == "semdedup" else recipe.after_semdedup_eps
+    if eps is None:
         return np.arange(pool.n, dtype=np.int64)
-    return np.flatnonzero(~is_duplicate(_max_sim(pool), recipe.after_semdedup_eps)).astype(np.int64)
+    return np.flatnonzero(~is_duplicate(_max_sim(pool), eps)).astype(np.int64)
 
 
 def expected_keep(recipe: Recipe, n_candidates: int) -> int | None:
-    """``N_keep`` a fraction-based recipe must hit exactly, or None (threshold/filter recipes)."""
-    if recipe.method == "full":
+    """``N_keep`` the recipe must hit exactly given its candidate count, or None (threshold recipes).
+
+    ``full`` and ``semdedup`` keep every candidate; fraction recipes keep
+    ``round(keep_fraction * n_candidates)`` (halves up).
+    """
+    if recipe.method in ("full", "semdedup"):
         return n_candidates
     if recipe.keep_fraction is None:
         return None
@@ -376,10 +385,8 @@ def _random(recipe, pool, cand):
 
 
 def _semdedup(recipe, pool, cand):
-    m = _max_sim(pool)[cand]
-    keep = ~is_duplicate(m, recipe.eps)
-    idx = cand[keep]
-    mk = m[keep].astype(np.float64)
+    idx = cand  # the candidates are exactly the non-duplicates at eps
+    mk = _max_sim(pool)[idx].astype(np.float64)
     df = pl.DataFrame({"m": mk, "u": pl.Series(values=list(np.asarray(pool.uids)[idx]), dtype=pl.String)})
     order = df.with_row_index("i").sort(["m", "u"])["i"].to_numpy()
     return idx[order], mk[order], {}
