@@ -210,25 +210,32 @@ def clipcov_select(
     max_dense: int = DEFAULT_MAX_DENSE,
     large: str = "factorized",
     factorized: bool = False,
+    rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CLIPCov over a pool: same keep fraction per proxy class, greedy within each.
 
     Members of a class are visited in uid order, so ties in the greedy break by uid.
 
     Args:
-        img, txt: (n, d) float32 aligned unit-norm embeddings.
+        img, txt: (N, d) float32 aligned unit-norm embeddings.
         class_ids: (n,) int proxy class of each sample (the concept clusters by default).
         uids: (n,) str uids.
         n_keep: total to keep (split over classes with :func:`ssp_budgets`).
         max_dense, large, factorized: see :func:`clipcov_greedy`.
+        rows: (n,) int64 rows of ``img``/``txt`` that ``class_ids``/``uids`` describe (a
+            candidate subset), or None when they describe every row (n == N). Only one
+            class's rows are gathered at a time, so no (n, d) copy is made.
 
     Returns:
-        ``(kept, pos, gain)``: (n_keep,) int64 pool indices, their (n_keep,) int64 pick
-        position within the class and (n_keep,) float64 marginal gain when picked.
+        ``(kept, pos, gain)``: (n_keep,) int64 indices into ``class_ids`` (= pool rows when
+        ``rows`` is None), their (n_keep,) int64 pick position within the class and
+        (n_keep,) float64 marginal gain when picked.
     """
-    n = img.shape[0]
     class_ids = np.asarray(class_ids, dtype=np.int64)
-    if class_ids.shape[0] != n or txt.shape[0] != n or len(uids) != n:
+    n = class_ids.shape[0]
+    if rows is None and img.shape[0] != n:
+        raise ValueError(f"clipcov_select: got {img.shape[0]} embedding rows for {n} samples; expected equal or rows=")
+    if txt.shape[0] != img.shape[0] or len(uids) != n or (rows is not None and len(rows) != n):
         raise ValueError("clipcov_select: got arrays of different lengths; expected one row per sample")
     df = pl.DataFrame({"c": class_ids, "u": _uid_series(uids)}).with_row_index("i")
     order = df.sort(["c", "u"])["i"].to_numpy().astype(np.int64)
@@ -240,7 +247,8 @@ def clipcov_select(
         if b == 0:
             continue
         members = order[s : s + cnt]
-        p, g = clipcov_greedy(img[members], txt[members], b, max_dense=max_dense, large=large, factorized=factorized)
+        src = members if rows is None else rows[members]
+        p, g = clipcov_greedy(img[src], txt[src], b, max_dense=max_dense, large=large, factorized=factorized)
         kept.append(members[p])
         pos.append(np.arange(b, dtype=np.int64))
         gain.append(g)

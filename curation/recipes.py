@@ -412,7 +412,7 @@ def _aligned(pool: Pool) -> tuple[np.ndarray, np.ndarray]:
 
 def _clipscore(recipe, pool, cand):
     img, txt = _aligned(pool)
-    scores = clip_scores(img[cand], txt[cand]).astype(np.float64)
+    scores = clip_scores(img, txt)[cand].astype(np.float64)  # row-wise: no (n, d) copies
     uids = np.asarray(pool.uids)[cand]
     if recipe.threshold is not None:
         top = top_by_score(scores, uids, threshold=recipe.threshold)
@@ -426,8 +426,8 @@ def _clipcov(recipe, pool, cand):
     cid = np.asarray(pool.cluster_ids, dtype=np.int64)[cand]
     n_keep = n_keep_for(recipe.keep_fraction, cand.size)
     kept_local, pos, gain = clipcov_select(
-        img[cand], txt[cand], cid, np.asarray(pool.uids)[cand], n_keep,
-        max_dense=recipe.max_dense, large=recipe.large, factorized=recipe.factorized,
+        img, txt, cid, np.asarray(pool.uids)[cand], n_keep,
+        max_dense=recipe.max_dense, large=recipe.large, factorized=recipe.factorized, rows=cand,
     )
     ranked = _interleaved_rank(cid[kept_local], pos)
     sizes = np.bincount(cid, minlength=pool.k).astype(np.int64)

@@ -134,3 +134,14 @@ def test_errors():
         clipcov_greedy(x, y, 2, large="fast")
     with pytest.raises(ValueError, match="expected equal shapes"):
         clipcov_greedy(x, y[:3], 2)
+
+
+def test_clipcov_select_on_a_row_subset_gathers_per_class():
+    x, y = _class(8, n=60)
+    cls = np.random.default_rng(8).integers(0, 3, 60)
+    uids = np.array([f"{i:03d}" for i in range(60)])
+    rows = np.arange(0, 60, 2)
+    a = clipcov_select(x, y, cls[rows], uids[rows], 10, rows=rows)
+    b = clipcov_select(x[rows], y[rows], cls[rows], uids[rows], 10)
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
