@@ -420,10 +420,10 @@ def pruned_subsets(
 
     samples = db.read("samples", columns=["uid", "dataset", "shard", "key", "caption", "member"])
     kept_samples = samples.join(frame.select("uid"), on="uid", how="semi")
-    info = {"recipe": recipe.to_dict(), "recipe_hash": recipe_hash(recipe),
-            **{k: v for k, v in sel.stats.items() if k not in ("budgets", "sizes")}, "aligned_source": aligned_source}
+    extra = {"recipe_hash": recipe_hash(recipe), "aligned_source": aligned_source,
+             **{k: v for k, v in sel.stats.items() if k not in ("budgets", "sizes")}}
     out_dir = lake.artifacts("subsets", recipe.name)
-    exp = export_subset(out_dir, frame, kept_samples, datasets.landing, recipe=info,
+    exp = export_subset(out_dir, frame, kept_samples, datasets.landing, recipe=recipe.to_dict(), extra=extra,
                         shard_size=config.shard_size, write_shards=config.write_shards)
     seconds = time.perf_counter() - t0
     preview = (

@@ -53,6 +53,7 @@ def export_subset(
     recipe: dict[str, Any] | None = None,
     shard_size: int = 10_000,
     write_shards: bool = True,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the exports of one subset.
 
@@ -61,9 +62,10 @@ def export_subset(
         selection: columns uid, rank, score (the ``subsets`` rows of the recipe).
         samples: the ``samples`` rows (at least ``SAMPLE_COLUMNS``) of every kept uid.
         landing: the landing root holding ``<dataset>/<stem>.tar``.
-        recipe: the resolved recipe (and anything else) to store in ``recipe.json``.
+        recipe: the resolved recipe, stored under ``"recipe"`` in ``recipe.json``.
         shard_size: kept samples per output shard.
         write_shards: also write the webdataset shards (the uid file and manifest always).
+        extra: more top-level keys for ``recipe.json`` (recipe hash, pool counts, ...).
 
     Returns:
         Stats: ``n`` (kept samples), ``n_shards``, ``n_missing`` (kept samples whose image
@@ -133,6 +135,7 @@ def export_subset(
     if missing:
         log.warning("export %s: %d kept samples could not be read from their source shards", out, len(missing))
     info = {
+        **(extra or {}),
         "recipe": recipe or {},
         "n": man.height,
         "n_shards": n_shards,

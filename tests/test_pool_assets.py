@@ -189,7 +189,8 @@ def test_pruned_subsets_every_recipe(pool, recipe):
     man = pl.read_parquet(out / "manifest.parquet")
     assert man.height == sub.height
     rec = json.loads((out / "recipe.json").read_text())
-    assert rec["recipe"]["recipe"]["name"] == recipe and rec["n_missing"] == 0
+    assert rec["recipe"]["name"] == recipe and rec["n_missing"] == 0
+    assert rec["recipe_hash"] == md["recipe_hash"].value and rec["n_kept"] == sub.height
     names = [m for t in sorted((out / "shards").glob("*.tar")) for m in tarfile.open(t).getnames()]
     assert len(names) == 3 * sub.height
 
