@@ -8,11 +8,12 @@ open_clip (``open_clip.add_model_config``) so ``open_clip.create_model(name)`` a
 from __future__ import annotations
 
 import functools
-from importlib import resources as ir
+from pathlib import Path
 
 
 def model_config_dir() -> str:
-    return str(ir.files("curation") / "model_configs")
+    """The directory of the shipped JSON configs (``curation/model_configs``)."""
+    return str(Path(__file__).resolve().parent / "model_configs")
 
 
 @functools.cache
@@ -21,8 +22,7 @@ def register_model_configs() -> list[str]:
     import curation._compat  # noqa: F401  (before open_clip imports torchvision)
     import open_clip
 
-    d = ir.files("curation") / "model_configs"
-    names = sorted(p.name[: -len(".json")] for p in d.iterdir() if p.name.endswith(".json"))
+    names = sorted(p.stem for p in Path(model_config_dir()).glob("*.json"))
     if names:
         open_clip.add_model_config(model_config_dir())
     return names

@@ -1,0 +1,275 @@
+"""Training: config validation, schedule, data order, augmentations, losses, strategies, checkpoints."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from curation.compute import ComputeSpec
+from curation.training import (
+    STRATEGIES,
+    TrainConfig,
+    batch_index_stream,
+    color_jitter_grayscale,
+    cosine_lr,
+    load_checkpoint,
+    mentions_left_right,
+    nt_xent_loss,
+    plan_steps,
+    random_resized_crop,
+    read_sidecar,
+    read_webdataset_pairs,
+    save_checkpoint,
+    train_clip,
+    train_from_shards,
+)
+
+CPU = ComputeSpec(device="cpu", precision="fp32")
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def toy_pairs(n: int, seed: int = 0) -> tuple[list[Image.Image], list[str]]:
+    """Colored shapes on transparent 40x40 canvases with captions naming color and shape."""
+    rng = np.random.default_rng(seed)
+    images, captions = [], []
+    for i in range(n):
+        color = list(COLORS)[rng.integers(len(COLORS))]
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        im = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+        d = ImageDraw.Draw(im)
+        x0, y0 = (int(v) for v in rng.integers(0, 10, 2))
+        box = [x0, y0, x0 + 28, y0 + 28]
+        if shape == "circle":
+            d.ellipse(box, fill=COLORS[color])
+        elif shape == "square":
+            d.rectangle(box, fill=COLORS[color])
+        else:
+            d.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=COLORS[color])
+        images.append(im)
+        captions.append(f"a {color} {shape} pointing left" if i % 5 == 0 else f"a {color} {shape}")
+    return images, captions
+
+
+def small_cfg(**kw) -> TrainConfig:
+    base = dict(model="tiny-vit-p8-32", samples_seen=64, batch_size=16, lr=2e-3, log_every=1, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ------------------------------------------------------------------ config / schedule / data order
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"strategy": "moco"}, "strategy: got 'moco'; expected one of"),
+        ({"samples_seen": 0}, "samples_seen: got 0; expected an int >= 1"),
+        ({"batch_size": 2.5}, "batch_size: got 2.5"),
+        ({"lr": -1.0}, "lr: got -1.0; expected a finite float > 0"),
+        ({"patch_dropout": 1.0}, "patch_dropout: got 1.0"),
+        ({"warmup_fraction": 1.5}, "warmup_fraction: got 1.5"),
+        ({"crop_scale_min": 0.0}, "crop_scale_min: got 0.0"),
+        ({"grad_clip_norm": 0.0}, "grad_clip_norm: got 0.0"),
+    ],
+)
+def test_config_rejects_bad_values_with_got_expected(kw, msg):
+    with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(**kw)
+
+
+def test_config_from_dict_rejects_unknown_keys_and_round_trips():
+    cfg = TrainConfig(strategy="slip", samples_seen=1000)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown \\['sample_seen'\\]"):
+        TrainConfig.from_dict({"sample_seen": 3})
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(ValueError, match="model: got 'no-such-net'; expected one of .*tiny-vit-p8-32"):
+        train_clip(*toy_pairs(2), small_cfg(model="no-such-net"), CPU)
+
+
+def test_flip_needs_a_vit():
+    with pytest.raises(ValueError, match="not a ViT"):
+        train_clip(*toy_pairs(2), small_cfg(model="tiny-rn-32", strategy="flip"), CPU)
+
+
+def test_cosine_lr_warmup_peak_and_decay():
+    lrs = [cosine_lr(s, 10, 2, 1.0) for s in range(10)]
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
+    assert lrs[2] == pytest.approx(1.0)  # start of the cosine
+    assert lrs[6] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+
+
+def test_batch_stream_epochs_are_permutations_without_repeats_in_a_batch():
+    g = torch.Generator().manual_seed(0)
+    batches = list(batch_index_stream(10, 3, 7, g))
+    assert len(batches) == 7 and all(len(b) == 3 for b in batches)
+    for b in batches:
+        assert len(set(b.tolist())) == 3
+    # 3 batches per epoch (the tail of 1 is dropped): each epoch's 9 indices are distinct
+    for e in range(2):
+        idx = torch.cat(batches[3 * e : 3 * e + 3]).tolist()
+        assert len(set(idx)) == 9
+    again = list(batch_index_stream(10, 3, 7, torch.Generator().manual_seed(0)))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+
+
+def test_plan_steps_matches_samples_seen():
+    assert plan_steps(1000, 128, 5000) == (128, 8)
+    assert plan_steps(1024, 128, 5000) == (128, 8)
+    assert plan_steps(100, 128, 40) == (40, 3)  # a tiny subset lowers the batch
+    with pytest.raises(ValueError, match="got 1 samples"):
+        plan_steps(100, 128, 1)
+
+
+def test_left_right_detection():
+    assert mentions_left_right("arrow pointing Left") and mentions_left_right("right-facing fist")
+    assert mentions_left_right("drifting leftwards")
+    assert not mentions_left_right("a bright red apple") and not mentions_left_right("leftover pizza")
+
+
+# ------------------------------------------------------------------ augmentations and losses
+
+
+def test_random_resized_crop_full_scale_is_identity_and_flip_mirrors():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    out = random_resized_crop(x, (1.0, 1.0), g, ratio=(1.0, 1.0))
+    assert torch.allclose(out, x, atol=1e-4)
+    flips = torch.ones(2, dtype=torch.bool)
+    seen_flip = False
+    for _ in range(8):
+        out = random_resized_crop(x, (1.0, 1.0), g, flip_ok=flips, ratio=(1.0, 1.0))
+        for i in range(2):
+            assert torch.allclose(out[i], x[i], atol=1e-4) or torch.allclose(out[i], x[i].flip(-1), atol=1e-4)
+            seen_flip |= torch.allclose(out[i], x[i].flip(-1), atol=1e-4)
+    assert seen_flip
+    never = torch.zeros(2, dtype=torch.bool)
+    for _ in range(8):
+        assert torch.allclose(random_resized_crop(x, (1.0, 1.0), g, flip_ok=never, ratio=(1.0, 1.0)), x, atol=1e-4)
+
+
+def test_color_jitter_range_and_grayscale():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    out = color_jitter_grayscale(x, 0.4, 1.0, g)
+    assert out.min() >= 0 and out.max() <= 1
+    assert torch.allclose(out[:, 0], out[:, 1]) and torch.allclose(out[:, 1], out[:, 2])
+    assert torch.allclose(color_jitter_grayscale(x, 0.0, 0.0, g), x, atol=1e-6)
+
+
+def test_nt_xent_matches_hand_computed_value():
+    z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z2 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = 0.5
+    # anchor 0 (z1[0]): others = z1[1] (cos 0), z2[0] (cos 1, positive), z2[1] (cos 0)
+    expected = -math.log(math.exp(1 / t) / (math.exp(1 / t) + 2 * math.exp(0.0)))
+    assert float(nt_xent_loss(z1, z2, t)) == pytest.approx(expected, rel=1e-5)
+    # swapping the positives makes every anchor's positive orthogonal: a larger loss
+    assert float(nt_xent_loss(z1, z2.flip(0), t)) > expected
+
+
+# ------------------------------------------------------------------ training runs
+
+
+def test_a_few_steps_lower_the_loss_on_a_tiny_batch():
+    images, captions = toy_pairs(8)
+    cfg = small_cfg(samples_seen=8 * 12, batch_size=8, lr=5e-3, warmup_fraction=0.0, log_every=3)
+    res = train_clip(images, captions, cfg, CPU)
+    assert res.steps == 12 and res.samples_seen == 96
+    assert res.history[-1]["loss"] < 0.6 * res.history[0]["loss"]
+    for rec in res.history:
+        assert {"step", "samples_seen", "loss", "lr", "samples_per_s", "elapsed_s"} <= set(rec)
+        assert rec["samples_per_s"] > 0
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_each_strategy_runs_two_steps(strategy):
+    images, captions = toy_pairs(6)
+    res = train_clip(images, captions, small_cfg(strategy=strategy, samples_seen=8, batch_size=4), CPU)
+    assert res.steps == 2 and len(res.history) == 2 and all(math.isfinite(r["loss"]) for r in res.history)
+    if strategy == "slip":
+        assert res.history[0]["ssl_loss"] > 0 and res.history[0]["loss"] > res.history[0]["clip_loss"]
+    else:
+        assert res.history[0]["ssl_loss"] == 0
+    assert not res.model.training
+
+
+def test_training_is_deterministic_given_the_seed():
+    images, captions = toy_pairs(6)
+    cfg = small_cfg(strategy="clip_da", samples_seen=8, batch_size=4)
+    a = train_clip(images, captions, cfg, CPU).model.state_dict()
+    b = train_clip(images, captions, cfg, CPU).model.state_dict()
+    c = train_clip(images, captions, small_cfg(strategy="clip_da", samples_seen=8, batch_size=4, seed=1), CPU)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["text_projection"], c.model.state_dict()["text_projection"])
+
+
+def test_resnet_config_trains():
+    images, captions = toy_pairs(4)
+    res = train_clip(images, captions, small_cfg(model="tiny-rn-32", samples_seen=8, batch_size=4), CPU)
+    assert res.steps == 2 and math.isfinite(res.final_loss)
+
+
+# ------------------------------------------------------------------ checkpoints and shards
+
+
+def test_checkpoint_round_trip_and_open_clip_loads_it(tmp_path):
+    import open_clip
+
+    images, captions = toy_pairs(8)
+    res = train_clip(images, captions, small_cfg(samples_seen=4, batch_size=4), CPU)
+    path = save_checkpoint(res, tmp_path / "ck" / "seed0.pt", extra={"recipe": "full"})
+    meta = read_sidecar(path)
+    assert meta["model_name"] == "tiny-vit-p8-32" and meta["train_config"]["samples_seen"] == 4
+    assert meta["model_config"]["vision_cfg"]["patch_size"] == 8 and meta["extra"] == {"recipe": "full"}
+    json.dumps(meta)  # plain JSON
+    model, meta2 = load_checkpoint(path)
+    model2, _, preprocess = open_clip.create_model_and_transforms("tiny-vit-p8-32", pretrained=str(path))
+    ref = res.model.state_dict()
+    for m in (model, model2):
+        sd = m.state_dict()
+        assert sd.keys() == ref.keys()
+        assert all(torch.equal(sd[k], ref[k]) for k in ref)
+    x = preprocess(images[0].convert("RGB")).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(x), res.model.encode_image(x), atol=1e-6)
+    # the weights file is a plain tensor dict: loadable with weights_only=True
+    sd = torch.load(path, weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+
+
+def _write_wds(path, images, captions, keys):
+    with tarfile.open(path, "w") as tf:
+        for k, im, cap in zip(keys, images, captions):
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            for name, data in ((f"{k}.png", buf.getvalue()), (f"{k}.txt", cap.encode()), (f"{k}.json", b"{}")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def test_train_from_webdataset_shards(tmp_path):
+    images, captions = toy_pairs(6)
+    keys = [f"{i:032x}" for i in range(6)]
+    _write_wds(tmp_path / "00000.tar", images[:4], captions[:4], keys[:4])
+    _write_wds(tmp_path / "00001.tar", images[4:], captions[4:], keys[4:])
+    k2, im2, cap2 = read_webdataset_pairs(sorted(tmp_path.glob("*.tar")))
+    assert k2 == keys and cap2 == captions and im2[3].size == (40, 40)
+    res, path = train_from_shards(
+        sorted(tmp_path.glob("*.tar")), small_cfg(samples_seen=4, batch_size=4), tmp_path / "out.pt", CPU
+    )
+    assert path.exists() and res.n_train == 6 and res.samples_seen == 4
+    with pytest.raises(FileNotFoundError):
+        train_from_shards([], small_cfg(), tmp_path / "x.pt", CPU)
