@@ -1,0 +1,258 @@
+"""Evaluation: metrics on hand-made embeddings, zero-shot on planted sets, eval-set layouts."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from curation.evaluation import (
+    AVERAGE_TASK,
+    EvalTask,
+    aggregate,
+    build_zero_shot_classifier,
+    class_embeddings,
+    classification_metrics,
+    evaluate,
+    list_eval_splits,
+    load_eval_set,
+    results_to_rows,
+    retrieval_metrics,
+    template_set,
+    zero_shot_metrics,
+)
+
+
+def unit(x):
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+# ------------------------------------------------------------------ classification
+
+
+def test_classification_metrics_hand_computed():
+    logits = np.array(
+        [
+            [0.9, 0.1, 0.0],  # label 0: correct
+            [0.2, 0.7, 0.1],  # label 1: correct
+            [0.5, 0.4, 0.1],  # label 1: wrong, rank 2
+            [0.1, 0.5, 0.4],  # label 2: wrong, rank 2
+        ]
+    )
+    labels = np.array([0, 1, 1, 2])
+    m = classification_metrics(logits, labels)
+    assert m["acc1"] == pytest.approx(0.5)
+    assert "acc5" not in m  # 3 classes: top-5 is trivial
+    # per-class recall: class 0 1/1, class 1 1/2, class 2 0/1 -> mean 0.5
+    assert m["mean_per_class_recall"] == pytest.approx(0.5)
+    m2 = classification_metrics(logits, labels, ks=(1, 2))
+    assert m2["acc2"] == pytest.approx(1.0)
+
+
+def test_classification_ties_go_to_lower_index_like_argmax():
+    logits = np.array([[0.5, 0.5], [0.5, 0.5]])
+    m = classification_metrics(logits, np.array([0, 1]))
+    assert m["acc1"] == pytest.approx(0.5)
+
+
+def test_classification_rejects_bad_labels():
+    with pytest.raises(ValueError, match=r"labels: got values in \[0, 3\]; expected \[0, 3\)"):
+        classification_metrics(np.zeros((2, 3)), np.array([0, 3]))
+
+
+def test_class_embeddings_average_normalized_prompts():
+    # class 0: two prompts along x and y -> mean direction (1,1)/sqrt2; class 1: one direction twice
+    prompts = np.array([[2.0, 0.0], [0.0, 5.0], [0.0, -1.0], [0.0, -3.0]])
+    c = class_embeddings(prompts, 2)
+    np.testing.assert_allclose(c[0], [2**-0.5, 2**-0.5], atol=1e-6)
+    np.testing.assert_allclose(c[1], [0.0, -1.0], atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of n_classes=3"):
+        class_embeddings(prompts, 3)
+
+
+def _planted(n_per_class=40, n_classes=5, d=16, noise=0.3, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = unit(rng.normal(size=(n_classes, d)))
+    labels = np.repeat(np.arange(n_classes), n_per_class)
+    imgs = unit(centers[labels] + noise * rng.normal(size=(labels.size, d)) / np.sqrt(d))
+    return centers, imgs, labels
+
+
+class _DictTextEncoder:
+    """Prompt '<template> <class>' -> the planted class direction (plus template noise)."""
+
+    def __init__(self, classnames, centers, seed=0):
+        self.map = dict(zip(classnames, centers))
+        self.rng = np.random.default_rng(seed)
+
+    def encode_texts(self, texts):
+        out = []
+        for t in texts:
+            name = t.split(" ")[-1]
+            out.append(self.map[name] + 0.1 * self.rng.normal(size=self.map[name].shape))
+        return unit(np.array(out))
+
+
+def test_zero_shot_high_on_separable_set_and_chance_with_shuffled_labels():
+    centers, imgs, labels = _planted()
+    names = [f"class{i}" for i in range(5)]
+    enc = _DictTextEncoder(names, centers)
+    clf = build_zero_shot_classifier(enc.encode_texts, names, ["a photo of {c}", "{c}"])
+    good = zero_shot_metrics(imgs, clf, labels)
+    assert good["acc1"] > 0.95 and good["mean_per_class_recall"] > 0.95
+    shuffled = np.random.default_rng(1).permutation(labels)
+    bad = zero_shot_metrics(imgs, clf, shuffled)
+    assert abs(bad["acc1"] - 0.2) < 0.1
+
+
+# ------------------------------------------------------------------ retrieval
+
+
+def test_retrieval_hand_made():
+    # 3 images, 3 texts; image 0 -> text 0 best; image 1's own text is its 2nd; image 2's own is 3rd
+    img = unit([[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    txt = unit([[1, 0.1, 0], [0.2, 1, 0.9], [0.0, 1, 0.1]])
+    # image 1 (e_y): sims text0 0.1/.., text1 ~0.74, text2 ~0.995 -> own text (1) ranks 2nd
+    # image 2 (e_z): sims text0 0, text1 ~0.67, text2 ~0.0995 -> own text (2) ranks 2nd
+    m = retrieval_metrics(img, txt, np.arange(3), np.arange(3), ks=(1, 2, 3))
+    assert m["text_retrieval_recall@1"] == pytest.approx(1 / 3)
+    assert m["text_retrieval_recall@2"] == pytest.approx(1.0)
+    # text queries: text0 -> image0 (rank 1); text1 -> sims (0.16, 0.74, 0.67) rank 1;
+    # text2 -> (0, 0.995, 0.0995): own image 2 ranks 2nd
+    assert m["image_retrieval_recall@1"] == pytest.approx(2 / 3)
+    assert m["image_retrieval_recall@3"] == pytest.approx(1.0)
+    assert m["mean_recall@1"] == pytest.approx((1 / 3 + 2 / 3) / 2)
+
+
+def test_retrieval_shared_caption_is_positive_for_all_its_images_and_blocking_agrees():
+    rng = np.random.default_rng(0)
+    img = unit(rng.normal(size=(50, 8)))
+    caption_of_image = rng.integers(0, 20, size=50)
+    txt = unit(rng.normal(size=(20, 8)))
+    full = retrieval_metrics(img, txt, caption_of_image, np.arange(20), block=1024)
+    blocked = retrieval_metrics(img, txt, caption_of_image, np.arange(20), block=7)
+    assert full == blocked
+    # brute force reference
+    sims = img @ txt.T
+    for k in (1, 5, 10):
+        top = np.argsort(-sims, axis=1)[:, :k]
+        ref = np.mean([caption_of_image[i] in top[i] for i in range(50)])
+        assert full[f"text_retrieval_recall@{k}"] == pytest.approx(ref)
+        topi = np.argsort(-sims.T, axis=1)[:, :k]
+        ref_t = np.mean([np.any(caption_of_image[topi[j]] == j) for j in range(20)])
+        assert full[f"image_retrieval_recall@{k}"] == pytest.approx(ref_t)
+
+
+def test_perfect_embeddings_give_recall_one():
+    e = unit(np.eye(6))
+    m = retrieval_metrics(e, e, np.arange(6), np.arange(6))
+    assert all(v == 1.0 for v in m.values())
+
+
+# ------------------------------------------------------------------ tasks, aggregate
+
+
+def test_task_names_parse_and_validate():
+    t = EvalTask.parse("emoji-heldout/zeroshot/group")
+    assert (t.split, t.kind, t.label) == ("emoji-heldout", "zeroshot", "group") and t.name == "emoji-heldout/zeroshot/group"
+    assert EvalTask.parse("x/retrieval").kind == "retrieval"
+    with pytest.raises(ValueError, match="expected '<split>/zeroshot/<label>' or '<split>/retrieval'"):
+        EvalTask.parse("x/linear/group")
+    with pytest.raises(ValueError, match="task kind: got 'linear'"):
+        EvalTask("x", "linear")
+
+
+def test_aggregate_is_mean_of_main_metrics():
+    res = {"a/zeroshot/g": {"acc1": 0.4, "acc5": 0.9}, "a/retrieval": {"mean_recall@1": 0.2}}
+    assert aggregate(res) == {"main": pytest.approx(0.3), "tasks": 2.0}
+    rows = results_to_rows(res)
+    assert {"task": "a/retrieval", "metric": "mean_recall@1", "value": 0.2} in rows and len(rows) == 3
+
+
+def test_template_sets():
+    assert "itap of a {c}." in template_set("simple")
+    assert len(template_set("openai")) > 50
+    with pytest.raises(ValueError, match="templates: got 'imagenet'; expected one of"):
+        template_set("imagenet")
+    with pytest.raises(ValueError, match="containing"):
+        template_set(["a photo"])
+
+
+# ------------------------------------------------------------------ eval-set layouts, end to end
+
+COLORS = {"red": (230, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 230)}
+
+
+def _png(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGBA", (8, 8), color + (255,)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add(tf, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+class _ColorEncoder:
+    """Images -> mean RGB direction; texts -> the named color's direction (an oracle CLIP)."""
+
+    def encode_images(self, images):
+        return unit([np.asarray(im.convert("RGB"), dtype=np.float32).mean((0, 1)) for im in images])
+
+    def encode_texts(self, texts):
+        return unit([next(np.array(v, dtype=np.float32) for k, v in COLORS.items() if k in t) for t in texts])
+
+
+def _write_manifest_set(d):
+    d.mkdir(parents=True)
+    rows = []
+    with tarfile.open(d / "00000.tar", "w") as tf:
+        for i, color in enumerate(["red", "green", "blue", "red", "blue", "green"]):
+            key = f"{i:05d}"
+            _add(tf, f"{key}.png", _png(COLORS[color]))
+            _add(tf, f"{key}.txt", f"a {color} square".encode())
+            rows.append({"uid": f"{i:032x}", "key": key, "tar": "00000.tar", "member": f"{key}.png",
+                         "caption": f"a {color} square", "image_sha256": "", "group": color, "subgroup": "square",
+                         "concept": color})  # fmt: skip
+    pl.DataFrame(rows).write_parquet(d / "manifest.parquet")
+    tasks = {"zero_shot": {"group": ["red", "green", "blue"]}, "retrieval": {"caption_column": "caption", "image_column": "member"}}
+    (d / "tasks.json").write_text(json.dumps(tasks))
+
+
+def _write_wds_set(d):
+    (d / "test").mkdir(parents=True)
+    (d / "classnames.txt").write_text("red\ngreen\nblue\n")
+    with tarfile.open(d / "test" / "0.tar", "w") as tf:
+        for i, cls in enumerate([0, 1, 2, 2]):
+            _add(tf, f"s{i}.webp", _png(list(COLORS.values())[cls]))
+            _add(tf, f"s{i}.cls", str(cls).encode())
+
+
+def test_evaluate_both_layouts_with_an_oracle_encoder(tmp_path):
+    _write_manifest_set(tmp_path / "colors")
+    _write_wds_set(tmp_path / "bench")
+    (tmp_path / "not-a-set").mkdir()
+    assert list_eval_splits(tmp_path) == ["bench", "colors"]
+    es = load_eval_set(tmp_path / "colors")
+    assert [t.name for t in es.tasks()] == ["colors/zeroshot/group", "colors/retrieval"]
+    assert es.labels["group"].tolist() == [0, 1, 2, 0, 2, 1]
+    res = evaluate(_ColorEncoder(), tmp_path, templates="simple")
+    assert set(res) == {"colors/zeroshot/group", "colors/retrieval", "bench/zeroshot/cls", AVERAGE_TASK}
+    assert res["colors/zeroshot/group"]["acc1"] == 1.0 and res["bench/zeroshot/cls"]["acc1"] == 1.0
+    # 3 distinct captions, each positive for its 2 images: recall@1 is 1 both ways
+    assert res["colors/retrieval"]["mean_recall@1"] == 1.0 and res["colors/retrieval"]["n_texts"] == 3
+    assert res[AVERAGE_TASK]["main"] == 1.0 and res[AVERAGE_TASK]["tasks"] == 3
+    only = evaluate(_ColorEncoder(), tmp_path, ["bench/zeroshot/cls"])
+    assert set(only) == {"bench/zeroshot/cls", AVERAGE_TASK}
+    with pytest.raises(ValueError, match=r"got split 'nope'; expected one of \['bench', 'colors'\]"):
+        evaluate(_ColorEncoder(), tmp_path, ["nope/retrieval"])
+    with pytest.raises(ValueError, match="expected some of"):
+        evaluate(_ColorEncoder(), tmp_path, ["bench/retrieval"])
