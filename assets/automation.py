@@ -77,7 +77,7 @@ MODE_TAG = "curation/cluster_mode"
 PARTITION_TAG = "dagster/partition"
 BACKFILL_TAG = "dagster/backfill"
 
-CLUSTER_MODES = ("auto", "retrain")
+CLUSTER_MODES = ("auto", "retrain", "assign")  # concept_clusters' ConceptClustersConfig.mode
 DEFAULT_RECURATE_CRON = "0 3 * * 0"  # Sundays 03:00
 
 
@@ -95,7 +95,8 @@ def pool_run_config(mode: str) -> dict:
     """Run config of ``pool_curation_job`` setting ``concept_clusters``' mode.
 
     ``auto``: assign new samples to the stored centroids (train only if none exist);
-    ``retrain``: re-run k-means on the whole pool.
+    ``retrain``: re-run k-means on the whole pool; ``assign``: assign only (fails without
+    centroids).
     """
     if mode not in CLUSTER_MODES:
         raise ValueError(f"mode: got {mode!r}; expected one of {CLUSTER_MODES}")
