@@ -58,6 +58,15 @@ def toy_pairs(n: int, seed: int = 0) -> tuple[list[Image.Image], list[str]]:
     return images, captions
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: robust when the 2 cores are shared (2 threads can thrash under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def small_cfg(**kw) -> TrainConfig:
     base = dict(model="tiny-vit-p8-32", samples_seen=64, batch_size=16, lr=2e-3, log_every=1, seed=0)
     base.update(kw)
