@@ -257,3 +257,25 @@ def test_ui_backfill_of_recipe_job_triggers_report_when_complete(instance):
     assert out.run_key == "backfill:uibf:report"
     runs = instance.get_runs(filters=RunsFilter(job_name="recipe_job", tags={auto.BACKFILL_TAG: "uibf"}))
     assert len(runs) == 2
+
+
+def test_run_configs_validate_against_the_real_definitions():
+    """The jobs resolve over the platform's real assets and the run config the sensor and
+    the schedule send is valid for the real concept_clusters config."""
+    from dagster import validate_run_config
+
+    from assets.definitions import defs
+
+    merged = Definitions(
+        assets=list(defs.assets or []),
+        asset_checks=list(defs.asset_checks or []),
+        jobs=auto.JOBS,
+        schedules=auto.SCHEDULES,
+        sensors=auto.SENSORS,
+        resources=defs.resources,
+    )
+    pool = merged.resolve_job_def("pool_curation_job")
+    for mode in ("auto", "retrain"):
+        validate_run_config(pool, auto.pool_run_config(mode))
+    assert merged.resolve_job_def("recipe_job").partitions_def == recipe_partitions
+    assert {k.to_user_string() for k in merged.resolve_job_def("report_job").asset_layer.executable_asset_keys} == {"curation_report"}
