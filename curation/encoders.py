@@ -183,18 +183,26 @@ class DefaultEncoder(_TorchEncoder):
             raise ValueError(f"image_size: got {image_size!r}; expected an int >= 32")
         self.image_size = image_size
         self.id = f"default:efficientnet-lite0@{image_size}+all-MiniLM-L6-v2"
-        self._image_model = _load_efficientnet_lite0(image_size).to(self.device).eval()
+        # channels_last: the depthwise convolutions run ~1.5x faster on CPU (docs/benchmarks.md)
+        self._image_model = (
+            _load_efficientnet_lite0(image_size).to(self.device, memory_format=torch.channels_last).eval()
+        )
         self._tokenizer, self._text_model = _load_minilm()
         self._text_model = self._text_model.to(self.device).eval()
 
     def preprocess(self, img: Image.Image) -> torch.Tensor:
         img = resize_center_crop(to_rgb(img), self.image_size)
-        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (H, W, 3) uint8
-        return arr.permute(2, 0, 1).float().sub_(_EFFNET_MEAN).div_(_EFFNET_STD)
+        # numpy, not torch, for the per-image arithmetic: tiny torch ops on several intra-op
+        # threads cost ~100x more than the math on a busy machine (thread wake-ups)
+        hwc = np.asarray(img, dtype=np.uint8)  # (H, W, 3)
+        chw = np.subtract(hwc.transpose(2, 0, 1), _EFFNET_MEAN, dtype=np.float32, order="C")
+        chw /= _EFFNET_STD
+        return torch.from_numpy(chw)
 
     def encode_image_batch(self, batch: torch.Tensor) -> np.ndarray:
+        x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self.compute.autocast():
-            feats = self._image_model.extract_features(batch.to(self.device, non_blocking=True))
+            feats = self._image_model.extract_features(x)
             pooled = feats.float().mean(dim=(2, 3))  # global average pool -> (n, 1280)
         return _unit_rows(pooled)
 

@@ -124,8 +124,16 @@ def _collate(items):
     ok = [(i, x) for i, x, err in items if err is None]
     fails = [(i, err) for i, x, err in items if err is not None]
     idx = [i for i, _ in ok]
-    batch = torch.stack([x for _, x in ok]) if ok else None
-    return idx, batch, fails
+    if not ok:
+        return idx, None, fails
+    xs = [x for _, x in ok]
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        # in a worker: stack straight into shared memory (as default_collate does), so
+        # handing the batch to the main process does not copy it again
+        storage = xs[0]._typed_storage()._new_shared(len(xs) * xs[0].numel(), device=xs[0].device)
+        out = xs[0].new(storage).resize_(len(xs), *xs[0].shape)
+    return idx, torch.stack(xs, out=out), fails
 
 
 def embed_shard(
