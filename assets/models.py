@@ -396,8 +396,9 @@ def curation_report(context: dg.AssetExecutionContext, lake: LakeResource) -> dg
     missing = sorted(set(expected) - set(comparison["recipe"].to_list()))
     notes = [
         f"pool: {pool} samples; recipes: {comparison.height}" + (f" (not evaluated yet: {', '.join(missing)})" if missing else ""),
-        "metrics: zero-shot top-1 accuracy per label task, mean of image/text retrieval recall@1, "
-        "and their average (DataComp style); all recipes train for the same number of samples seen.",
+        "metrics: zero-shot mean per-class recall per label task (chance = 1 / classes), mean of "
+        "image->text and text->image recall@1, and their average (DataComp style); all recipes train "
+        "for the same number of samples seen.",
         "Δ random compares with the random recipe of the nearest size (named in parentheses).",
     ]
     out = write_report(comparison, lake.artifacts("reports"), notes=notes)

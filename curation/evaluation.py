@@ -12,7 +12,9 @@ ALGORITHMS.md section 10, DataComp style:
   the top k captions) and text->image (``image_retrieval_recall@k``: for a caption, is one
   of its images in the top k images), k = 1, 5, 10 (clip_benchmark names). Identical
   caption strings are one text, positive for all of their images. Blocked: no n x n matrix.
-* Aggregate: every task has a main metric (``acc1`` for zero-shot, ``mean_recall@1`` =
+* Aggregate: every task has a main metric (``mean_per_class_recall`` for zero-shot, as
+  DataComp uses for its class-imbalanced sets: chance is ``1 / n_classes`` whatever the
+  imbalance, while top-1 rewards always answering the majority class; ``mean_recall@1`` =
   mean of the two recall@1 values for retrieval); the task ``average`` (metric ``main``)
   is the mean of the main metrics over tasks.
 
@@ -234,7 +236,7 @@ def main_metric(kind: str) -> str:
     """The metric of a task kind that enters the average."""
     if kind not in TASK_KINDS:
         raise ValueError(f"task kind: got {kind!r}; expected one of {list(TASK_KINDS)}")
-    return "acc1" if kind == "zeroshot" else "mean_recall@1"
+    return "mean_per_class_recall" if kind == "zeroshot" else "mean_recall@1"
 
 
 def aggregate(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

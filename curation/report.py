@@ -34,13 +34,15 @@ def method_of(recipe: str) -> str:
 
 
 def _main_metric_of_task(task: str) -> str:
+    from curation.evaluation import EvalTask, main_metric
+
     if task == AVERAGE:
         return "main"
-    return "mean_recall@1" if task.endswith("/retrieval") else "acc1"
+    return main_metric(EvalTask.parse(task).kind)
 
 
 def metric_label(task: str) -> str:
-    """Column label of a task's main metric: ``"emoji-heldout/zeroshot/group"`` -> ``"zeroshot/group acc1"``."""
+    """Column label of a task's main metric: ``"emoji-heldout/retrieval"`` -> ``"retrieval mean_recall@1"``."""
     if task == AVERAGE:
         return AVERAGE_COL
     short = task.split("/", 1)[1] if "/" in task else task

@@ -8,7 +8,7 @@ import pytest
 from curation.report import build_comparison, method_of, metric_columns, metric_label, to_markdown, write_report
 
 RECIPES = {"full": 1000, "random@0.5": 500, "random@0.25": 250, "dbp@0.5": 500, "semdedup@eps=0.05": 800}
-# (recipe, seed) -> (group acc1, retrieval mean_recall@1)
+# (recipe, seed) -> (group mean_per_class_recall, retrieval mean_recall@1)
 SCORES = {
     ("full", 0): (0.40, 0.20), ("full", 1): (0.44, 0.22),
     ("random@0.5", 0): (0.30, 0.10), ("random@0.5", 1): (0.34, 0.12),
@@ -24,8 +24,8 @@ def eval_frame() -> pl.DataFrame:
         ck = f"/ck/{recipe}/seed{seed}.pt"
         base = {"recipe": recipe, "checkpoint": ck, "seed": seed}
         rows += [
-            {**base, "task": "emoji-heldout/zeroshot/group", "metric": "acc1", "value": acc},
-            {**base, "task": "emoji-heldout/zeroshot/group", "metric": "acc5", "value": 0.9},
+            {**base, "task": "emoji-heldout/zeroshot/group", "metric": "mean_per_class_recall", "value": acc},
+            {**base, "task": "emoji-heldout/zeroshot/group", "metric": "acc1", "value": 0.9},
             {**base, "task": "emoji-heldout/zeroshot/group", "metric": "n_classes", "value": 9.0},
             {**base, "task": "emoji-heldout/retrieval", "metric": "mean_recall@1", "value": rec},
             {**base, "task": "emoji-heldout/retrieval", "metric": "text_retrieval_recall@5", "value": 0.5},
@@ -47,19 +47,19 @@ def ckpt_frame() -> pl.DataFrame:
 
 def test_labels_and_methods():
     assert method_of("dbp@0.5") == "dbp" and method_of("full") == "full"
-    assert metric_label("emoji-heldout/zeroshot/group") == "zeroshot/group acc1"
+    assert metric_label("emoji-heldout/zeroshot/group") == "zeroshot/group mean_per_class_recall"
     assert metric_label("emoji-heldout/retrieval") == "retrieval mean_recall@1"
 
 
 def test_comparison_holds_every_recipe_with_hand_computed_numbers():
     cmp = build_comparison(eval_frame(), ckpt_frame(), RECIPES)
     assert sorted(cmp["recipe"].to_list()) == sorted(RECIPES)
-    assert metric_columns(cmp) == ["retrieval mean_recall@1", "zeroshot/group acc1", "average"]
+    assert metric_columns(cmp) == ["retrieval mean_recall@1", "zeroshot/group mean_per_class_recall", "average"]
     row = {r["recipe"]: r for r in cmp.iter_rows(named=True)}
     full, dbp, sd = row["full"], row["dbp@0.5"], row["semdedup@eps=0.05"]
     assert full["kept"] == 1000 and full["fraction"] == 1.0 and dbp["fraction"] == 0.5
     assert full["seeds"] == 2 and full["samples_seen"] == 4096 and full["train_seconds"] == pytest.approx(10.5)
-    assert full["zeroshot/group acc1"] == pytest.approx(0.42) and full["zeroshot/group acc1 std"] == pytest.approx(0.02)
+    assert full["zeroshot/group mean_per_class_recall"] == pytest.approx(0.42) and full["zeroshot/group mean_per_class_recall std"] == pytest.approx(0.02)
     full_avg = (0.30 + 0.33) / 2  # seed means of (acc + rec)/2: 0.30, 0.33
     assert full["average"] == pytest.approx(full_avg)
     dbp_avg = ((0.38 + 0.16) / 2 + (0.40 + 0.18) / 2) / 2
