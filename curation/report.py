@@ -68,7 +68,8 @@ def build_comparison(
         methods: recipe -> method name (default: :func:`method_of`).
 
     Returns:
-        One row per recipe (sorted by method, then kept count) with columns ``recipe``,
+        One row per recipe (``full``, then ``random`` recipes, then the other methods, each
+        by kept count) with columns ``recipe``,
         ``method``, ``kept`` (i64), ``fraction`` (f64), ``seeds`` (i64), ``samples_seen``,
         ``train_seconds`` (mean over seeds), ``strategy``, ``model``, then per metric label
         ``<label>`` (mean over seeds) and ``<label> std`` (0 with one seed), and
@@ -144,7 +145,8 @@ def build_comparison(
         pl.Series("delta_random", d_rand, dtype=pl.Float64),
         pl.Series("random_ref", refs, dtype=pl.Utf8),
     )
-    return df.sort(["method", "kept"], nulls_last=True)
+    order = pl.when(pl.col("method") == "full").then(0).when(pl.col("method") == "random").then(1).otherwise(2)
+    return df.with_columns(order.alias("_o")).sort(["_o", "method", "kept"], nulls_last=True).drop("_o")
 
 
 def metric_columns(comparison: pl.DataFrame) -> list[str]:
