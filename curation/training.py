@@ -71,7 +71,7 @@ log = logging.getLogger(__name__)
 
 STRATEGIES = ("clip", "clip_da", "flip", "slip")
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
-DEFAULT_MODEL = "tiny-vit-p8-32"
+DEFAULT_MODEL = "tiny-rn-32"
 # ~25 s per recipe on the 2-core CPU at ~650 samples/s (see the table in the module docstring).
 DEFAULT_SAMPLES_SEEN = 16_384
 DEFAULT_BATCH_SIZE = 128

@@ -164,7 +164,7 @@ def test_filter_model_trains_on_the_pool_and_writes_filter_embeddings(tmp_path, 
     assert res.success and all(e.passed for e in res.get_asset_check_evaluations())
     fe = lake.read("filter_embeddings")
     assert fe.height == 9 and set(fe["uid"].to_list()) == set(samples.head(9)["uid"].to_list())
-    assert fe["clip_score"].dtype == pl.Float32 and fe["model"][0].startswith("openclip:tiny-vit-p8-32:")
+    assert fe["clip_score"].dtype == pl.Float32 and fe["model"][0].startswith("openclip:tiny-rn-32:")
     md = res.asset_materializations_for_node("filter_model")[0].metadata
     assert md["source"].value == "trained on the full pool" and md["rows"].value == 9
     ck = Path(md["checkpoint"].value)
