@@ -97,3 +97,28 @@ def dismiss_popups(page, wait_ms: int = 3000) -> None:
     except Exception:  # playwright TimeoutError: no dialog this time
         return
     skip.click()
+
+
+def graph_labels(page) -> list[str]:
+    """Texts of the elements in the page that contain exactly one text node (node labels)."""
+    return page.evaluate(
+        """() => Array.from(document.querySelectorAll('body *'))
+              .filter(e => e.childElementCount === 0 && e.textContent.trim().length > 0)
+              .map(e => e.textContent.trim())"""
+    )
+
+
+def label_matches(label: str, name: str) -> bool:
+    """``label`` is ``name`` or its middle-truncated form (``train…_checkpoints``)."""
+    if label == name:
+        return True
+    if label.count("…") != 1:
+        return False
+    head, tail = label.split("…")
+    return bool(head) and bool(tail) and name.startswith(head) and name.endswith(tail) and len(head) + len(tail) < len(name)
+
+
+def missing_from_graph(page, names) -> list[str]:
+    """The names no label of the page shows (exactly or middle-truncated)."""
+    labels = graph_labels(page)
+    return [n for n in names if not any(label_matches(lb, n) for lb in labels)]

@@ -21,6 +21,7 @@ from browser_helpers import (
     CHROMIUM_ARGS,
     dismiss_popups,
     free_port,
+    missing_from_graph,
     require_chromium,
     wait_for_partition_run,
 )
@@ -107,17 +108,18 @@ def test_ui_shows_lineage_and_runs_a_partition(ui_homes, tmp_path):
                 #    curation_report (asset groups are expanded there, unlike the global view).
                 page.goto(f"{base}/assets")
                 dismiss_popups(page, wait_ms=8000)
-                for name in LINEAGE:
-                    expect(page.get_by_role("link", name=name, exact=True).first).to_be_attached()
+                for name in LINEAGE:  # the table loads after the page: the first wait is the long one
+                    expect(page.get_by_text(name, exact=True).first).to_be_visible(timeout=60_000)
                 page.screenshot(path=str(ARTIFACTS / "ui_catalog.png"), full_page=True)
-                page.goto(f"{base}/assets/curation_report?view=lineage&lineageScope=upstream")
+                page.goto(f"{base}/assets/curation_report?view=lineage&lineageScope=upstream&lineageDepth=20")
                 dismiss_popups(page, wait_ms=1000)
-                depth_all = page.get_by_role("button", name="All", exact=True)
-                if depth_all.count() and depth_all.first.is_enabled():
-                    depth_all.first.click()
-                for name in LINEAGE:
-                    expect(page.get_by_text(name, exact=True).first).to_be_attached()
-                page.wait_for_timeout(1000)  # let the graph finish its layout for the screenshot
+                expect(page.get_by_text("Graph depth")).to_be_visible(timeout=30_000)
+                # the graph zooms to fit after its layout; node labels may be middle-truncated
+                deadline = time.monotonic() + 30
+                while (missing := missing_from_graph(page, LINEAGE)) and time.monotonic() < deadline:
+                    page.wait_for_timeout(500)
+                assert not missing, f"assets missing from curation_report's upstream lineage graph: {missing}"
+                page.wait_for_timeout(1500)  # edges are drawn after the nodes
                 page.screenshot(path=str(ARTIFACTS / "ui_lineage.png"))
 
                 # 2. Launch raw_shards for one shard from the asset's Materialize dialog.
@@ -138,6 +140,7 @@ def test_ui_shows_lineage_and_runs_a_partition(ui_homes, tmp_path):
                 t_run = time.perf_counter() - t1
                 page.goto(f"{base}/runs/{run['runId']}")
                 expect(page.get_by_text("Success").first).to_be_visible()
+                expect(page.get_by_text("Loading run logs")).to_have_count(0, timeout=30_000)
                 page.screenshot(path=str(ARTIFACTS / "ui_run.png"))
                 assert run["status"] == "SUCCESS", f"run {run['runId']} ended {run['status']}; see {tmp_path / 'ui.log'}"
                 tags = {t["key"]: t["value"] for t in run["tags"]}
