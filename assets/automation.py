@@ -59,6 +59,7 @@ from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
 
 from assets.jobs import shard_ingest_job
 from assets.partitions import recipe_partitions
+from assets.settings import automation_status
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def recurate_schedule(context: ScheduleEvaluationContext):
     name="curate_after_ingest",
     job=pool_curation_job,
     minimum_interval_seconds=30,
-    default_status=DefaultSensorStatus.RUNNING,
+    default_status=automation_status(),
     description="After shard_ingest_job runs succeed (and none is still queued/running), curate the "
     "pool: new shards are assigned to the existing concept centroids (mode=auto).",
 )
@@ -227,7 +228,7 @@ def curate_after_ingest(context: SensorEvaluationContext):
     run_status=DagsterRunStatus.SUCCESS,
     monitored_jobs=[pool_curation_job],
     request_job=recipe_job,
-    default_status=DefaultSensorStatus.RUNNING,
+    default_status=automation_status(),
     description="When pool curation succeeds, run every recipe (prune, train, evaluate) on the new scores.",
 )
 def recipes_after_pool_curation(context: RunStatusSensorContext):
@@ -270,7 +271,7 @@ def wave_status(instance: DagsterInstance, run) -> tuple[str | None, list[str], 
     run_status=DagsterRunStatus.SUCCESS,
     monitored_jobs=[recipe_job],
     request_job=report_job,
-    default_status=DefaultSensorStatus.RUNNING,
+    default_status=automation_status(),
     description="When every recipe run of a wave (or of a recipe backfill) has succeeded, rebuild the report.",
 )
 def report_after_recipes(context: RunStatusSensorContext):

@@ -44,6 +44,8 @@ def _materialize(defs, keys, instance, partition_key=None, run_config=None):
     from dagster import AssetSelection, materialize
 
     all_defs = list(defs.assets or []) + list(defs.asset_checks or [])
+    run_config = dict(run_config or {})
+    run_config.setdefault("loggers", {"console": {"config": {"log_level": os.environ.get("CURATION_DAGSTER_LOG_LEVEL", "WARNING")}}})
     result = materialize(
         all_defs,
         selection=AssetSelection.assets(*keys),
@@ -206,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     return int(args.func(args) or 0)
 
 

@@ -18,6 +18,7 @@ import dagster as dg
 from assets.jobs import shard_ingest_job
 from assets.partitions import SHARDS, shard_partitions
 from curation.shards import find_shards
+from assets.settings import automation_status
 from resources import DatasetsResource
 
 
@@ -29,7 +30,7 @@ def _file_state(path) -> str:
 @dg.sensor(
     job=shard_ingest_job,
     minimum_interval_seconds=30,
-    default_status=dg.DefaultSensorStatus.STOPPED,
+    default_status=automation_status(),
     description="Watches the landing zone; adds a `shards` partition per new shard and "
     "requests one shard_ingest_job run per new or changed shard file.",
 )

@@ -86,7 +86,7 @@ def test_ui_shows_lineage_and_runs_a_partition(ui_homes, tmp_path):
         host=HOST,
         port=port,
         dagster_home=dagster_home,
-        env={"CURATION_HOME": str(home)},
+        env={"CURATION_HOME": str(home), "CURATION_AUTOMATION": "off"},
         log_file=tmp_path / "ui.log",
     )
     t_up = time.perf_counter() - t0

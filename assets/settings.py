@@ -1,0 +1,18 @@
+"""Deployment switches read when the definitions load."""
+
+import os
+
+import dagster as dg
+
+
+def automation_status() -> dg.DefaultSensorStatus:
+    """Default status of the automation sensors (landing zone -> ingest -> curation -> report).
+
+    On by default, so a dataset dropped into the landing zone is curated end to end with no
+    manual step. ``CURATION_AUTOMATION=off`` starts them stopped (tests that drive the UI by
+    hand use it); they can always be toggled in the UI.
+    """
+    value = os.environ.get("CURATION_AUTOMATION", "on").lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"CURATION_AUTOMATION: got {value!r}; expected 'on' or 'off'")
+    return dg.DefaultSensorStatus.RUNNING if value == "on" else dg.DefaultSensorStatus.STOPPED
