@@ -45,7 +45,9 @@ from curation.export import export_subset
 from curation.lake import Lake, list_column_to_matrix, matrix_to_list_column
 from curation.pool import read_pool
 from curation.recipes import Pool, apply_recipe, get_recipe, recipe_hash
-from resources import DatasetsResource, LakeResource
+from curation.distributed import semdedup_scores_distributed
+from resources import ComputeResource, DatasetsResource, LakeResource
+from resources.distributed import DistributedResource
 
 GROUP = "curation"
 ALIGNED_ENCODER_PREFIX = "openclip:"
@@ -238,11 +240,17 @@ def concept_clusters(context: dg.AssetExecutionContext, config: ConceptClustersC
     description="SemDeDup: for each sample the max cosine to an earlier (less prototypical) member "
     "of its cluster (`dedup_scores.max_sim_to_earlier`); any eps is then a filter M > 1 - eps.",
 )
-def dedup_scores(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
+def dedup_scores(
+    context: dg.AssetExecutionContext, lake: LakeResource, distributed: DistributedResource, compute: ComputeResource
+) -> dg.MaterializeResult:
     t0 = time.perf_counter()
     db = lake.lake()
     p = read_assigned_pool(db, with_embeddings=True)
-    m = semdedup_scores(p["x"], p["cluster_ids"], p["cos"], p["uids"])
+    if distributed.address is None:
+        m = semdedup_scores(p["x"], p["cluster_ids"], p["cos"], p["uids"])
+    else:  # per-cluster work on Ray; identical scores (tests/test_distributed.py)
+        with distributed.executor(compute.spec()) as ex:
+            m = semdedup_scores_distributed(ex, p["x"], p["cluster_ids"], p["cos"], p["uids"])
     db.write(
         "dedup_scores",
         pl.DataFrame(
@@ -392,7 +400,12 @@ def read_aligned(db: Lake, uids: np.ndarray) -> tuple[np.ndarray, np.ndarray, st
     "shards of the kept samples, recipe.json.",
 )
 def pruned_subsets(
-    context: dg.AssetExecutionContext, config: PrunedSubsetsConfig, lake: LakeResource, datasets: DatasetsResource
+    context: dg.AssetExecutionContext,
+    config: PrunedSubsetsConfig,
+    lake: LakeResource,
+    datasets: DatasetsResource,
+    distributed: DistributedResource,
+    compute: ComputeResource,
 ) -> dg.MaterializeResult:
     t0 = time.perf_counter()
     recipe = get_recipe(context.partition_key)
@@ -413,7 +426,11 @@ def pruned_subsets(
         img, txt, aligned_source = read_aligned(db, p["uids"])
     pool = Pool(uids=p["uids"], cluster_ids=p["cluster_ids"], cos_to_centroid=p["cos"], centroids=p["centroids"],
                 max_sim=max_sim, image_aligned=img, text_aligned=txt)
-    sel = apply_recipe(recipe, pool)
+    if distributed.address is None or recipe.method != "clipcov":
+        sel = apply_recipe(recipe, pool)
+    else:  # per-class CLIPCov on Ray
+        with distributed.executor(compute.spec()) as ex:
+            sel = apply_recipe(recipe, pool, executor=ex)
     frame = sel.to_frame()
     db.write("subsets", frame, partition=recipe.name)
     select_s = time.perf_counter() - t0

@@ -421,14 +421,23 @@ def _clipscore(recipe, pool, cand):
     return cand[top], scores[top], {}
 
 
-def _clipcov(recipe, pool, cand):
+def _clipcov(recipe, pool, cand, executor=None):
     img, txt = _aligned(pool)
     cid = np.asarray(pool.cluster_ids, dtype=np.int64)[cand]
     n_keep = n_keep_for(recipe.keep_fraction, cand.size)
-    kept_local, pos, gain = clipcov_select(
-        img, txt, cid, np.asarray(pool.uids)[cand], n_keep,
-        max_dense=recipe.max_dense, large=recipe.large, factorized=recipe.factorized, rows=cand,
-    )
+    if executor is not None and executor.kind != "in-process":
+        from curation.distributed import clipcov_select_distributed
+
+        # per-class greedy spread over the executor; identical results (tests/test_distributed.py)
+        kept_local, pos, gain = clipcov_select_distributed(
+            executor, img[cand], txt[cand], cid, np.asarray(pool.uids)[cand], n_keep,
+            max_dense=recipe.max_dense, large=recipe.large, factorized=recipe.factorized,
+        )
+    else:
+        kept_local, pos, gain = clipcov_select(
+            img, txt, cid, np.asarray(pool.uids)[cand], n_keep,
+            max_dense=recipe.max_dense, large=recipe.large, factorized=recipe.factorized, rows=cand,
+        )
     ranked = _interleaved_rank(cid[kept_local], pos)
     sizes = np.bincount(cid, minlength=pool.k).astype(np.int64)
     return cand[kept_local[ranked]], gain[ranked], {
@@ -448,18 +457,23 @@ _APPLY: dict[str, Callable[[Recipe, Pool, np.ndarray], tuple[np.ndarray, np.ndar
 }
 
 
-def apply_recipe(recipe: Recipe, pool: Pool) -> Selection:
+def apply_recipe(recipe: Recipe, pool: Pool, executor=None) -> Selection:
     """Apply ``recipe`` to ``pool``: the one signature every recipe shares.
 
     Args:
         recipe: a :class:`Recipe` (see :func:`get_recipe`).
         pool: the :class:`Pool` arrays.
+        executor: optional :class:`curation.distributed.Executor`; per-class CLIPCov work is
+            spread over it when it is not the in-process loop (same result either way).
 
     Returns:
         The :class:`Selection` (kept uids ordered by rank, with scores and stats).
     """
     cand = candidates(recipe, pool)
-    kept, score, extra = _APPLY[recipe.method](recipe, pool, cand)
+    if recipe.method == "clipcov" and executor is not None:
+        kept, score, extra = _clipcov(recipe, pool, cand, executor=executor)
+    else:
+        kept, score, extra = _APPLY[recipe.method](recipe, pool, cand)
     kept = np.asarray(kept, dtype=np.int64)
     stats = {
         "n_pool": pool.n,

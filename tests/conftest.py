@@ -50,6 +50,7 @@ def lake_resources(tmp_path):
     ``{"lake": LakeResource, "datasets": DatasetsResource, "compute": ComputeResource}`` on a
     temp lake (``tmp_path/lake``, ``tmp_path/artifacts``)."""
     from resources import ComputeResource, DatasetsResource, LakeResource
+    from resources.distributed import DistributedResource
 
     def make(landing=None, eval_root=None, max_pixels: int = 40_000_000) -> dict:
         return {
@@ -60,6 +61,7 @@ def lake_resources(tmp_path):
                 max_pixels=max_pixels,
             ),
             "compute": ComputeResource(device="cpu", num_workers=0),
+            "distributed": DistributedResource(),
         }
 
     return make

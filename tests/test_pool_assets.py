@@ -17,7 +17,8 @@ from assets.pool import ASSETS, complexity_scores, concept_clusters, dedup_score
 from curation.ids import make_uid, u128_to_uids
 from curation.lake import list_column_to_matrix, matrix_to_list_column
 from curation.recipes import expected_keep, get_recipe, recipe_names
-from resources import DatasetsResource, LakeResource
+from resources import ComputeResource, DatasetsResource, LakeResource
+from resources.distributed import DistributedResource
 
 D = 16
 PER_SHARD = 40
@@ -46,6 +47,8 @@ class Pool:
         self.resources = {
             "lake": LakeResource(root=str(tmp_path / "lake"), artifacts_root=str(tmp_path / "artifacts")),
             "datasets": DatasetsResource(landing=str(self.landing), eval_root=str(self.eval_root)),
+            "compute": ComputeResource(device="cpu", num_workers=0),
+            "distributed": DistributedResource(),
         }
         self.db = self.resources["lake"].lake()
         self.samples = {}
@@ -141,6 +144,21 @@ def test_pool_assets_write_tables_and_metadata(pool):
     assert "concept" in cm["most_complex"].value  # example captions
     evals = res.get_asset_check_evaluations()
     assert evals and all(e.passed for e in evals)
+
+
+def test_ray_engine_gives_the_same_dedup_scores_and_clipcov_subset(pool):
+    """The assets' Ray path (a local Ray, 2 CPUs) equals the in-process path."""
+    _run(pool, [concept_clusters, dedup_scores], config={"concept_clusters": {"config": {"k": 4, "niter": 10}}})
+    ref_scores = pool.db.read("dedup_scores").sort("uid")
+    _run(pool, [pruned_subsets], partition="clipcov@0.5")
+    ref_subset = pool.db.read("subsets", partitions=["clipcov@0.5"]).sort("rank")
+    pool.resources["distributed"] = DistributedResource(address="local", num_cpus=2)
+    _run(pool, [dedup_scores])
+    _run(pool, [pruned_subsets], partition="clipcov@0.5")
+    assert pool.db.read("dedup_scores").sort("uid").equals(ref_scores)
+    got = pool.db.read("subsets", partitions=["clipcov@0.5"]).sort("rank")
+    assert got["uid"].to_list() == ref_subset["uid"].to_list()
+    np.testing.assert_allclose(got["score"].to_numpy(), ref_subset["score"].to_numpy(), rtol=1e-6)
 
 
 def test_incremental_assignment_and_retrain(pool):
