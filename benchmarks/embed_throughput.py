@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pretrained", default=None)
     ap.add_argument("--image-size", type=int, default=None, help="default encoder resolution (None: its default)")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--rounds", type=int, default=3)

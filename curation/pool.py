@@ -107,7 +107,7 @@ class _ImageBlobs(torch.utils.data.Dataset):
             x = self.preprocess(img)
             if not isinstance(x, torch.Tensor) or x.ndim != 3:
                 raise TypeError(f"preprocess returned {type(x).__name__} {getattr(x, 'shape', '')}; expected (3, H, W)")
-            if not torch.isfinite(x).all():
+            if not np.isfinite(x.numpy() if x.device.type == "cpu" else x.cpu().numpy()).all():
                 raise ValueError("preprocessed image has non-finite values")
         except Exception as e:  # noqa: BLE001 - report, do not crash the shard
             return i, None, ("preprocess_error", _describe(e))
