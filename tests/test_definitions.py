@@ -80,3 +80,12 @@ def test_library_never_imports_dagster(module):
     code = f"import sys, {module}; bad = [m for m in sys.modules if m.split('.')[0] in ('dagster', 'assets', 'resources')]; print(bad); sys.exit(1 if bad else 0)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_public_face_of_the_library_resolves():
+    import curation
+
+    for name in curation.__all__:
+        assert callable(getattr(curation, name)), name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        curation.nope  # noqa: B018
