@@ -27,6 +27,36 @@ log = logging.getLogger(__name__)
 EPS_GRID = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1)
 
 
+def cluster_member_groups(
+    n: int,
+    cluster_ids: np.ndarray,
+    cos_to_centroid: np.ndarray,
+    uids,
+    min_size: int = 1,
+) -> list[np.ndarray]:
+    """The members of every cluster, each in SemDeDup order (least prototypical first).
+
+    Args:
+        n: number of samples (rows of the embedding matrix).
+        cluster_ids: (n,) int cluster of each sample.
+        cos_to_centroid: (n,) float32 cosine of each sample to its centroid.
+        uids: (n,) str uids (tie-break of the order).
+        min_size: drop clusters with fewer members (SemDeDup needs 2).
+
+    Returns:
+        One (n_c,) int64 array of row indices per cluster, ascending cluster id.
+    """
+    if not (len(cluster_ids) == len(cos_to_centroid) == len(uids) == n):
+        raise ValueError(
+            f"lengths: got x={n}, cluster_ids={len(cluster_ids)}, cos={len(cos_to_centroid)}, "
+            f"uids={len(uids)}; expected all equal"
+        )
+    order = in_cluster_order(cluster_ids, cos_to_centroid, uids, order="hard")
+    c_sorted = np.asarray(cluster_ids, dtype=np.int64)[order]
+    bounds = np.flatnonzero(np.diff(c_sorted)) + 1
+    return [g for g in np.split(order, bounds) if len(g) >= min_size]
+
+
 def semdedup_scores(
     x: np.ndarray,
     cluster_ids: np.ndarray,
@@ -47,21 +77,8 @@ def semdedup_scores(
         (n,) float32 max cosine to an earlier member of the same cluster (-1 for the first).
     """
     n = x.shape[0]
-    if not (len(cluster_ids) == len(cos_to_centroid) == len(uids) == n):
-        raise ValueError(
-            f"lengths: got x={n}, cluster_ids={len(cluster_ids)}, cos={len(cos_to_centroid)}, "
-            f"uids={len(uids)}; expected all equal"
-        )
-    order = in_cluster_order(cluster_ids, cos_to_centroid, uids, order="hard")
-    c_sorted = np.asarray(cluster_ids, dtype=np.int64)[order]
-    bounds = np.flatnonzero(np.diff(c_sorted)) + 1
-    starts = np.concatenate([[0], bounds])
-    ends = np.concatenate([bounds, [n]])
     out = np.full(n, -1.0, dtype=np.float32)
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        if e - s < 2:
-            continue
-        members = order[s:e]
+    for members in cluster_member_groups(n, cluster_ids, cos_to_centroid, uids, min_size=2):
         out[members] = max_sim_to_earlier(x[members], block=block)
     return out
 

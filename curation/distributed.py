@@ -398,20 +398,12 @@ def semdedup_scores_distributed(
     Returns:
         (n,) float32 max cosine to an earlier member of the same cluster (-1 for the first).
     """
-    from curation.budgets import in_cluster_order
+    from curation.dedup import cluster_member_groups
     from curation.similarity import DEFAULT_BLOCK
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = x.shape[0]
-    if not (len(cluster_ids) == len(cos_to_centroid) == len(uids) == n):
-        raise ValueError(
-            f"lengths: got x={n}, cluster_ids={len(cluster_ids)}, cos={len(cos_to_centroid)}, "
-            f"uids={len(uids)}; expected all equal"
-        )
-    order = in_cluster_order(cluster_ids, cos_to_centroid, uids, order="hard")
-    c_sorted = np.asarray(cluster_ids, dtype=np.int64)[order]
-    bounds = np.flatnonzero(np.diff(c_sorted)) + 1
-    groups = [g for g in np.split(order, bounds) if len(g) >= 2]
+    groups = cluster_member_groups(n, cluster_ids, cos_to_centroid, uids, min_size=2)
     out = np.full(n, -1.0, dtype=np.float32)
     if not groups:
         return out
