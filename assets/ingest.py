@@ -15,6 +15,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
+from assets.metadata import md_table
 from assets.partitions import shard_partitions
 from curation.shards import INGEST_STAGE, parse_shard_key, read_shard, shard_path
 from resources import DatasetsResource, LakeResource
@@ -41,23 +42,6 @@ def _count_members(path: Path) -> tuple[int, str | None]:
     except Exception as e:  # noqa: BLE001 - any unreadable input is reported, not raised
         return n, f"{type(e).__name__}: {e}"
     return n, None
-
-
-def _markdown_table(df: pl.DataFrame, max_rows: int = 10, max_chars: int = 60) -> str:
-    if df.height == 0:
-        return "_no rows_"
-    head = df.head(max_rows)
-    cols = head.columns
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in head.iter_rows():
-        cells = []
-        for v in row:
-            s = str(v).replace("|", "\\|").replace("\n", " ")
-            cells.append(s if len(s) <= max_chars else s[: max_chars - 1] + "…")
-        lines.append("| " + " | ".join(cells) + " |")
-    if df.height > max_rows:
-        lines.append(f"\n_{df.height - max_rows} more rows_")
-    return "\n".join(lines)
 
 
 @dg.asset(
@@ -139,11 +123,11 @@ def samples(
         "seconds": round(seconds, 4),
         "samples_per_second": round(res.keys_seen / read_s, 1) if read_s > 0 else 0.0,
         "preview": dg.MetadataValue.md(
-            _markdown_table(sdf.select("key", "caption", "width", "height", "format", "uid"))
+            md_table(sdf.select("key", "caption", "width", "height", "format", "uid"))
         ),
     }
     if qdf.height:
-        metadata["quarantine_preview"] = dg.MetadataValue.md(_markdown_table(qdf.select("key", "reason", "detail")))
+        metadata["quarantine_preview"] = dg.MetadataValue.md(md_table(qdf.select("key", "reason", "detail")))
     for reason, n in reasons.items():
         metadata[f"quarantine_{reason}"] = n
     return dg.MaterializeResult(metadata=metadata)

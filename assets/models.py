@@ -29,6 +29,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from assets.metadata import md_table
 from assets.partitions import recipe_partitions
 from curation.lake import Lake, matrix_to_list_column
 from curation.training import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, DEFAULT_SAMPLES_SEEN, TrainConfig
@@ -39,18 +40,6 @@ log = logging.getLogger(__name__)
 GROUP = "models"
 ALL_SHARDS = dg.AllPartitionMapping()
 ALL_RECIPES = dg.AllPartitionMapping()
-
-
-def _md_table(df: pl.DataFrame, max_chars: int = 70) -> str:
-    cols = df.columns
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for row in df.iter_rows():
-        cells = []
-        for v in row:
-            s = f"{v:.4f}" if isinstance(v, float) else str(v)
-            cells.append(s[:max_chars].replace("|", "\\|").replace("\n", " "))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- filter_model
@@ -196,7 +185,7 @@ def filter_model(
             "clip_score_p10": float(np.quantile(score, 0.1)),
             "clip_score_p90": float(np.quantile(score, 0.9)),
             "seconds": round(time.perf_counter() - t0, 2),
-            "highest_and_lowest": dg.MetadataValue.md(_md_table(preview)),
+            "highest_and_lowest": dg.MetadataValue.md(md_table(preview, max_rows=None, max_chars=70, float_fmt=".4f")),
         }
     )
     return dg.MaterializeResult(metadata=meta)
@@ -269,7 +258,7 @@ def trained_checkpoints(
             }
         )
         hist = pl.DataFrame(res.history).select("step", "samples_seen", "loss", "lr", "samples_per_s")
-        history_md.append(f"seed {cfg.seed}\n\n" + _md_table(hist.gather_every(max(1, hist.height // 8))))
+        history_md.append(f"seed {cfg.seed}\n\n" + md_table(hist.gather_every(max(1, hist.height // 8)), max_rows=None, max_chars=70, float_fmt=".4f"))
     frame = pl.DataFrame(rows, schema={"recipe": pl.String, "strategy": pl.String, "model": pl.String, "path": pl.String,
                                        "samples_seen": pl.Int64, "seconds": pl.Float64, "config_json": pl.String})  # fmt: skip
     lake.lake().write("checkpoints", frame, partition=recipe)
@@ -355,7 +344,7 @@ def eval_reports(
             "average_std": float(np.std(avg)),
             "rows": frame.height,
             "seconds": round(time.perf_counter() - t0, 2),
-            "results": dg.MetadataValue.md(_md_table(pl.DataFrame(summary))),
+            "results": dg.MetadataValue.md(md_table(pl.DataFrame(summary), max_rows=None, max_chars=70, float_fmt=".4f")),
         }
     )
 

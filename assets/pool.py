@@ -26,6 +26,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from assets.metadata import md_table
 from assets.partitions import recipe_partitions
 from curation.clustering import (
     DEFAULT_MAX_POINTS_PER_CENTROID,
@@ -109,20 +110,6 @@ def read_assigned_pool(db: Lake, with_embeddings: bool) -> dict:
     return out
 
 
-def _md_table(df: pl.DataFrame, max_rows: int = 10, max_chars: int = 60) -> str:
-    if df.height == 0:
-        return "_no rows_"
-    cols = df.columns
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in df.head(max_rows).iter_rows():
-        cells = []
-        for v in row:
-            s = f"{v:.4g}" if isinstance(v, float) else str(v)
-            cells.append(s.replace("|", "\\|").replace("\n", " ")[:max_chars])
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def size_histogram(sizes: np.ndarray) -> str:
     """Markdown histogram of cluster sizes over power-of-two bins."""
     sizes = np.asarray(sizes)
@@ -137,7 +124,7 @@ def size_histogram(sizes: np.ndarray) -> str:
         if cnt:
             label = str(lo) if hi - lo == 1 else f"{lo}-{hi - 1}"
             rows.append({"size": label, "clusters": cnt, "bar": "#" * max(1, round(40 * cnt / sizes.size))})
-    return _md_table(pl.DataFrame(rows), max_rows=64)
+    return md_table(pl.DataFrame(rows), max_rows=64)
 
 
 # --------------------------------------------------------------------------- concept_clusters
@@ -270,7 +257,7 @@ def dedup_scores(
             "rows": len(m),
             "unassigned_skipped": p["n_unassigned"],
             **{f"removed_fraction@eps={e}": v for e, v in fr.items()},
-            "removed_by_eps": dg.MetadataValue.md(_md_table(grid)),
+            "removed_by_eps": dg.MetadataValue.md(md_table(grid)),
             "seconds": round(seconds, 3),
             "throughput_per_s": round(len(m) / seconds, 1) if seconds > 0 else 0.0,
         }
@@ -336,8 +323,8 @@ def complexity_scores(context: dg.AssetExecutionContext, config: ComplexityConfi
             "complexity_min": float(comp.complexity.min()),
             "complexity_max": float(comp.complexity.max()),
             "weight_max": float(comp.weight.max()),
-            "most_complex": dg.MetadataValue.md(_md_table(with_ex(most), max_chars=120)),
-            "least_complex": dg.MetadataValue.md(_md_table(with_ex(least), max_chars=120)),
+            "most_complex": dg.MetadataValue.md(md_table(with_ex(most), max_chars=120)),
+            "least_complex": dg.MetadataValue.md(md_table(with_ex(least), max_chars=120)),
             "seconds": round(time.perf_counter() - t0, 3),
         }
     )
@@ -462,7 +449,7 @@ def pruned_subsets(
         "export_bytes": exp["bytes"],
         "select_seconds": round(select_s, 3),
         "seconds": round(seconds, 3),
-        "preview": dg.MetadataValue.md(_md_table(preview)),
+        "preview": dg.MetadataValue.md(md_table(preview)),
     }
     if aligned_source:
         meta["aligned_source"] = aligned_source
