@@ -197,14 +197,15 @@ def filter_model(
 class TrainedCheckpointsConfig(dg.Config):
     """One CLIP per seed on the recipe's subset, at the same samples seen for every recipe."""
 
-    strategy: str = "clip"
-    model_name: str = DEFAULT_MODEL
-    samples_seen: int = DEFAULT_SAMPLES_SEEN
-    batch_size: int = DEFAULT_BATCH_SIZE
-    lr: float = 2e-3
-    weight_decay: float = 0.1
-    warmup_fraction: float = 0.1
-    patch_dropout: float = 0.5
+    # defaults come from the library's TrainConfig, so the two cannot drift apart
+    strategy: str = TrainConfig.strategy
+    model_name: str = TrainConfig.model
+    samples_seen: int = TrainConfig.samples_seen
+    batch_size: int = TrainConfig.batch_size
+    lr: float = TrainConfig.lr
+    weight_decay: float = TrainConfig.weight_decay
+    warmup_fraction: float = TrainConfig.warmup_fraction
+    patch_dropout: float = TrainConfig.patch_dropout
     seeds: list[int] = [0]
 
     def train_config(self, seed: int) -> TrainConfig:

@@ -65,3 +65,15 @@ def lake_resources(tmp_path):
         }
 
     return make
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: robust when the 2 cores are shared (2 threads can thrash
+    under load)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -24,12 +24,7 @@ RECIPES = ("full", "random@0.5")
 TINY_TRAIN = {"samples_seen": 16, "batch_size": 8, "seeds": [0]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _png(color, size=16) -> bytes:

@@ -58,13 +58,7 @@ def toy_pairs(n: int, seed: int = 0) -> tuple[list[Image.Image], list[str]]:
     return images, captions
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: robust when the 2 cores are shared (2 threads can thrash under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_cfg(**kw) -> TrainConfig:
