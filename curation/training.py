@@ -155,6 +155,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}: got {v!r}; expected an int >= 1")
+        if self.samples_seen < 2:
+            raise ValueError(f"samples_seen: got {self.samples_seen}; expected >= 2 (one contrastive batch)")
         if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise ValueError(f"seed: got {self.seed!r}; expected an int >= 0")
         for name in ("lr", "ssl_temperature", "eps"):
@@ -251,14 +253,17 @@ def mentions_left_right(caption: str) -> bool:
     return bool(_LEFT_RIGHT.search(caption))
 
 
-def batch_index_stream(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+def batch_index_stream(n: int, batch_size: int, steps: int, generator: torch.Generator,
+                       sizes: Sequence[int] | None = None) -> Iterator[torch.Tensor]:
     """Indices of ``steps`` batches of ``batch_size`` from ``n`` samples, epoch by epoch.
 
     Each epoch is a fresh permutation drawn from ``generator``; its last ``n % batch_size``
     indices are dropped, so a batch never holds a sample twice. Requires ``batch_size <= n``.
+    With ``sizes`` (see :func:`batch_sizes`), batch ``i`` keeps only its first ``sizes[i]``
+    indices.
 
     Yields:
-        ``(batch_size,) int64`` index tensors.
+        ``(batch_size,)`` (or ``(sizes[i],)``) int64 index tensors.
     """
     if not 1 <= batch_size <= n:
         raise ValueError(f"batch_size: got {batch_size}; expected 1 <= batch_size <= n = {n}")
@@ -267,7 +272,8 @@ def batch_index_stream(n: int, batch_size: int, steps: int, generator: torch.Gen
     while done < steps:
         perm = torch.randperm(n, generator=generator)
         for b in range(min(per_epoch, steps - done)):
-            yield perm[b * batch_size : (b + 1) * batch_size]
+            idx = perm[b * batch_size : (b + 1) * batch_size]
+            yield idx if sizes is None else idx[: sizes[done + b]]
         done += min(per_epoch, steps - done)
 
 
@@ -505,7 +511,7 @@ class TrainResult:
         config: the training config.
         steps: optimizer steps taken.
         batch_size: pairs per step actually used.
-        samples_seen: ``steps * batch_size``.
+        samples_seen: exactly ``config.samples_seen`` (the last batches trimmed, :func:`batch_sizes`).
         n_train: distinct pairs in the training set.
         seconds: wall time of the training loop (excluding data decoding).
         samples_per_s: ``samples_seen / seconds``.
@@ -539,6 +545,24 @@ def plan_steps(samples_seen: int, batch_size: int, n: int) -> tuple[int, int]:
     return batch, math.ceil(samples_seen / batch)
 
 
+def batch_sizes(samples_seen: int, batch: int, steps: int) -> list[int]:
+    """Sizes of the ``steps`` batches: ``batch`` each, the last ones trimmed so that they sum to
+    EXACTLY ``samples_seen`` (compute matched across recipes whatever the subset size), and no
+    batch smaller than 2 (a contrastive batch needs a negative).
+
+    Raises:
+        ValueError: if ``samples_seen < 2``.
+    """
+    if samples_seen < 2:
+        raise ValueError(f"samples_seen: got {samples_seen}; expected >= 2")
+    sizes = [batch] * steps
+    sizes[-1] = samples_seen - batch * (steps - 1)
+    if sizes[-1] == 1:  # move one sample from the previous batch (batch >= 3 here)
+        sizes[-2] -= 1
+        sizes[-1] = 2
+    return sizes
+
+
 def train_clip(
     images: Sequence[Image.Image],
     captions: Sequence[str],
@@ -569,6 +593,7 @@ def train_clip(
 
     n = len(images)
     batch, steps = plan_steps(cfg.samples_seen, cfg.batch_size, n)
+    sizes = batch_sizes(cfg.samples_seen, batch, steps)
     t0 = time.perf_counter()
     pixels = torch.stack([preprocess(to_rgb(im)) for im in images])  # (n, 3, S, S) float32, normalized
     tokens = tokenizer(list(captions))  # (n, context_length) int64
@@ -576,7 +601,7 @@ def train_clip(
     log.info(
         "prepared %d pairs in %.1fs (images %s, tokens %s); %s/%s: %d steps x %d = %d samples seen",
         n, time.perf_counter() - t0, tuple(pixels.shape), tuple(tokens.shape),
-        cfg.model, cfg.strategy, steps, batch, steps * batch,
+        cfg.model, cfg.strategy, steps, batch, sum(sizes),
     )  # fmt: skip
 
     head = None
@@ -602,11 +627,11 @@ def train_clip(
     if head is not None:
         head.train()
     history: list[dict[str, float]] = []
-    win_loss, win_clip, win_ssl, win_n = 0.0, 0.0, 0.0, 0
+    win_loss, win_clip, win_ssl, win_n, win_samples, seen = 0.0, 0.0, 0.0, 0, 0, 0
     t_start = time.perf_counter()
     t_win = t_start
     per_epoch = n // batch
-    for step, idx in enumerate(batch_index_stream(n, batch, steps, gen)):
+    for step, idx in enumerate(batch_index_stream(n, batch, steps, gen, sizes=sizes)):
         lr = cosine_lr(step, steps, warmup, cfg.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -621,7 +646,7 @@ def train_clip(
                 v2 = aug.strong(x, cfg.ssl_crop_scale_min, flip_ok[idx], gen)
                 x = aug.weak(x, gen)
                 feats = model.encode_image(torch.cat([x, v1, v2]))
-                img_feats, f1, f2 = feats.split(batch)
+                img_feats, f1, f2 = feats.split(len(idx))
                 ssl_loss = nt_xent_loss(head(f1), head(f2), cfg.ssl_temperature)
             else:
                 img_feats = model.encode_image(x)
@@ -645,18 +670,20 @@ def train_clip(
         win_clip += float(clip_loss.detach())
         win_ssl += float(ssl_loss.detach())
         win_n += 1
+        win_samples += len(idx)
+        seen += len(idx)
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             now = time.perf_counter()
             rec = {
                 "step": step + 1,
-                "samples_seen": (step + 1) * batch,
-                "epoch": (step + 1) / per_epoch,
+                "samples_seen": seen,
+                "epoch": seen / (per_epoch * batch),
                 "loss": win_loss / win_n,
                 "clip_loss": win_clip / win_n,
                 "ssl_loss": win_ssl / win_n,
                 "lr": lr,
                 "logit_scale": float(model.logit_scale.detach().exp()),
-                "samples_per_s": win_n * batch / max(now - t_win, 1e-9),
+                "samples_per_s": win_samples / max(now - t_win, 1e-9),
                 "elapsed_s": now - t_start,
             }
             history.append(rec)
@@ -664,7 +691,7 @@ def train_clip(
                 "step %d/%d  samples %d  loss %.4f  lr %.2e  scale %.1f  %.0f samples/s",
                 rec["step"], steps, rec["samples_seen"], rec["loss"], lr, rec["logit_scale"], rec["samples_per_s"],
             )  # fmt: skip
-            win_loss, win_clip, win_ssl, win_n = 0.0, 0.0, 0.0, 0
+            win_loss, win_clip, win_ssl, win_n, win_samples = 0.0, 0.0, 0.0, 0, 0
             t_win = now
     seconds = time.perf_counter() - t_start
     model.eval()
@@ -673,10 +700,10 @@ def train_clip(
         config=cfg,
         steps=steps,
         batch_size=batch,
-        samples_seen=steps * batch,
+        samples_seen=seen,
         n_train=n,
         seconds=seconds,
-        samples_per_s=steps * batch / max(seconds, 1e-9),
+        samples_per_s=seen / max(seconds, 1e-9),
         history=history,
     )
 

@@ -22,6 +22,7 @@ from curation.training import (
     load_checkpoint,
     mentions_left_right,
     nt_xent_loss,
+    batch_sizes,
     plan_steps,
     random_resized_crop,
     read_sidecar,
@@ -125,6 +126,26 @@ def test_batch_stream_epochs_are_permutations_without_repeats_in_a_batch():
         assert len(set(idx)) == 9
     again = list(batch_index_stream(10, 3, 7, torch.Generator().manual_seed(0)))
     assert all(torch.equal(a, b) for a, b in zip(batches, again))
+
+
+def test_batch_sizes_sum_exactly_to_samples_seen():
+    assert batch_sizes(1024, 128, 8) == [128] * 8
+    assert batch_sizes(1000, 128, 8) == [128] * 7 + [104]
+    assert batch_sizes(100, 40, 3) == [40, 40, 20]
+    assert batch_sizes(81, 40, 3) == [40, 39, 2]  # never a batch of one
+    with pytest.raises(ValueError, match="samples_seen: got 1"):
+        batch_sizes(1, 40, 1)
+    with pytest.raises(ValueError, match="samples_seen: got 1; expected >= 2"):
+        TrainConfig(samples_seen=1)
+
+
+def test_compute_is_matched_whatever_the_subset_size():
+    """Recipes with subsets smaller than the batch, or a budget that is no multiple of it,
+    still see exactly samples_seen pairs."""
+    images, captions = toy_pairs(24)
+    for n in (5, 24):
+        res = train_clip(images[:n], captions[:n], small_cfg(samples_seen=37, batch_size=16), CPU)
+        assert res.samples_seen == 37 and res.history[-1]["samples_seen"] == 37
 
 
 def test_plan_steps_matches_samples_seen():
