@@ -78,6 +78,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from curation.datasets import build_default_dataset
     from curation.settings import data_home
 
+    valid = recipe_partitions.get_partition_keys()
+    recipes = args.recipes or valid
+    unknown = [r for r in recipes if r not in valid]
+    if unknown:
+        print(f"unknown recipes {unknown}; expected any of {valid}", file=sys.stderr)
+        return 2
     home = data_home()
     landing = Path(defs.resources["datasets"].landing)
     t0 = time.perf_counter()
@@ -99,16 +105,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _materialize(defs, SHARD_STAGE, instance, partition_key=key)
     timings.append(("ingest + embeddings", time.perf_counter() - t))
 
+    def training_config(asset: str) -> dict | None:
+        if args.samples_seen is None:
+            return None
+        return {"ops": {asset: {"config": {"samples_seen": args.samples_seen}}}}
+
     t = time.perf_counter()
     print("[pool] concept_clusters, dedup_scores, complexity_scores, filter_model", flush=True)
-    _materialize(defs, POOL_STAGE, instance)
+    _materialize(defs, POOL_STAGE, instance, run_config=training_config("filter_model"))
     timings.append(("pool-wide curation + filter model", time.perf_counter() - t))
 
-    recipes = args.recipes or recipe_partitions.get_partition_keys()
     t = time.perf_counter()
     for i, recipe in enumerate(recipes, 1):
         print(f"[recipes {i}/{len(recipes)}] {recipe}: pruned_subsets -> trained_checkpoints -> eval_reports", flush=True)
-        _materialize(defs, RECIPE_STAGE, instance, partition_key=recipe)
+        _materialize(defs, RECIPE_STAGE, instance, partition_key=recipe, run_config=training_config("trained_checkpoints"))
     timings.append(("subsets + training + eval", time.perf_counter() - t))
 
     t = time.perf_counter()
@@ -182,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipes", nargs="*", help="recipes to run (default: all in the recipe config)")
     p.add_argument("--limit", type=int, default=None, help="build the dataset from at most N concepts")
     p.add_argument("--rebuild", action="store_true", help="rebuild the dataset even if shards exist")
+    p.add_argument(
+        "--samples-seen", type=int, default=None,
+        help="samples seen per training run (filter model and every recipe; default: the training config's)",
+    )
     p.add_argument("--print-table", action="store_true", help="print the report's markdown table")
     p.set_defaults(func=cmd_demo)
 

@@ -32,7 +32,7 @@ import pyarrow as pa
 from assets.metadata import md_table
 from assets.partitions import recipe_partitions
 from curation.lake import Lake, matrix_to_list_column
-from curation.training import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, DEFAULT_SAMPLES_SEEN, TrainConfig
+from curation.training import TrainConfig
 from resources import ComputeResource, DatasetsResource, LakeResource
 
 log = logging.getLogger(__name__)
@@ -53,11 +53,11 @@ class FilterModelConfig(dg.Config):
     platform trains ``model_name`` on the full pool with the CLIP objective.
     """
 
-    model_name: str = DEFAULT_MODEL
+    model_name: str = TrainConfig.model
     pretrained: Optional[str] = None
-    samples_seen: int = DEFAULT_SAMPLES_SEEN
-    batch_size: int = DEFAULT_BATCH_SIZE
-    lr: float = 2e-3
+    samples_seen: int = TrainConfig.samples_seen
+    batch_size: int = TrainConfig.batch_size
+    lr: float = TrainConfig.lr
     seed: int = 0
 
 
