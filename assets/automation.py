@@ -293,6 +293,23 @@ SENSORS = [curate_after_ingest, recipes_after_pool_curation, report_after_recipe
 # --------------------------------------------------------------------------------------
 
 
+MAX_TITLE = 100  # Dagster rejects longer backfill titles
+
+
+def backfill_title(recipes: Sequence[str]) -> str:
+    """``"recipes: a, b, c"``, or ``"recipes: a, b, ... (N recipes)"`` within Dagster's 100 characters."""
+    title = f"recipes: {', '.join(recipes)}"
+    if len(title) <= MAX_TITLE:
+        return title
+    shown: list[str] = []
+    for r in recipes:
+        candidate = f"recipes: {', '.join([*shown, r])}, ... ({len(recipes)} recipes)"
+        if len(candidate) > MAX_TITLE:
+            break
+        shown.append(r)
+    return f"recipes: {', '.join(shown)}, ... ({len(recipes)} recipes)" if shown else f"{len(recipes)} recipes"
+
+
 def backfill_recipes(
     instance: DagsterInstance,
     recipes: Sequence[str] | None = None,
@@ -329,8 +346,8 @@ def backfill_recipes(
         tags={TRIGGER_TAG: "backfill", **(tags or {})},
         dynamic_partitions_store=instance,
         all_partitions=False,
-        title=f"recipes: {', '.join(partition_names)}",
-        description="backfill of the recipe assets (and the report) over recipes",
+        title=backfill_title(partition_names),
+        description="backfill of the recipe assets (and the report) over recipes: " + ", ".join(partition_names),
         run_config=None,
     )
     instance.add_backfill(backfill)

@@ -20,7 +20,7 @@ from curation.recipes import (
     recipe_names,
 )
 
-PACKAGED = ["full", "random@0.5", "semdedup@eps=0.05", "ssp@0.5", "dbp@0.5", "clipscore@0.5", "clipcov@0.5"]
+PACKAGED = ["full", "random@0.5", "random@0.5+semdedup", "semdedup@eps=0.05", "ssp@0.5", "dbp@0.5", "clipscore@0.5", "clipcov@0.5"]
 
 
 def test_packaged_recipes_load():

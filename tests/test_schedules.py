@@ -279,3 +279,13 @@ def test_run_configs_validate_against_the_real_definitions():
         validate_run_config(pool, auto.pool_run_config(mode))
     assert merged.resolve_job_def("recipe_job").partitions_def == recipe_partitions
     assert {k.to_user_string() for k in merged.resolve_job_def("report_job").asset_layer.executable_asset_keys} == {"curation_report"}
+
+
+def test_backfill_title_stays_within_dagsters_limit():
+    from assets.automation import MAX_TITLE, backfill_title
+
+    assert backfill_title(["full", "dbp@0.5"]) == "recipes: full, dbp@0.5"
+    many = [f"recipe-with-a-long-name@{i}" for i in range(12)]
+    title = backfill_title(many)
+    assert len(title) <= MAX_TITLE and title.endswith("(12 recipes)") and title.startswith("recipes: recipe-with")
+    assert backfill_title(["x" * 200]) == "1 recipes"
