@@ -7,7 +7,7 @@ Thin adapters over ``curation``:
   :func:`~curation.clustering.assign_new` for uids not assigned yet (mode ``assign``; ``auto``
   retrains only when no centroids exist or ``k`` changed) -> tables ``clusters`` and
   ``assignments``. A new shard never forces re-clustering.
-* ``dedup_scores``: :func:`curation.dedup.semdedup_scores` -> table ``dedup_scores``.
+* ``dedup_scores``: :func:`curation.distributed.semdedup_scores_distributed` (in process unless Ray is configured) -> table ``dedup_scores``.
 * ``complexity_scores``: :func:`curation.clustering.cluster_complexity` -> the ``d_intra``,
   ``d_inter``, ``complexity``, ``weight`` columns of ``clusters``.
 * ``pruned_subsets[recipe]``: :func:`curation.recipes.apply_recipe` -> the recipe's
@@ -41,7 +41,7 @@ from curation.clustering import (
     train_centroids,
     use_gpu,
 )
-from curation.dedup import EPS_GRID, removed_fraction, semdedup_scores
+from curation.dedup import EPS_GRID, removed_fraction
 from curation.export import export_subset
 from curation.lake import Lake, list_column_to_matrix, matrix_to_list_column
 from curation.pool import read_pool
@@ -233,11 +233,10 @@ def dedup_scores(
     t0 = time.perf_counter()
     db = lake.lake()
     p = read_assigned_pool(db, with_embeddings=True)
-    if distributed.address is None:
-        m = semdedup_scores(p["x"], p["cluster_ids"], p["cos"], p["uids"])
-    else:  # per-cluster work on Ray; identical scores (tests/test_distributed.py)
-        with distributed.executor(compute.spec()) as ex:
-            m = semdedup_scores_distributed(ex, p["x"], p["cluster_ids"], p["cos"], p["uids"])
+    # in process by default; per-cluster work on Ray when the resource names an address
+    # (identical scores: tests/test_distributed.py); Ray starts lazily
+    with distributed.executor(compute.spec()) as ex:
+        m = semdedup_scores_distributed(ex, p["x"], p["cluster_ids"], p["cos"], p["uids"])
     db.write(
         "dedup_scores",
         pl.DataFrame(
@@ -413,11 +412,8 @@ def pruned_subsets(
         img, txt, aligned_source = read_aligned(db, p["uids"])
     pool = Pool(uids=p["uids"], cluster_ids=p["cluster_ids"], cos_to_centroid=p["cos"], centroids=p["centroids"],
                 max_sim=max_sim, image_aligned=img, text_aligned=txt)
-    if distributed.address is None or recipe.method != "clipcov":
-        sel = apply_recipe(recipe, pool)
-    else:  # per-class CLIPCov on Ray
-        with distributed.executor(compute.spec()) as ex:
-            sel = apply_recipe(recipe, pool, executor=ex)
+    with distributed.executor(compute.spec()) as ex:  # per-class CLIPCov on Ray when configured
+        sel = apply_recipe(recipe, pool, executor=ex)
     frame = sel.to_frame()
     db.write("subsets", frame, partition=recipe.name)
     select_s = time.perf_counter() - t0

@@ -398,9 +398,11 @@ def semdedup_scores_distributed(
     Returns:
         (n,) float32 max cosine to an earlier member of the same cluster (-1 for the first).
     """
-    from curation.dedup import cluster_member_groups
+    from curation.dedup import cluster_member_groups, semdedup_scores
     from curation.similarity import DEFAULT_BLOCK
 
+    if executor.kind == "in-process":  # the reference loop itself, no chunking
+        return semdedup_scores(x, cluster_ids, cos_to_centroid, uids, block=block or DEFAULT_BLOCK)
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = x.shape[0]
     groups = cluster_member_groups(n, cluster_ids, cos_to_centroid, uids, min_size=2)
