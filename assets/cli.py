@@ -56,10 +56,7 @@ def _materialize(defs, keys, instance, partition_key=None, run_config=None):
         raise_on_error=True,
         tags={"curation/source": "cli"},
     )
-    failed = [
-        c for c in result.get_asset_check_evaluations() if not c.passed
-    ] if hasattr(result, "get_asset_check_evaluations") else []
-    for c in failed:
+    for c in (c for c in result.get_asset_check_evaluations() if not c.passed):
         log.warning("check %s on %s failed: %s", c.check_name, c.asset_key.to_user_string(), c.metadata)
     return result
 
