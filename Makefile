@@ -15,9 +15,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# torch first: the pinned CPU wheel; any other torch version pulls GBs of CUDA packages.
+# torch first: the pinned pair (on disk here for Python 3.11); any other torch version pulls GBs.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet torch==2.13.0 torchvision==0.28.0
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 

@@ -14,14 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+from assets.stages import POOL_ASSETS, RECIPE_ASSETS, REPORT_ASSETS, SHARD_ASSETS
+
 log = logging.getLogger("curation")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-SHARD_STAGE = ("raw_shards", "samples", "embeddings")
-POOL_STAGE = ("concept_clusters", "dedup_scores", "complexity_scores", "filter_model")
-RECIPE_STAGE = ("pruned_subsets", "trained_checkpoints", "eval_reports")
-REPORT_STAGE = ("curation_report",)
 
 
 def _default_env() -> None:
@@ -62,7 +60,7 @@ def _materialize(defs, keys, instance, partition_key=None, run_config=None):
 
 
 def _shard_keys(defs) -> list[str]:
-    from curation.shards import find_shards
+    from curation.ingest.shards import find_shards
 
     landing = defs.resources["datasets"].landing
     return sorted(find_shards(landing))
@@ -72,8 +70,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Build the default dataset if missing, then materialize the whole lineage on it."""
     from assets.definitions import defs
     from assets.partitions import SHARDS, recipe_partitions
-    from curation.datasets import build_default_dataset
-    from curation.settings import data_home
+    from curation.ingest.emoji_dataset import build_default_dataset
+    from curation.storage.data_home import data_home
 
     valid = recipe_partitions.get_partition_keys()
     recipes = args.recipes or valid
@@ -99,7 +97,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     for i, key in enumerate(keys, 1):
         print(f"[shards {i}/{len(keys)}] {key}: raw_shards -> samples -> embeddings", flush=True)
-        _materialize(defs, SHARD_STAGE, instance, partition_key=key)
+        _materialize(defs, SHARD_ASSETS, instance, partition_key=key)
     timings.append(("ingest + embeddings", time.perf_counter() - t))
 
     def training_config(asset: str) -> dict | None:
@@ -109,17 +107,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     t = time.perf_counter()
     print("[pool] concept_clusters, dedup_scores, complexity_scores, filter_model", flush=True)
-    _materialize(defs, POOL_STAGE, instance, run_config=training_config("filter_model"))
+    _materialize(defs, POOL_ASSETS, instance, run_config=training_config("filter_model"))
     timings.append(("pool-wide curation + filter model", time.perf_counter() - t))
 
     t = time.perf_counter()
     for i, recipe in enumerate(recipes, 1):
         print(f"[recipes {i}/{len(recipes)}] {recipe}: pruned_subsets -> trained_checkpoints -> eval_reports", flush=True)
-        _materialize(defs, RECIPE_STAGE, instance, partition_key=recipe, run_config=training_config("trained_checkpoints"))
+        _materialize(defs, RECIPE_ASSETS, instance, partition_key=recipe, run_config=training_config("trained_checkpoints"))
     timings.append(("subsets + training + eval", time.perf_counter() - t))
 
     t = time.perf_counter()
-    result = _materialize(defs, REPORT_STAGE, instance)
+    result = _materialize(defs, REPORT_ASSETS, instance)
     timings.append(("report", time.perf_counter() - t))
 
     report = None
@@ -151,7 +149,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
 def cmd_backfill(args: argparse.Namespace) -> int:
     """Launch a backfill of the recipe job over all (or chosen) recipes."""
-    from assets.automation import backfill_recipes
+    from assets.backfill import backfill_recipes
 
     backfill_id = backfill_recipes(_instance(), recipes=args.recipes or None)
     print(f"backfill {backfill_id} submitted; the daemon (curation ui / dagster dev) runs it")
@@ -174,7 +172,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from curation.cli import add_library_commands
+    from curation.ingest.datasets_cli import add_library_commands
 
     parser = argparse.ArgumentParser(
         prog="curation",

@@ -1,8 +1,8 @@
 """Ingest assets: ``raw_shards[shard]`` (the landed file) -> ``samples[shard]`` (+ quarantine).
 
-Thin adapters over :mod:`curation.shards`: ``raw_shards`` records what landed (bytes, sha256,
+Thin adapters over :mod:`curation.ingest.shards`: ``raw_shards`` records what landed (bytes, sha256,
 members; its data version is the file hash, so a replaced file makes ``samples`` stale);
-``samples`` streams the shard through :func:`curation.shards.read_shard` and replaces its
+``samples`` streams the shard through :func:`curation.ingest.shards.read_shard` and replaces its
 partition of the ``samples`` table and its stage-``ingest`` rows of the ``quarantine`` table.
 """
 
@@ -17,7 +17,7 @@ import polars as pl
 
 from assets.metadata import md_table
 from assets.partitions import shard_partitions
-from curation.shards import INGEST_STAGE, parse_shard_key, read_shard, shard_path
+from curation.ingest.shards import INGEST_STAGE, parse_shard_key, read_shard, shard_path
 from resources import DatasetsResource, LakeResource
 
 GROUP = "ingest"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dagster import DynamicPartitionsDefinition, StaticPartitionsDefinition
 
-from curation.recipes import recipe_names
+from curation.select.recipes import recipe_names
 
 SHARDS = "shards"
 shard_partitions = DynamicPartitionsDefinition(name=SHARDS)

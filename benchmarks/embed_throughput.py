@@ -13,7 +13,7 @@ Both sides use the same encoder object, batch size and resolution:
 Rounds alternate bare and e2e over all shards (so background load hits both alike); the
 report gives medians over rounds and the median per-round ratio e2e / bare (target >= 0.85).
 It also measures the bare image forward at several input resolutions (to choose the default
-encoder's) and, in a separate process, the peak memory of :func:`curation.pool.read_pool`
+encoder's) and, in a separate process, the peak memory of :func:`curation.embed.pool_reader.read_pool`
 loading a synthetic ``--pool-rows x --pool-dim`` embeddings table.
 
 Usage::
@@ -23,7 +23,7 @@ Usage::
     python benchmarks/embed_throughput.py --kind open_clip --model-name ViT-B-32 --pretrained ckpt.pt
     python benchmarks/embed_throughput.py --json out.json
 
-The dataset (``curation.datasets.build_default_dataset`` with ``--limit`` concepts) and the
+The dataset (``curation.ingest.emoji_dataset.build_default_dataset`` with ``--limit`` concepts) and the
 lake are built in a temporary directory that is removed at the end.
 """
 
@@ -57,7 +57,7 @@ def peak_rss_mib(children: bool = False) -> float:
 
 def ingest(home: Path, lake) -> dict[str, tuple[Path, int]]:
     """Write the ``samples`` partitions of every pool shard (not timed). -> {key: (tar, rows)}."""
-    from curation.shards import find_shards, parse_shard_key, read_shard
+    from curation.ingest.shards import find_shards, parse_shard_key, read_shard
 
     out = {}
     for key, tar in find_shards(home / "landing").items():
@@ -74,7 +74,7 @@ def bare_round(encoder, shards, lake, batch_size: int, cache: dict) -> tuple[flo
     from PIL import Image
     import io
 
-    from curation.shards import load_members
+    from curation.ingest.shards import load_members
 
     total_s, n = 0.0, 0
     for key, (tar, _) in shards.items():
@@ -95,8 +95,8 @@ def bare_round(encoder, shards, lake, batch_size: int, cache: dict) -> tuple[flo
 
 def e2e_round(encoder, shards, lake, compute) -> tuple[float, int, dict]:
     """Seconds of the whole per-shard embedding path, as the asset runs it."""
-    from curation.pool import EMBED_STAGE, embed_shard, embeddings_frame, failures_frame
-    from curation.shards import parse_shard_key
+    from curation.embed.shard_embedding import EMBED_STAGE, embed_shard, embeddings_frame, failures_frame
+    from curation.ingest.shards import parse_shard_key
 
     total_s, n = 0.0, 0
     phases: dict[str, float] = {}
@@ -121,7 +121,7 @@ def resolution_sweep(sizes, batch_size: int, compute, reps: int = 3) -> dict[int
     """Bare image-forward samples/s of the default encoder's image tower per input size."""
     import torch
 
-    from curation.encoders import _load_efficientnet_lite0
+    from curation.embed.encoders import _load_efficientnet_lite0
 
     out = {}
     for s in sizes:
@@ -141,8 +141,8 @@ def resolution_sweep(sizes, batch_size: int, compute, reps: int = 3) -> dict[int
 _POOL_CHILD = r"""
 import json, sys, time
 sys.path.insert(0, {root!r})
-from curation.lake import Lake
-from curation.pool import read_pool
+from curation.storage.lake import Lake
+from curation.embed.pool_reader import read_pool
 
 def hwm_mib():  # VmHWM: this process's own peak RSS (ru_maxrss would include the parent's at fork)
     for line in open("/proc/self/status"):
@@ -165,7 +165,7 @@ def pool_memory(tmp: Path, rows: int, dim: int, parts: int, cols: list[str]) -> 
     """Write a synthetic embeddings table, then measure read_pool in a fresh process."""
     import pyarrow as pa
 
-    from curation.lake import Lake, matrix_to_list_column
+    from curation.storage.lake import Lake, matrix_to_list_column
 
     lake = Lake(str(tmp / "poollake"))
     rng = np.random.default_rng(0)
@@ -221,10 +221,10 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from curation.compute import ComputeSpec
-    from curation.datasets import build_default_dataset
-    from curation.encoders import build_encoder
-    from curation.lake import Lake
+    from curation.engine.compute import ComputeSpec
+    from curation.ingest.emoji_dataset import build_default_dataset
+    from curation.embed.encoders import build_encoder
+    from curation.storage.lake import Lake
 
     compute = ComputeSpec(device="cpu", precision=args.precision, batch_size=args.batch_size,
                           num_workers=args.workers)

@@ -81,10 +81,10 @@ def make_pool(n: int, d: int, concepts: int, dup_fraction: float, seed: int, blo
 
 
 def run_one(n: int, d: int, k: int, dup_fraction: float, eps: float, seed: int, niter: int, skip_clipcov: bool) -> dict:
-    from curation.budgets import dbp_budgets, n_keep_for
-    from curation.clustering import assign, cluster_complexity, train_centroids
-    from curation.dedup import EPS_GRID, is_duplicate, removed_fraction, semdedup_scores
-    from curation.recipes import Pool, apply_recipe, parse_recipe
+    from curation.select.budgets import dbp_budgets, n_keep_for
+    from curation.select.clustering import assign, cluster_complexity, train_centroids
+    from curation.select.semdedup import EPS_GRID, is_duplicate, removed_fraction, semdedup_scores
+    from curation.select.recipes import Pool, apply_recipe, parse_recipe
 
     sec: dict[str, float] = {}
     rss_base = peak_rss_bytes()  # interpreter + numpy/faiss/polars, before any data

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from curation.compute import ComputeSpec
+from curation.engine.compute import ComputeSpec
 
 
 class ComputeResource(ConfigurableResource):

@@ -7,8 +7,8 @@ from typing import Optional
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from curation.compute import ComputeSpec
-from curation.distributed import DistributedConfig, Executor, gpus_for_compute, make_executor
+from curation.engine.compute import ComputeSpec
+from curation.engine.executor import DistributedConfig, Executor, gpus_for_compute, make_executor
 
 
 class DistributedResource(ConfigurableResource):

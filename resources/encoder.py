@@ -7,8 +7,8 @@ from typing import Optional
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from curation.compute import ComputeSpec
-from curation.encoders import DEFAULT_IMAGE_SIZE, ENCODER_KINDS, Encoder, cached_encoder
+from curation.engine.compute import ComputeSpec
+from curation.embed.encoders import DEFAULT_IMAGE_SIZE, ENCODER_KINDS, Encoder, cached_encoder
 
 
 class EncoderResource(ConfigurableResource):

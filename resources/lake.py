@@ -7,8 +7,8 @@ from pathlib import Path
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from curation.lake import Lake
-from curation.settings import (
+from curation.storage.lake import Lake
+from curation.storage.data_home import (
     default_artifacts_root,
     default_eval_root,
     default_lake_root,

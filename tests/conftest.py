@@ -37,7 +37,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory) -> Path:
     """A data home with ``landing/emoji/*.tar|parquet`` and ``eval/emoji-heldout/`` (small build)."""
-    from curation.datasets import build_default_dataset
+    from curation.ingest.emoji_dataset import build_default_dataset
 
     home = tmp_path_factory.mktemp("curation_home")
     build_default_dataset(home, limit=SMALL_LIMIT, samples_per_shard=SMALL_SAMPLES_PER_SHARD, seed=0, workers=1)

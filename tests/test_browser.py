@@ -54,7 +54,7 @@ def ui_homes(small_dataset, tmp_path):
     (the shipped dagster.yaml) with the shard partitions registered."""
     from dagster import DagsterInstance
 
-    from curation.shards import find_shards
+    from curation.ingest.shards import find_shards
 
     home = tmp_path / "curation_home"
     for sub in ("landing", "eval"):

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from curation.budgets import (
+from curation.select.budgets import (
     dbp_budgets,
     in_cluster_order,
     largest_remainder,

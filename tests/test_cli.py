@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from assets.cli import main
-from curation.lake import Lake
+from curation.storage.lake import Lake
 
 
 @pytest.fixture

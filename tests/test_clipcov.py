@@ -5,8 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from curation.budgets import ssp_budgets
-from curation.clipcov import (
+from curation.select.budgets import ssp_budgets
+from curation.select.clipcov import (
     clip_scores,
     clipcov_greedy,
     clipcov_objective,

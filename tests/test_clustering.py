@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from curation.clustering import (
+from curation.select.clustering import (
     assign,
     assign_new,
     cluster_complexity,

@@ -11,9 +11,10 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from curation import datasets as ds
-from curation.cli import main as cli_main
-from curation.shards import find_shards, iter_samples, read_shard
+from curation.ingest import emoji_dataset as ds
+from curation.ingest import shard_writer as sw
+from curation.ingest.datasets_cli import main as cli_main
+from curation.ingest.shards import find_shards, iter_samples, read_shard
 
 
 def _png(color=(255, 0, 0), size=(8, 8)) -> bytes:
@@ -32,7 +33,7 @@ class ListSource:
 
     def iter_records(self):
         for i in range(self.n):
-            yield ds.Record(
+            yield sw.Record(
                 key=f"item_{i}",
                 image=_png((i * 40 % 256, 0, 0)),
                 ext="png",
@@ -42,7 +43,7 @@ class ListSource:
 
 
 def test_write_shards_layout_and_round_trip(tmp_path):
-    shards = ds.write_shards(ListSource(7).iter_records(), tmp_path / "toy", samples_per_shard=3)
+    shards = sw.write_shards(ListSource(7).iter_records(), tmp_path / "toy", samples_per_shard=3)
     assert [s.samples for s in shards] == [3, 3, 1]
     assert [s.tar.name for s in shards] == ["00000.tar", "00001.tar", "00002.tar"]
     with tarfile.open(shards[0].tar) as tf:
@@ -70,19 +71,19 @@ def test_write_shards_layout_and_round_trip(tmp_path):
 
 
 def test_write_shards_is_deterministic_and_validates(tmp_path):
-    a = ds.write_shards(ListSource(4).iter_records(), tmp_path / "a", samples_per_shard=2)
-    b = ds.write_shards(ListSource(4).iter_records(), tmp_path / "b", samples_per_shard=2)
+    a = sw.write_shards(ListSource(4).iter_records(), tmp_path / "a", samples_per_shard=2)
+    b = sw.write_shards(ListSource(4).iter_records(), tmp_path / "b", samples_per_shard=2)
     for x, y in zip(a, b):
         assert x.tar.read_bytes() == y.tar.read_bytes()
     assert not list((tmp_path / "a").glob(".*"))  # no temp files left behind
     with pytest.raises(ValueError, match="samples_per_shard"):
-        ds.write_shards([], tmp_path / "c", samples_per_shard=0)
-    bad = ds.Record(key="../x", image=_png(), ext="png", caption="c")
+        sw.write_shards([], tmp_path / "c", samples_per_shard=0)
+    bad = sw.Record(key="../x", image=_png(), ext="png", caption="c")
     with pytest.raises(ValueError, match="record key"):
-        ds.write_shards([bad], tmp_path / "d")
-    bad = ds.Record(key="x", image=_png(), ext="gif", caption="c")
+        sw.write_shards([bad], tmp_path / "d")
+    bad = sw.Record(key="x", image=_png(), ext="gif", caption="c")
     with pytest.raises(ValueError, match="expected one of"):
-        ds.write_shards([bad], tmp_path / "e")
+        sw.write_shards([bad], tmp_path / "e")
 
 
 def test_emoji_index_names_groups_and_concepts():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from curation.dedup import EPS_GRID, is_duplicate, removed_fraction, semdedup_scores
+from curation.select.semdedup import EPS_GRID, is_duplicate, removed_fraction, semdedup_scores
 
 
 def _norm(a):

@@ -72,7 +72,7 @@ def test_every_expected_check_job_sensor_schedule_and_resource():
     assert set(defs.resources) == {"lake", "datasets", "compute", "encoder", "distributed"}
 
 
-@pytest.mark.parametrize("module", ["curation.shards", "curation.recipes", "curation.training", "curation.clustering"])
+@pytest.mark.parametrize("module", ["curation.ingest.shards", "curation.select.recipes", "curation.train.trainer", "curation.select.clustering"])
 def test_library_never_imports_dagster(module):
     import subprocess
     import sys

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from curation.compute import ComputeSpec
-from curation.distributed import (
+from curation.engine.compute import ComputeSpec
+from curation.engine.executor import (
     DistributedConfig,
     InProcessExecutor,
     RayExecutor,
@@ -53,7 +53,7 @@ def ray_executor():
 def test_in_process_does_not_import_ray():
     code = (
         "import sys, numpy as np\n"
-        "from curation.distributed import make_executor, DistributedConfig\n"
+        "from curation.engine.executor import make_executor, DistributedConfig\n"
         "ex = make_executor(DistributedConfig())\n"
         "assert ex.map(abs, [-1, 2, -3]) == [1, 2, 3]\n"
         "assert 'ray' not in sys.modules, 'ray imported'\n"
@@ -141,8 +141,8 @@ def _pool(n=240, d=16, k=6, seed=0, dup_frac=0.2):
 
 @pytest.mark.parametrize("rows_per_task", [1, 10_000])
 def test_semdedup_parity_ray_vs_in_process(ray_executor, rows_per_task):
-    from curation.dedup import semdedup_scores
-    from curation.distributed import semdedup_scores_distributed
+    from curation.select.semdedup import semdedup_scores
+    from curation.select.semdedup import semdedup_scores_distributed
 
     x, _, cid, cos, uids = _pool()
     ref = semdedup_scores(x, cid, cos, uids, block=32)
@@ -155,8 +155,8 @@ def test_semdedup_parity_ray_vs_in_process(ray_executor, rows_per_task):
 
 @pytest.mark.parametrize("factorized", [False, True])
 def test_clipcov_parity_ray_vs_in_process(ray_executor, factorized):
-    from curation.clipcov import clipcov_select
-    from curation.distributed import clipcov_select_distributed
+    from curation.select.clipcov import clipcov_select
+    from curation.select.clipcov import clipcov_select_distributed
 
     x, y, cid, _, uids = _pool(seed=3)
     n_keep = 97
@@ -168,7 +168,7 @@ def test_clipcov_parity_ray_vs_in_process(ray_executor, factorized):
 
 
 def test_chunk_groups_packs_in_order():
-    from curation.distributed import chunk_groups
+    from curation.engine.executor import chunk_groups
 
     assert chunk_groups(list("abcde"), [3, 3, 5, 1, 1], 6) == [["a", "b"], ["c", "d"], ["e"]]
     with pytest.raises(ValueError, match="rows_per_task"):

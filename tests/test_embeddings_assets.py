@@ -13,18 +13,18 @@ import pytest
 import torch
 from dagster import DagsterInstance, materialize
 
-from assets.checks.embeddings import (
+from assets.checks.embed import (
     CHECKS,
     evaluate_finite,
     evaluate_one_row_per_sample,
     evaluate_unit_norm,
 )
-from assets.embeddings import ASSETS, embeddings
+from assets.embed import ASSETS, embeddings
 from assets.ingest import ASSETS as INGEST_ASSETS
 from assets.partitions import SHARDS
-from curation.lake import Lake, list_column_to_matrix, matrix_to_list_column
-from curation.pool import read_pool
-from curation.shards import find_shards
+from curation.storage.lake import Lake, list_column_to_matrix, matrix_to_list_column
+from curation.embed.pool_reader import read_pool
+from curation.ingest.shards import find_shards
 from resources import ComputeResource, EncoderResource
 
 TINY = "tiny-embed-asset-test"
@@ -34,7 +34,6 @@ ALL = [*INGEST_ASSETS, *ASSETS, *CHECKS]
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A tiny open_clip config registered with open_clip and a checkpoint of it."""
-    import curation._compat  # noqa: F401
     import open_clip
 
     d = tmp_path_factory.mktemp("tiny_clip_assets")

@@ -11,9 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-import curation._compat  # noqa: F401  (before open_clip)
-from curation.compute import ComputeSpec
-from curation.encoders import (
+from curation.engine.compute import ComputeSpec
+from curation.embed.encoders import (
     DefaultEncoder,
     Encoder,
     OpenClipEncoder,
@@ -230,7 +229,7 @@ def test_open_clip_unknown_model_lists_valid_names():
 def test_platform_model_configs_are_registered():
     import open_clip
 
-    from curation.models import register_model_configs
+    from curation.embed.model_registry import register_model_configs
 
     names = register_model_configs()
     assert set(names) <= set(open_clip.list_models())

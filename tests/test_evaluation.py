@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from curation.evaluation import (
+from curation.evaluate.evaluator import (
     AVERAGE_TASK,
     EvalTask,
     aggregate,

@@ -9,8 +9,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from curation.export import export_subset
-from curation.ids import make_uid, u128_to_uids
+from curation.select.export import export_subset
+from curation.ingest.ids import make_uid, u128_to_uids
 
 
 def _png(color):

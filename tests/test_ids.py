@@ -1,6 +1,6 @@
 import numpy as np
 
-from curation.ids import make_uid, sorted_uid_array, u128_to_uids, uids_to_u128
+from curation.ingest.ids import make_uid, sorted_uid_array, u128_to_uids, uids_to_u128
 
 
 def test_uid_is_stable_128_bit_hex_and_unambiguous():

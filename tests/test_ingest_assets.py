@@ -17,8 +17,8 @@ from assets.checks.ingest import CHECKS
 from assets.ingest import ASSETS
 from assets.partitions import SHARDS
 from assets.sensors import landing_sensor
-from curation.lake import Lake
-from curation.shards import find_shards, list_keys
+from curation.storage.lake import Lake
+from curation.ingest.shards import find_shards, list_keys
 
 INGEST = [*ASSETS, *CHECKS]
 
@@ -226,7 +226,7 @@ def test_landing_sensor_skips_shards_already_ingested(small_dataset, lake_resour
 
 @pytest.mark.e2e
 def test_full_default_dataset_every_sample_accounted_for(lake_resources, tmp_path):
-    from curation.datasets import build_default_dataset
+    from curation.ingest.emoji_dataset import build_default_dataset
 
     t0 = time.perf_counter()
     stats = build_default_dataset(tmp_path / "home")

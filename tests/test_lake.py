@@ -3,7 +3,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from curation.lake import Lake, list_column_to_matrix, matrix_to_list_column
+from curation.storage.lake import Lake, list_column_to_matrix, matrix_to_list_column
 
 
 def _rows(shard, n, stage=None):

@@ -14,10 +14,14 @@ import torch
 from dagster import DagsterInstance, materialize
 from PIL import Image
 
-from assets.checks.models import CHECKS
-from assets.models import curation_report, eval_reports, filter_model, trained_checkpoints
-from curation.ids import make_uid
+from assets.checks.evaluate import CHECKS as EVALUATE_CHECKS
+from assets.checks.train import CHECKS as TRAIN_CHECKS
+from assets.evaluate import curation_report, eval_reports
+from assets.train import filter_model, trained_checkpoints
+from curation.ingest.ids import make_uid
 from resources import ComputeResource, DatasetsResource, LakeResource
+
+CHECKS = [*TRAIN_CHECKS, *EVALUATE_CHECKS]
 
 COLORS = {"red": (230, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 230), "yellow": (230, 220, 20)}
 RECIPES = ("full", "random@0.5")

@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from curation.compute import ComputeSpec
-from curation.ids import make_uid
-from curation.lake import Lake, matrix_to_list_column
-from curation.pool import embed_shard, embeddings_frame, failures_frame, read_pool
+from curation.engine.compute import ComputeSpec
+from curation.ingest.ids import make_uid
+from curation.storage.lake import Lake, matrix_to_list_column
+from curation.embed.shard_embedding import embed_shard, embeddings_frame, failures_frame
+from curation.embed.pool_reader import read_pool
 
 import pyarrow as pa
 
@@ -120,7 +121,7 @@ def test_embed_shard_workers_give_identical_results(shard):
 
 def test_embed_shard_rgba_is_composited_on_white_by_real_encoders(tmp_path):
     """The default encoder's preprocessing sees a transparent pixel as white, not black."""
-    from curation.encoders import to_rgb
+    from curation.embed.encoders import to_rgb
 
     img = Image.open(io.BytesIO(_png((0, 0, 0, 0), mode="RGBA")))
     assert to_rgb(img).getpixel((0, 0)) == (255, 255, 255)

@@ -12,11 +12,11 @@ import pytest
 from dagster import DagsterInstance, materialize
 from PIL import Image
 
-from assets.checks.pool import CHECKS, CLUSTER_CHECKS, SUBSET_CHECKS, budget_result
-from assets.pool import ASSETS, complexity_scores, concept_clusters, dedup_scores, pruned_subsets
-from curation.ids import make_uid, u128_to_uids
-from curation.lake import list_column_to_matrix, matrix_to_list_column
-from curation.recipes import expected_keep, get_recipe, recipe_names
+from assets.checks.select import CHECKS, CLUSTER_CHECKS, SUBSET_CHECKS, budget_result
+from assets.select import ASSETS, complexity_scores, concept_clusters, dedup_scores, pruned_subsets
+from curation.ingest.ids import make_uid, u128_to_uids
+from curation.storage.lake import list_column_to_matrix, matrix_to_list_column
+from curation.select.recipes import expected_keep, get_recipe, recipe_names
 from resources import ComputeResource, DatasetsResource, LakeResource
 from resources.distributed import DistributedResource
 

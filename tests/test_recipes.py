@@ -5,9 +5,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from curation.clustering import assign, train_centroids
-from curation.dedup import is_duplicate, semdedup_scores
-from curation.recipes import (
+from curation.select.clustering import assign, train_centroids
+from curation.select.semdedup import is_duplicate, semdedup_scores
+from curation.select.recipes import (
     Pool,
     Recipe,
     apply_recipe,

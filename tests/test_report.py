@@ -5,7 +5,14 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from curation.report import build_comparison, method_of, metric_columns, metric_label, to_markdown, write_report
+from curation.evaluate.report import (
+    build_comparison,
+    method_of,
+    metric_columns,
+    metric_label,
+    to_markdown,
+    write_report,
+)
 
 RECIPES = {"full": 1000, "random@0.5": 500, "random@0.25": 250, "dbp@0.5": 500, "semdedup@eps=0.05": 800}
 # (recipe, seed) -> (group mean_per_class_recall, retrieval mean_recall@1)

@@ -12,8 +12,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from curation.ids import make_uid
-from curation.shards import (
+from curation.ingest.ids import make_uid
+from curation.ingest.shards import (
     QUARANTINE_SCHEMA,
     SAMPLES_SCHEMA,
     find_shards,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from curation.similarity import (
+from curation.select.similarity import (
     blocked_max_sim,
     clipped_row_col_sums,
     max_sim_to_earlier,

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from curation.compute import ComputeSpec
-from curation.training import (
+from curation.engine.compute import ComputeSpec
+from curation.train.trainer import (
     STRATEGIES,
     TrainConfig,
     batch_index_stream,

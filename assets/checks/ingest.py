@@ -5,20 +5,16 @@ Partitioned asset checks are a preview feature of Dagster 1.13 (``partitions_def
 """
 
 
-import warnings
 
 import dagster as dg
 import polars as pl
 
 from assets.ingest import samples
 from assets.partitions import shard_partitions
-from curation.shards import INGEST_STAGE, list_keys, shard_path
+from curation.ingest.shards import INGEST_STAGE, list_keys, shard_path
 from resources import DatasetsResource, LakeResource
 
 
-warnings.filterwarnings(
-    "ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=dg.PreviewWarning
-)
 
 
 def _partition_rows(lake: LakeResource, table: str, key: str, columns: list[str]) -> pl.DataFrame:

@@ -1,0 +1,1 @@
+"""Evaluate: zero-shot and retrieval evaluation, the comparison report."""

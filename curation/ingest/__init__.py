@@ -1,0 +1,1 @@
+"""Ingest: shard keys, the shard reader and writer, dataset sources, sample ids."""

@@ -1,0 +1,1 @@
+"""Select: clustering, similarity kernels, SemDeDup, budgets, CLIPCov, recipes, subset export."""

@@ -1,0 +1,275 @@
+"""Concept clusters: spherical k-means, assignment, incremental assignment, complexity.
+
+ALGORITHMS.md sections 1 and 3.
+
+* :func:`train_centroids` runs faiss k-means with ``spherical=True`` (centroids are
+  re-normalized every iteration), a fixed ``seed``, ``niter`` (50) and
+  ``max_points_per_centroid`` (256: faiss trains on a seeded uniform sample of at most
+  ``256 * k`` points). It uses the GPU when faiss sees one, never requires it.
+* :func:`assign` gives every sample its nearest centroid by inner product and
+  ``cos_to_centroid``; :func:`assign_new` does it only for uids not assigned yet
+  (incremental: no retraining).
+* :func:`cluster_complexity`: ``d_intra``, ``d_inter`` over the ``l = min(20, k - 1)``
+  nearest OTHER centroids (blocked top-l), ``C = d_intra * d_inter`` (clusters with fewer
+  than two members get the mean complexity of the others), ``p = softmax(C / tau)``.
+
+:func:`default_k` is the documented default for pools of any size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import polars as pl
+
+from curation.select.similarity import topk_inner_product
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NITER = 50
+DEFAULT_MAX_POINTS_PER_CENTROID = 256
+DEFAULT_TAU = 0.5
+DEFAULT_NEIGHBORS = 20
+ASSIGN_BLOCK = 65536
+
+
+def default_k(n: int, max_k: int = 1000, min_cluster: int = 4) -> int:
+    """Default number of concept clusters for a pool of ``n`` samples.
+
+    ``k = round(sqrt(n / 4))`` clamped to ``[1, max_k]`` and to ``n // min_cluster`` so a
+    cluster has a few members on average: 1k samples -> 16 clusters, 100k -> 158, 1M -> 500
+    (the DBP paper's 500 for LAION), 4M and more -> 1000. Small pools get small k, so
+    per-cluster pruning and SemDeDup still have neighbours to compare.
+    """
+    if n < 1:
+        raise ValueError(f"n: got {n}; expected >= 1")
+    k = int(round(math.sqrt(n / 4.0)))
+    return max(1, min(k, max_k, max(1, n // min_cluster)))
+
+
+def use_gpu() -> bool:
+    """True when faiss was built with GPU support and sees at least one GPU."""
+    try:
+        return faiss.get_num_gpus() > 0
+    except AttributeError:  # pragma: no cover - CPU-only builds without the symbol
+        return False
+
+
+def _normalize_rows(a: np.ndarray) -> np.ndarray:
+    a = np.array(a, dtype=np.float32, copy=True)
+    norms = np.linalg.norm(a, axis=1, keepdims=True)
+    norms[norms == 0] = 1.0
+    a /= norms
+    return a
+
+
+def train_centroids(
+    x: np.ndarray,
+    k: int,
+    niter: int = DEFAULT_NITER,
+    seed: int = 0,
+    max_points_per_centroid: int = DEFAULT_MAX_POINTS_PER_CENTROID,
+    gpu: bool | None = None,
+) -> np.ndarray:
+    """Spherical k-means centroids.
+
+    Args:
+        x: (n, d) float32 unit-norm embeddings (not copied when already contiguous float32).
+        k: number of clusters, ``1 <= k <= n``.
+        niter: k-means iterations.
+        seed: faiss seed (sampling of the training set and of the initial centroids).
+        max_points_per_centroid: train on at most ``max_points_per_centroid * k`` points.
+        gpu: force GPU on/off; ``None`` uses the GPU when faiss sees one.
+
+    Returns:
+        (k, d) float32 unit-norm centroids.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k: got {k}; expected 1 <= k <= n = {n}")
+    if niter < 1:
+        raise ValueError(f"niter: got {niter}; expected >= 1")
+    if max_points_per_centroid < 1:
+        raise ValueError(f"max_points_per_centroid: got {max_points_per_centroid}; expected >= 1")
+    gpu = use_gpu() if gpu is None else gpu
+    km = faiss.Kmeans(
+        d,
+        k,
+        niter=niter,
+        seed=seed,
+        spherical=True,
+        max_points_per_centroid=max_points_per_centroid,
+        min_points_per_centroid=1,
+        gpu=bool(gpu),
+        verbose=False,
+    )
+    km.train(x)
+    cent = _normalize_rows(km.centroids)
+    log.info("k-means: n=%d d=%d k=%d niter=%d seed=%d gpu=%s", n, d, k, niter, seed, gpu)
+    return cent
+
+
+def _ip_index(centroids: np.ndarray, gpu: bool):
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    if gpu:  # pragma: no cover - exercised only on GPU boxes
+        index = faiss.index_cpu_to_all_gpus(index)
+    return index
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, block: int = ASSIGN_BLOCK, gpu: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid by inner product.
+
+    Args:
+        x: (n, d) float32 unit-norm embeddings.
+        centroids: (k, d) float32 unit-norm centroids.
+        block: rows per faiss search call (bounds the temporary distance buffers).
+        gpu: force GPU on/off; ``None`` uses the GPU when faiss sees one.
+
+    Returns:
+        ``(cluster_ids, cos_to_centroid)``: (n,) int32 and (n,) float32.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != centroids.shape[1]:
+        raise ValueError(f"x: got shape {x.shape}; expected (n, {centroids.shape[1]})")
+    gpu = use_gpu() if gpu is None else gpu
+    index = _ip_index(centroids, gpu)
+    n = x.shape[0]
+    ids = np.empty(n, dtype=np.int32)
+    cos = np.empty(n, dtype=np.float32)
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        dist, lab = index.search(x[s:e], 1)
+        ids[s:e] = lab[:, 0]
+        cos[s:e] = dist[:, 0]
+    return ids, cos
+
+
+def assign_new(
+    uids: np.ndarray,
+    x: np.ndarray,
+    centroids: np.ndarray,
+    assigned_uids,
+    gpu: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Incremental assignment: only samples whose uid is not in ``assigned_uids``.
+
+    The centroids are not retrained; existing assignments are left as they are.
+
+    Args:
+        uids: (n,) str uids of the rows of ``x``.
+        x: (n, d) float32 unit-norm embeddings.
+        centroids: (k, d) float32 existing centroids.
+        assigned_uids: iterable of uids that already have an assignment.
+
+    Returns:
+        ``(new_idx, cluster_ids, cos)``: (m,) int64 row indices of the new samples and their
+        (m,) int32 cluster ids and (m,) float32 cosines.
+    """
+    known = pl.Series(list(uids) if not isinstance(uids, pl.Series) else uids, dtype=pl.String).is_in(
+        pl.Series(list(assigned_uids), dtype=pl.String)
+    ).to_numpy()
+    new_idx = np.flatnonzero(~known).astype(np.int64)
+    if new_idx.size == 0:
+        return new_idx, np.empty(0, np.int32), np.empty(0, np.float32)
+    ids, cos = assign(x[new_idx], centroids, gpu=gpu)
+    return new_idx, ids, cos
+
+
+@dataclass(frozen=True)
+class Complexity:
+    """Per-cluster complexity (ALGORITHMS.md section 3); arrays of shape (k,).
+
+    Attributes:
+        size: int64 members per cluster.
+        d_intra: float64 mean ``1 - cos(x_i, mu_j)`` over members (0 for an empty cluster).
+        d_inter: float64 mean ``1 - cos(mu_j, mu_m)`` over the ``l`` nearest other centroids.
+        complexity: float64 ``d_intra * d_inter``; clusters with < 2 members get the mean of
+            the others.
+        weight: float64 ``softmax(complexity / tau)``.
+        n_neighbors: the ``l`` used.
+        tau: the softmax temperature used.
+    """
+
+    size: np.ndarray
+    d_intra: np.ndarray
+    d_inter: np.ndarray
+    complexity: np.ndarray
+    weight: np.ndarray
+    n_neighbors: int
+    tau: float
+
+
+def softmax(z: np.ndarray, tau: float) -> np.ndarray:
+    """``softmax(z / tau)`` in float64, numerically stable."""
+    if tau <= 0:
+        raise ValueError(f"tau: got {tau}; expected > 0")
+    z = np.asarray(z, dtype=np.float64) / tau
+    if z.size == 0:
+        return z
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def cluster_complexity(
+    cluster_ids: np.ndarray,
+    cos_to_centroid: np.ndarray,
+    centroids: np.ndarray,
+    n_neighbors: int = DEFAULT_NEIGHBORS,
+    tau: float = DEFAULT_TAU,
+    block: int = 4096,
+) -> Complexity:
+    """d_intra, d_inter, complexity and softmax weight of every cluster.
+
+    ``d_intra`` only needs the stored cosines: ``mean(1 - cos) = 1 - mean(cos)``.
+    ``d_inter`` uses ``l = min(n_neighbors, k - 1)`` nearest OTHER centroids, found with a
+    blocked top-l over ``block`` centroid rows at a time (never a ``k x k`` matrix for
+    large ``k``). With ``k == 1`` there is no other centroid: ``d_inter = 0``,
+    complexity 0 and weight 1.
+
+    Args:
+        cluster_ids: (n,) int cluster of each sample, in ``[0, k)``.
+        cos_to_centroid: (n,) float cosine of each sample to its centroid.
+        centroids: (k, d) float32 unit-norm centroids.
+        n_neighbors: the 20 of ``l = min(20, k - 1)``.
+        tau: softmax temperature (default 0.5, the reference's).
+        block: centroid rows per block in the top-l search.
+
+    Returns:
+        A :class:`Complexity`.
+    """
+    k = centroids.shape[0]
+    cluster_ids = np.asarray(cluster_ids, dtype=np.int64)
+    if cluster_ids.size and (cluster_ids.min() < 0 or cluster_ids.max() >= k):
+        raise ValueError(f"cluster_ids: got ids outside [0, {k}); expected ids of the {k} centroids")
+    if n_neighbors < 1:
+        raise ValueError(f"n_neighbors: got {n_neighbors}; expected >= 1")
+    size = np.bincount(cluster_ids, minlength=k).astype(np.int64)
+    cos_sum = np.bincount(cluster_ids, weights=np.asarray(cos_to_centroid, dtype=np.float64), minlength=k)
+    d_intra = np.zeros(k, dtype=np.float64)
+    nz = size > 0
+    d_intra[nz] = 1.0 - cos_sum[nz] / size[nz]
+    l = min(n_neighbors, k - 1)
+    if l >= 1:
+        sims, _ = topk_inner_product(centroids, centroids, l, exclude_self=True, block=block)
+        d_inter = (1.0 - sims.astype(np.float64)).mean(axis=1)
+    else:
+        d_inter = np.zeros(k, dtype=np.float64)
+    comp = d_intra * d_inter
+    small = size < 2
+    if small.any():
+        comp[small] = comp[~small].mean() if (~small).any() else 0.0
+    return Complexity(
+        size=size,
+        d_intra=d_intra,
+        d_inter=d_inter,
+        complexity=comp,
+        weight=softmax(comp, tau),
+        n_neighbors=l,
+        tau=float(tau),
+    )

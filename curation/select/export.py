@@ -1,0 +1,149 @@
+"""Subset exports that existing trainers read directly (docs/architecture.md, "Subset exports").
+
+``export_subset`` writes, under ``out_dir`` (``artifacts/subsets/<recipe>/``):
+
+* ``uids.npy``: the kept uids as a sorted ``(n, 2) uint64`` array (DataComp's subset file);
+* ``manifest.parquet``: uid, shard, key, caption, rank, score (sorted by rank);
+* ``shards/NNNNN.tar``: webdataset shards of ONLY the kept samples, image bytes copied
+  unchanged from the source shards, keyed by uid (``<uid>.<png|jpg|webp>``, ``<uid>.txt``,
+  ``<uid>.json``), so ``open_clip``'s trainer (``--train-data 'shards/{00000..0000N}.tar'``)
+  and ``webdataset`` read them as-is;
+* ``recipe.json``: the resolved recipe, its hash, and the counts.
+
+Source shards are streamed once each (:func:`curation.ingest.shards.load_members`); output tar
+members carry fixed metadata (mtime 0, mode 0644) so an export is byte-reproducible. A
+re-export replaces the previous files of the same directory.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from curation.ingest.ids import sorted_uid_array
+from curation.ingest.shards import load_members, shard_path
+
+log = logging.getLogger(__name__)
+
+SAMPLE_COLUMNS = ("uid", "dataset", "shard", "key", "caption", "member")
+MANIFEST_COLUMNS = ("uid", "shard", "key", "caption", "rank", "score")
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def export_subset(
+    out_dir: str | Path,
+    selection: pl.DataFrame,
+    samples: pl.DataFrame,
+    landing: str | Path,
+    recipe: dict[str, Any] | None = None,
+    shard_size: int = 10_000,
+    write_shards: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the exports of one subset.
+
+    Args:
+        out_dir: destination directory (created; previous export files replaced).
+        selection: columns uid, rank, score (the ``subsets`` rows of the recipe).
+        samples: the ``samples`` rows (at least ``SAMPLE_COLUMNS``) of every kept uid.
+        landing: the landing root holding ``<dataset>/<stem>.tar``.
+        recipe: the resolved recipe, stored under ``"recipe"`` in ``recipe.json``.
+        shard_size: kept samples per output shard.
+        write_shards: also write the webdataset shards (the uid file and manifest always).
+        extra: more top-level keys for ``recipe.json`` (recipe hash, pool counts, ...).
+
+    Returns:
+        Stats: ``n`` (kept samples), ``n_shards``, ``n_missing`` (kept samples whose image
+        or caption could not be read back from the source shard; listed in recipe.json),
+        ``bytes`` (image bytes copied), ``paths`` (the files written).
+
+    Raises:
+        ValueError: if a selected uid has no ``samples`` row.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size: got {shard_size}; expected >= 1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    missing_cols = sorted(set(SAMPLE_COLUMNS) - set(samples.columns))
+    if missing_cols:
+        raise ValueError(f"samples: got no columns {missing_cols}; expected {list(SAMPLE_COLUMNS)}")
+    sel = selection.select("uid", "rank", "score")
+    man = sel.join(samples.select(SAMPLE_COLUMNS), on="uid", how="left").sort("rank")
+    unknown = man.filter(pl.col("shard").is_null())["uid"].to_list()
+    if unknown:
+        raise ValueError(f"selection: got {len(unknown)} uids without a samples row (e.g. {unknown[:3]}); expected all kept uids in samples")
+
+    np.save(out / "uids.npy", sorted_uid_array(man["uid"].to_list()))
+    man.select(MANIFEST_COLUMNS).write_parquet(out / "manifest.parquet")
+
+    shards_dir = out / "shards"
+    shards_dir.mkdir(exist_ok=True)
+    for old in shards_dir.glob("*.tar"):
+        old.unlink()
+    n_shards, n_bytes, missing = 0, 0, []
+    if write_shards and man.height:
+        # Stream each source shard once: output order is (source shard, key).
+        ordered = man.sort(["shard", "key"])
+        writer: tarfile.TarFile | None = None
+        in_shard = 0
+        for (shard,), group in ordered.group_by(["shard"], maintain_order=True):
+            members = group["member"].to_list()
+            blobs = load_members(shard_path(landing, shard), members)
+            for row in group.iter_rows(named=True):
+                data = blobs.get(row["member"])
+                if data is None:
+                    missing.append(row["uid"])
+                    continue
+                if writer is None or in_shard >= shard_size:
+                    if writer is not None:
+                        writer.close()
+                    writer = tarfile.open(shards_dir / f"{n_shards:05d}.tar", "w", format=tarfile.USTAR_FORMAT)
+                    n_shards += 1
+                    in_shard = 0
+                ext = row["member"].rsplit(".", 1)[-1].lower()
+                uid = row["uid"]
+                meta = {
+                    "uid": uid,
+                    "shard": shard,
+                    "key": row["key"],
+                    "caption": row["caption"],
+                    "rank": int(row["rank"]),
+                    "score": float(row["score"]),
+                }
+                _add(writer, f"{uid}.{ext}", data)
+                _add(writer, f"{uid}.txt", (row["caption"] or "").encode("utf-8"))
+                _add(writer, f"{uid}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
+                in_shard += 1
+                n_bytes += len(data)
+        if writer is not None:
+            writer.close()
+    if missing:
+        log.warning("export %s: %d kept samples could not be read from their source shards", out, len(missing))
+    info = {
+        **(extra or {}),
+        "recipe": recipe or {},
+        "n": man.height,
+        "n_shards": n_shards,
+        "n_missing": len(missing),
+        "missing_uids": missing,
+        "shard_size": shard_size,
+    }
+    (out / "recipe.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+    paths = [str(out / "uids.npy"), str(out / "manifest.parquet"), str(out / "recipe.json")]
+    paths += [str(shards_dir / f"{i:05d}.tar") for i in range(n_shards)]
+    return {"n": man.height, "n_shards": n_shards, "n_missing": len(missing), "bytes": n_bytes, "paths": paths}

@@ -1,0 +1,1 @@
+"""Train: CLIP training strategies at matched samples seen, checkpoints."""
