@@ -162,6 +162,174 @@ def run_one(n: int, d: int, k: int, dup_fraction: float, eps: float, seed: int, 
     return out
 
 
+# --------------------------------------------------------------------------- the lake path
+
+
+LAKE_STAGES = ("kmeans", "layout", "complexity", "semdedup", "dbp_select", "incr_layout", "incr_semdedup", "incr_select")
+
+
+def io_bytes() -> tuple[int, int]:
+    """(bytes read, bytes written) by this process through read/write syscalls (/proc/self/io)."""
+    try:
+        d = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+        return int(d["rchar"]), int(d["wchar"])
+    except OSError:  # pragma: no cover - not Linux
+        return 0, 0
+
+
+def sgemm_rate(d: int) -> float:
+    """FLOP/s of one large float32 matmul (4096 x d) @ (d x 4096) on this machine, now (median of 3)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4096, d), dtype=np.float32)
+    b = rng.standard_normal((4096, d), dtype=np.float32)
+    ts = []
+    for _ in range(3):
+        t = time.perf_counter()
+        a @ b.T
+        ts.append(time.perf_counter() - t)
+    return 2.0 * 4096 * 4096 * d / float(np.median(ts))
+
+
+def write_lake(root: str, n: int, d: int, k: int, shard_rows: int, dup_fraction: float, seed: int) -> int:
+    """Synthetic embeddings written as ``n / shard_rows`` shard partitions (100 per commit)."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from curation.storage.lake import matrix_to_list_column
+
+    x, _, _ = make_pool(n, d, k, dup_fraction, seed)
+    tables = []
+    for i, s in enumerate(range(0, n, shard_rows)):
+        e = min(n, s + shard_rows)
+        shard = f"syn-{i:05d}"
+        tables.append(pa.table({
+            "uid": pa.array([f"{j:032x}" for j in range(s, e)], pa.string()),
+            "shard": pa.array([shard] * (e - s), pa.string()),
+            "image_emb": matrix_to_list_column(x[s:e]),
+            "text_emb": matrix_to_list_column(x[s:e, :8]),
+            "encoder": pa.array(["synthetic"] * (e - s), pa.string()),
+        }))
+        if len(tables) == 100 or e == n:
+            write_deltalake(root + "/embeddings", pa.concat_tables(tables), partition_by=["shard"], mode="append")
+            tables = []
+    return x.nbytes
+
+
+def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: int, dtype: str, shard_rows: int,
+             dup_fraction: float) -> dict:
+    """The asset-level path on a lake (what concept_clusters, dedup_scores, complexity_scores and
+    pruned_subsets[dbp@0.5] call), then a new shard re-curated incrementally."""
+    import polars as pl
+
+    from curation.select.clustering import cluster_complexity
+    from curation.select.layout import LayoutConfig, build_layout, dedup_scores_by_bucket, fit_centroids, update_layout
+    from curation.select.pool_tables import read_recipe_pool
+    from curation.select.recipes import apply_recipe, parse_recipe
+    from curation.storage.lake import Lake
+
+    lake = Lake(root)
+    cfg = LayoutConfig(dtype=dtype)
+    recipe = parse_recipe("dbp@0.5", {"method": "dbp", "keep_fraction": 0.5, "after_semdedup_eps": eps})
+    sec, rd, wr = {}, {}, {}
+    rate = sgemm_rate(d)
+    rss0 = peak_rss_bytes()
+
+    def stage(name, fn):
+        r0, w0 = io_bytes()
+        t = time.perf_counter()
+        out = fn()
+        sec[name] = time.perf_counter() - t
+        r1, w1 = io_bytes()
+        rd[name], wr[name] = r1 - r0, w1 - w0
+        return out
+
+    cent, _ = stage("kmeans", lambda: fit_centroids(lake, k, niter=niter, seed=seed))
+    stage("layout", lambda: build_layout(lake, cent, cfg))
+
+    def complexity():
+        a = lake.read("assignments", columns=["cluster_id", "cos_to_centroid"])
+        return cluster_complexity(a["cluster_id"].to_numpy(), a["cos_to_centroid"].to_numpy(), cent)
+
+    stage("complexity", complexity)
+
+    def semdedup(incremental):
+        du = dedup_scores_by_bucket(lake, config=cfg, incremental=incremental)
+        lake.write("dedup_scores", du.frame)
+        return du
+
+    stage("semdedup", lambda: semdedup(False))
+
+    def select():
+        pool = read_recipe_pool(lake, recipe)
+        return apply_recipe(recipe, pool)
+
+    sel = stage("dbp_select", select)
+    rss_full = peak_rss_bytes()
+    full_s = sum(sec.values())
+    sizes = lake.read("assignments", columns=["cluster_id"])["cluster_id"].value_counts()["count"].to_numpy()
+    # a new 10k-sample shard, re-curated incrementally
+    write_lake_extra = write_lake  # same generator, a different seed and uid range
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from curation.storage.lake import matrix_to_list_column
+
+    xn, _, _ = make_pool(shard_rows, d, k, dup_fraction, seed)  # same concepts (seeded centers), new rows
+    xn = xn[np.random.default_rng(seed + 7).permutation(shard_rows)]
+    write_deltalake(root + "/embeddings", pa.table({
+        "uid": pa.array([f"{j + n:032x}" for j in range(shard_rows)], pa.string()),
+        "shard": pa.array(["syn-new"] * shard_rows, pa.string()),
+        "image_emb": matrix_to_list_column(xn),
+        "text_emb": matrix_to_list_column(xn[:, :8]),
+        "encoder": pa.array(["synthetic"] * shard_rows, pa.string()),
+    }), partition_by=["shard"], mode="append")
+    del xn, write_lake_extra
+    up = stage("incr_layout", lambda: update_layout(lake, cent, cfg))
+    du = stage("incr_semdedup", lambda: semdedup(True))
+    sel2 = stage("incr_select", select)
+    incr_s = sec["incr_layout"] + sec["incr_semdedup"] + sec["incr_select"]
+    n_sample = min(n, 256 * k)
+    flops = {"kmeans": 2.0 * niter * n_sample * k * d, "layout": 2.0 * n * k * d,
+             "semdedup": float((sizes.astype(np.float64) ** 2).sum() * d)}
+    m = pl.read_delta(root + "/dedup_scores")
+    return {
+        "n": n, "d": d, "k": k, "dtype": dtype, "niter": niter, "eps": eps, "shard_rows": shard_rows,
+        "seconds": sec, "bytes_read": rd, "bytes_written": wr,
+        "sgemm_gflops": rate / 1e9,
+        "ratio_to_sgemm": {s: sec[s] / (f / rate) for s, f in flops.items()},
+        "full_s": full_s, "incremental_s": incr_s, "incremental_fraction": incr_s / full_s,
+        "incr_new_rows": up.n_new, "incr_touched_clusters": int(len(up.touched_clusters)),
+        "incr_mode": du.mode, "incr_rows_scored": du.rows_scored,
+        "dbp_kept": sel.stats["n_kept"], "dbp_kept_after_new_shard": sel2.stats["n_kept"],
+        "removed_at_eps": float((m["max_sim_to_earlier"].to_numpy() > 1 - eps).mean()),
+        "budgets": sel.stats["budgets"].tolist(),
+        "kept_uids_hash": __import__("hashlib").sha256("".join(sorted(sel.uids.tolist())).encode()).hexdigest()[:16],
+        "x_bytes": n * d * 4, "rss_baseline": rss0, "peak_rss_full": rss_full, "peak_rss": peak_rss_bytes(),
+        "cluster_size_min_med_max": [int(sizes.min()), int(np.median(sizes)), int(sizes.max())],
+    }
+
+
+def _fmt_lake(r: dict) -> str:
+    gib, mib = 2**30, 2**20
+    lines = [f"N={r['n']:,} d={r['d']} k={r['k']} layout {r['dtype']}  (X = {r['x_bytes'] / gib:.2f} GiB; "
+             f"one sgemm: {r['sgemm_gflops']:.1f} GFLOP/s)",
+             "| stage | seconds | read MiB | written MiB | x sgemm time of same FLOPs |", "|---|---|---|---|---|"]
+    for s in LAKE_STAGES:
+        if s in r["seconds"]:
+            ratio = r["ratio_to_sgemm"].get(s)
+            lines.append(f"| {s} | {r['seconds'][s]:.2f} | {r['bytes_read'][s] / mib:.0f} | {r['bytes_written'][s] / mib:.0f} | "
+                         + (f"{ratio:.2f}" if ratio is not None else "-") + " |")
+    lines.append(f"| full (kmeans..dbp_select) | {r['full_s']:.1f} | | | |")
+    lines.append(f"| new {r['shard_rows']:,}-row shard, incremental | {r['incremental_s']:.1f} "
+                 f"({100 * r['incremental_fraction']:.1f}% of full) | | | |")
+    lines.append(f"peak RSS {r['peak_rss'] / gib:.2f} GiB = {r['peak_rss'] / r['x_bytes']:.2f} x X "
+                 f"(after the full run {r['peak_rss_full'] / gib:.2f} GiB; imports only {r['rss_baseline'] / gib:.2f} GiB)")
+    lines.append(f"incremental: {r['incr_new_rows']:,} new rows touched {r['incr_touched_clusters']} clusters, "
+                 f"{r['incr_rows_scored']:,} rows scored ({r['incr_mode']}); removed at eps {r['eps']}: {r['removed_at_eps']:.4f}; "
+                 f"dbp kept {r['dbp_kept']:,}, uids hash {r['kept_uids_hash']}")
+    return "\n".join(lines)
+
+
 def _fmt_table(r: dict) -> str:
     gib = 2**30
     lines = [f"N={r['n']:,} d={r['d']} k={r['k']}  (X = {r['x_bytes'] / gib:.2f} GiB)", "| stage | seconds |", "|---|---|"]
@@ -193,9 +361,55 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-clipcov", action="store_true")
     ap.add_argument("--json", type=str, default=None, help="write all results here")
+    ap.add_argument("--mode", choices=("lake", "memory"), default="lake",
+                    help="lake: the asset-level out-of-core path from shard partitions (default); memory: the "
+                         "library functions on one in-memory matrix (the pre-layout path)")
+    ap.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="pool_by_cluster vector type")
+    ap.add_argument("--shard-rows", type=int, default=10_000)
+    ap.add_argument("--root", type=str, default=None, help="lake directory (default: a temporary one, removed)")
     ap.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+
+    if args.mode == "lake":
+        import shutil
+        import tempfile
+
+        results = []
+        for n in args.n:
+            root = args.root or tempfile.mkdtemp(prefix="prune_scale_")
+            gen = [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import prune_scale as p; "
+                   "p.write_lake(%r, %d, %d, %d, %d, %r, %d)" % (str(Path(__file__).parent), root, n, args.d, args.k,
+                                                                args.shard_rows, args.dup_fraction, args.seed)]
+            t = time.perf_counter()
+            subprocess.run(gen, check=True, env=os.environ.copy())
+            gen_s = time.perf_counter() - t
+            cmd = [sys.executable, "-c", "import sys, json; sys.path.insert(0, %r); import prune_scale as p; "
+                   "print(json.dumps(p.run_lake(%r, %d, %d, %d, %d, %r, %d, %r, %d, %r)))" % (
+                       str(Path(__file__).parent), root, n, args.d, args.k, args.niter, args.eps, args.seed,
+                       args.dtype, args.shard_rows, args.dup_fraction)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+            if not args.root:
+                shutil.rmtree(root, ignore_errors=True)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr)
+                return proc.returncode
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r["generate_s"] = gen_s
+            results.append(r)
+            print(_fmt_lake(r), flush=True)
+            print(flush=True)
+        if len(results) > 1:
+            a, b = results[0], results[-1]
+            per = (b["full_s"] / b["n"]) / (a["full_s"] / a["n"])
+            print(f"per-sample cost {b['n']:,} vs {a['n']:,}: x{per:.2f} (target <= 1.5)")
+        big = results[-1]
+        print(f"targets at N={big['n']:,}: peak RSS {big['peak_rss'] / 2**30:.2f} GiB (< 4 GiB: {big['peak_rss'] < 4 * 2**30}); "
+              f"incremental {100 * big['incremental_fraction']:.1f}% of full (< 5%: {big['incremental_fraction'] < 0.05}); "
+              f"SemDeDup x{big['ratio_to_sgemm']['semdedup']:.2f} of sgemm (< 2: {big['ratio_to_sgemm']['semdedup'] < 2})")
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return 0
 
     if args.single:
         r = run_one(args.n[0], args.d, args.k, args.dup_fraction, args.eps, args.seed, args.niter, args.skip_clipcov)

@@ -259,6 +259,8 @@ class Pool:
         embeddings: (n, d) float32 unit-norm image embeddings of the pool, or None.
         image_aligned: (n, d') float32 aligned (CLIP) image embeddings, or None.
         text_aligned: (n, d') float32 aligned caption embeddings, or None.
+        d_inter: (k,) float64 stored ``d_inter`` of every cluster (complexity_scores'
+            output; it depends only on the centroids), or None (DBP computes it).
     """
 
     uids: np.ndarray
@@ -269,6 +271,7 @@ class Pool:
     embeddings: np.ndarray | None = None
     image_aligned: np.ndarray | None = None
     text_aligned: np.ndarray | None = None
+    d_inter: np.ndarray | None = None
 
     def __post_init__(self):
         n = len(self.uids)
@@ -398,7 +401,10 @@ def _ssp(recipe, pool, cand):
 
 def _dbp(recipe, pool, cand):
     def budgets(cid, cos, sizes, n_keep):
-        comp = cluster_complexity(cid, cos, pool.centroids, n_neighbors=recipe.n_neighbors, tau=recipe.tau)
+        # d_intra on the post-dedup candidates (the DBP paper prunes the deduplicated pool);
+        # d_inter is the stored one from complexity_scores when the pool carries it
+        comp = cluster_complexity(cid, cos, pool.centroids, n_neighbors=recipe.n_neighbors, tau=recipe.tau,
+                                  d_inter=pool.d_inter)
         return dbp_budgets(sizes, comp.weight, n_keep, balance=recipe.balance)
 
     return _per_cluster(recipe, pool, cand, budgets)
