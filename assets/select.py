@@ -6,12 +6,15 @@ Thin adapters over ``curation``:
   (k-means on a bounded sample) + :func:`~curation.select.layout.build_layout` (streaming
   assignment, the ``pool_by_cluster`` bucket layout) in mode ``retrain``, or
   :func:`~curation.select.layout.update_layout` (only new or changed shards) in mode ``assign``;
-  ``auto`` retrains only when no centroids exist or ``k`` changed -> tables ``clusters``,
-  ``assignments``, ``pool_by_cluster``. A new shard never forces re-clustering.
+  ``auto`` retrains only when no centroids exist or ``k`` changed -> tables ``centroids``,
+  ``assignments``, ``pool_by_cluster`` (their one writer). A new shard never forces re-clustering.
 * ``dedup_scores``: :func:`curation.select.layout.dedup_scores_by_bucket` (one bucket per task,
   in process unless Ray is configured; only touched clusters recompute) -> ``dedup_scores``.
-* ``complexity_scores``: :func:`curation.select.clustering.cluster_complexity` -> the ``d_intra``,
-  ``d_inter``, ``complexity``, ``weight`` columns of ``clusters``.
+* ``complexity_scores``: :func:`curation.select.clustering.cluster_complexity` -> the ``clusters``
+  table (its one writer): centroid, size, ``d_intra``, ``d_inter``, ``complexity``, ``weight``,
+  ``n_neighbors``, ``tau``. pruned_subsets' DBP reads the stored ``d_inter`` (so this edge carries
+  data) and recomputes only ``d_intra`` on the post-SemDeDup candidates, as the DBP paper prunes
+  the deduplicated pool.
 * ``pruned_subsets[recipe]``: :func:`curation.select.pool_tables.read_recipe_pool` (what the
   recipe needs; DBP reuses complexity_scores' ``d_inter``) + :func:`curation.select.recipes.apply_recipe` -> the recipe's
   ``subsets`` partition, plus :func:`curation.select.export.export_subset` under
@@ -53,7 +56,7 @@ from curation.select.layout import (
     layout_state,
     update_layout,
 )
-from curation.select.pool_tables import aligned_source, clusters_frame, read_centroids, read_recipe_pool
+from curation.select.pool_tables import aligned_source, centroids_frame, clusters_frame, read_centroids, read_recipe_pool
 from curation.select.recipes import apply_recipe, get_recipe, recipe_hash
 from curation.select.semdedup import EPS_GRID, removed_fraction
 from curation.storage.lake import Lake
@@ -110,7 +113,7 @@ class ConceptClustersConfig(dg.Config):
     group_name=GROUP,
     kinds={"faiss", "delta"},
     description="Concept clusters of the pool: spherical k-means centroids trained on a bounded sample "
-    "(`clusters`), each sample's cluster and cos_to_centroid (`assignments`) and the vectors laid out by "
+    "(`centroids`), each sample's cluster and cos_to_centroid (`assignments`) and the vectors laid out by "
     "cluster bucket (`pool_by_cluster`), written by streaming the shard partitions once. New or changed "
     "shards are assigned to the existing centroids without retraining (mode auto).",
 )
@@ -120,8 +123,8 @@ def concept_clusters(context: dg.AssetExecutionContext, config: ConceptClustersC
     if not db.exists("embeddings") or db.table("embeddings").to_pyarrow_dataset().count_rows() == 0:
         raise ValueError("embeddings table: got no rows; expected embedded samples (materialize embeddings first)")
     layout_cfg = LayoutConfig(clusters_per_bucket=config.clusters_per_bucket, dtype=config.layout_dtype)
-    have = db.exists("clusters") and db.exists("assignments")
-    old_k = db.table("clusters").to_pyarrow_dataset().count_rows() if have else None
+    have = (db.exists("centroids") or db.exists("clusters")) and db.exists("assignments")
+    old_k = read_centroids(db).shape[0] if have else None
     if config.mode == "assign" and not have:
         raise ValueError("mode: got 'assign' but no centroids exist; expected 'auto' or 'retrain' first")
     n_pool = db.table("embeddings").to_pyarrow_dataset().count_rows()
@@ -140,12 +143,11 @@ def concept_clusters(context: dg.AssetExecutionContext, config: ConceptClustersC
         else:
             up = update_layout(db, cent, layout_cfg, assign_method=config.method)
         k = cent.shape[0]
-    asg = db.read("assignments", columns=["cluster_id", "cos_to_centroid"])
-    comp = cluster_complexity(asg["cluster_id"].to_numpy(), asg["cos_to_centroid"].to_numpy(), cent)
-    db.write("clusters", clusters_frame(cent, comp))
+    db.write("centroids", centroids_frame(cent))
+    asg = db.read("assignments", columns=["cluster_id"])
+    sizes = np.bincount(asg["cluster_id"].to_numpy(), minlength=cent.shape[0])
     seconds = time.perf_counter() - t0
     n = up.n_rows
-    cos = asg["cos_to_centroid"].to_numpy()
     context.log.info("concept_clusters: %s, k=%d, n=%d, newly assigned %d", "retrained" if retrain else up.mode, k, n, up.n_new)
     return dg.MaterializeResult(
         metadata={
@@ -164,11 +166,10 @@ def concept_clusters(context: dg.AssetExecutionContext, config: ConceptClustersC
             "niter": config.niter,
             "method": config.method,
             "gpu": use_gpu(),
-            "empty_clusters": int((comp.size == 0).sum()),
-            "mean_cos_to_centroid": float(cos.mean()) if cos.size else 0.0,
+            "empty_clusters": int((sizes == 0).sum()),
             "seconds": round(seconds, 3),
             "throughput_per_s": round(up.n_new / seconds, 1) if seconds > 0 else 0.0,
-            "cluster_size_histogram": dg.MetadataValue.md(size_histogram(comp.size)),
+            "cluster_size_histogram": dg.MetadataValue.md(size_histogram(sizes)),
         }
     )
 

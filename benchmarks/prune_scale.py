@@ -165,7 +165,8 @@ def run_one(n: int, d: int, k: int, dup_fraction: float, eps: float, seed: int, 
 # --------------------------------------------------------------------------- the lake path
 
 
-LAKE_STAGES = ("kmeans", "layout", "complexity", "semdedup", "dbp_select", "incr_layout", "incr_semdedup", "incr_select")
+LAKE_STAGES = ("kmeans", "layout", "complexity", "semdedup", "dbp_select",
+               "incr_layout", "incr_semdedup", "incr_complexity", "incr_select")
 
 
 def io_bytes() -> tuple[int, int]:
@@ -190,29 +191,64 @@ def sgemm_rate(d: int) -> float:
     return 2.0 * 4096 * 4096 * d / float(np.median(ts))
 
 
-def write_lake(root: str, n: int, d: int, k: int, shard_rows: int, dup_fraction: float, seed: int) -> int:
-    """Synthetic embeddings written as ``n / shard_rows`` shard partitions (100 per commit)."""
+def shard_rows_of(rng, centers, sigma, rows: int, dup_fraction: float) -> np.ndarray:
+    """One shard of the synthetic pool: (rows, d) float32 unit vectors from the concept
+    mixture, with ``dup_fraction`` of them replaced by near-copies (cos ~ 0.998) of other
+    rows of the same shard."""
+    k, d = centers.shape
+    c = rng.integers(0, k, rows)
+    x = rng.standard_normal((rows, d), dtype=np.float32)
+    x *= sigma[c, None]
+    x += centers[c]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    m = int(round(dup_fraction * rows))
+    perm = rng.permutation(rows)
+    orig, dup = perm[:m], perm[m : 2 * m]
+    x[dup] = x[orig] + rng.standard_normal((m, d), dtype=np.float32) * np.float32(0.002)
+    x[dup] /= np.linalg.norm(x[dup], axis=1, keepdims=True)
+    return x
+
+
+def _concepts(d: int, k: int, seed: int):
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((k, d), dtype=np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    sigma = (rng.uniform(0.75, 2.0, k) / np.sqrt(d)).astype(np.float32)
+    return centers, sigma
+
+
+def _shard_table(x: np.ndarray, first_uid: int, shard: str):
     import pyarrow as pa
-    from deltalake import write_deltalake
 
     from curation.storage.lake import matrix_to_list_column
 
-    x, _, _ = make_pool(n, d, k, dup_fraction, seed)
+    n = x.shape[0]
+    return pa.table({
+        "uid": pa.array([f"{j:032x}" for j in range(first_uid, first_uid + n)], pa.string()),
+        "shard": pa.array([shard] * n, pa.string()),
+        "image_emb": matrix_to_list_column(x),
+        "text_emb": matrix_to_list_column(x[:, :8]),
+        "encoder": pa.array(["synthetic"] * n, pa.string()),
+    })
+
+
+def write_lake(root: str, n: int, d: int, k: int, shard_rows: int, dup_fraction: float, seed: int,
+               per_commit: int = 20) -> int:
+    """Synthetic embeddings written as ``n / shard_rows`` shard partitions, streamed shard by
+    shard (``per_commit`` shards per Delta commit), never the whole pool in memory."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    centers, sigma = _concepts(d, k, seed)
     tables = []
     for i, s in enumerate(range(0, n, shard_rows)):
         e = min(n, s + shard_rows)
-        shard = f"syn-{i:05d}"
-        tables.append(pa.table({
-            "uid": pa.array([f"{j:032x}" for j in range(s, e)], pa.string()),
-            "shard": pa.array([shard] * (e - s), pa.string()),
-            "image_emb": matrix_to_list_column(x[s:e]),
-            "text_emb": matrix_to_list_column(x[s:e, :8]),
-            "encoder": pa.array(["synthetic"] * (e - s), pa.string()),
-        }))
-        if len(tables) == 100 or e == n:
+        x = shard_rows_of(np.random.default_rng((seed, i)), centers, sigma, e - s, dup_fraction)
+        tables.append(_shard_table(x, s, f"syn-{i:05d}"))
+        if len(tables) == per_commit or e == n:
             write_deltalake(root + "/embeddings", pa.concat_tables(tables), partition_by=["shard"], mode="append")
             tables = []
-    return x.nbytes
+    return n * d * 4
 
 
 def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: int, dtype: str, shard_rows: int,
@@ -223,7 +259,7 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
 
     from curation.select.clustering import cluster_complexity
     from curation.select.layout import LayoutConfig, build_layout, dedup_scores_by_bucket, fit_centroids, update_layout
-    from curation.select.pool_tables import read_recipe_pool
+    from curation.select.pool_tables import clusters_frame, read_recipe_pool
     from curation.select.recipes import apply_recipe, parse_recipe
     from curation.storage.lake import Lake
 
@@ -246,9 +282,11 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
     cent, _ = stage("kmeans", lambda: fit_centroids(lake, k, niter=niter, seed=seed))
     stage("layout", lambda: build_layout(lake, cent, cfg))
 
-    def complexity():
+    def complexity():  # what concept_clusters / complexity_scores write to `clusters`
         a = lake.read("assignments", columns=["cluster_id", "cos_to_centroid"])
-        return cluster_complexity(a["cluster_id"].to_numpy(), a["cos_to_centroid"].to_numpy(), cent)
+        comp = cluster_complexity(a["cluster_id"].to_numpy(), a["cos_to_centroid"].to_numpy(), cent)
+        lake.write("clusters", clusters_frame(cent, comp))
+        return comp
 
     stage("complexity", complexity)
 
@@ -268,26 +306,17 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
     full_s = sum(sec.values())
     sizes = lake.read("assignments", columns=["cluster_id"])["cluster_id"].value_counts()["count"].to_numpy()
     # a new 10k-sample shard, re-curated incrementally
-    write_lake_extra = write_lake  # same generator, a different seed and uid range
-    import pyarrow as pa
     from deltalake import write_deltalake
 
-    from curation.storage.lake import matrix_to_list_column
-
-    xn, _, _ = make_pool(shard_rows, d, k, dup_fraction, seed)  # same concepts (seeded centers), new rows
-    xn = xn[np.random.default_rng(seed + 7).permutation(shard_rows)]
-    write_deltalake(root + "/embeddings", pa.table({
-        "uid": pa.array([f"{j + n:032x}" for j in range(shard_rows)], pa.string()),
-        "shard": pa.array(["syn-new"] * shard_rows, pa.string()),
-        "image_emb": matrix_to_list_column(xn),
-        "text_emb": matrix_to_list_column(xn[:, :8]),
-        "encoder": pa.array(["synthetic"] * shard_rows, pa.string()),
-    }), partition_by=["shard"], mode="append")
-    del xn, write_lake_extra
+    centers, sigma = _concepts(d, k, seed)  # the same concepts, a new shard of new rows
+    xn = shard_rows_of(np.random.default_rng((seed, 10**9)), centers, sigma, shard_rows, dup_fraction)
+    write_deltalake(root + "/embeddings", _shard_table(xn, n, "syn-new"), partition_by=["shard"], mode="append")
+    del xn
     up = stage("incr_layout", lambda: update_layout(lake, cent, cfg))
     du = stage("incr_semdedup", lambda: semdedup(True))
+    stage("incr_complexity", complexity)
     sel2 = stage("incr_select", select)
-    incr_s = sec["incr_layout"] + sec["incr_semdedup"] + sec["incr_select"]
+    incr_s = sec["incr_layout"] + sec["incr_semdedup"] + sec["incr_complexity"] + sec["incr_select"]
     n_sample = min(n, 256 * k)
     flops = {"kmeans": 2.0 * niter * n_sample * k * d, "layout": 2.0 * n * k * d,
              "semdedup": float((sizes.astype(np.float64) ** 2).sum() * d)}

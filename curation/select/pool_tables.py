@@ -7,7 +7,9 @@
   ``clusters``; aligned image/caption embeddings for CLIP recipes) and returns a
   :class:`curation.select.recipes.Pool` whose rows are sorted by uid (so the result never
   depends on the order the tables were appended in, e.g. by an incremental update).
-* :func:`clusters_frame` / :func:`read_centroids`: the ``clusters`` table rows.
+* :func:`centroids_frame` / :func:`read_centroids`: the ``centroids`` table (one writer:
+  concept_clusters); :func:`clusters_frame`: the ``clusters`` rows (one writer:
+  complexity_scores).
 * :func:`merge_assignments`: keep stored assignments, add new ones (mode ``assign``).
 """
 
@@ -44,11 +46,19 @@ def clusters_frame(centroids: np.ndarray, comp: Complexity) -> pa.Table:
     )
 
 
-def read_centroids(db: Lake) -> np.ndarray:
-    """(k, d) float32 centroids of the ``clusters`` table, row ``j`` = cluster ``j``."""
-    df = db.read("clusters", columns=["cluster_id", "centroid"]).sort("cluster_id")
+def centroids_frame(centroids: np.ndarray) -> pa.Table:
+    """The ``centroids`` table rows (written by concept_clusters only): cluster_id, centroid."""
+    return pa.table({"cluster_id": pa.array(np.arange(centroids.shape[0], dtype=np.int32)),
+                     "centroid": matrix_to_list_column(centroids)})
+
+
+def read_centroids(db: Lake, table: str | None = None) -> np.ndarray:
+    """(k, d) float32 centroids, row ``j`` = cluster ``j``: the ``centroids`` table
+    (concept_clusters' output), or ``clusters`` on a lake written before it existed."""
+    table = table or ("centroids" if db.exists("centroids") else "clusters")
+    df = db.read(table, columns=["cluster_id", "centroid"]).sort("cluster_id")
     if not np.array_equal(df["cluster_id"].to_numpy(), np.arange(df.height)):
-        raise ValueError("clusters table: got cluster ids that are not 0..k-1; expected a dense range")
+        raise ValueError(f"{table} table: got cluster ids that are not 0..k-1; expected a dense range")
     return list_column_to_matrix(df["centroid"])
 
 
@@ -132,10 +142,7 @@ def read_recipe_pool(db: Lake, recipe: Recipe) -> Pool:
     """
     asg = db.read("assignments", columns=["uid", "cluster_id", "cos_to_centroid"]).sort("uid")
     uids = asg["uid"]
-    cl = db.read("clusters").sort("cluster_id")
-    if not np.array_equal(cl["cluster_id"].to_numpy(), np.arange(cl.height)):
-        raise ValueError("clusters table: got cluster ids that are not 0..k-1; expected a dense range")
-    cent = list_column_to_matrix(cl["centroid"])
+    cent = read_centroids(db)
     max_sim = None
     if recipe.needs_dedup:
         if not db.exists("dedup_scores"):
@@ -144,8 +151,12 @@ def read_recipe_pool(db: Lake, recipe: Recipe) -> Pool:
         max_sim = align_to(uids, ds, "max_sim_to_earlier", "dedup_scores", "re-materialize dedup_scores")[
             "max_sim_to_earlier"].to_numpy().astype(np.float32)
     d_inter = None
-    if recipe.method == "dbp" and "n_neighbors" in cl.columns and cl.height > 1:
-        if int(cl["n_neighbors"][0]) == min(recipe.n_neighbors, cl.height - 1):
+    if recipe.method == "dbp":
+        cl = db.read("clusters").sort("cluster_id") if db.exists("clusters") else None
+        if cl is None or cl.height != cent.shape[0] or not np.array_equal(list_column_to_matrix(cl["centroid"]), cent):
+            raise ValueError(f"recipe {recipe.name!r} needs cluster complexity: got no clusters rows for the current "
+                             "centroids; expected complexity_scores materialized after concept_clusters")
+        if "n_neighbors" in cl.columns and cl.height > 1 and int(cl["n_neighbors"][0]) == min(recipe.n_neighbors, cl.height - 1):
             d_inter = cl["d_inter"].to_numpy().astype(np.float64)
     img = txt = None
     if recipe.needs_aligned:

@@ -29,6 +29,7 @@ TABLES: dict[str, str | None] = {
     "quarantine": "shard",
     "embeddings": "shard",
     "clusters": None,
+    "centroids": None,
     "assignments": None,
     "dedup_scores": None,
     # the pool laid out by concept cluster (curation.select.layout): one partition per bucket
