@@ -320,7 +320,12 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
     n_sample = min(n, 256 * k)
     flops = {"kmeans": 2.0 * niter * n_sample * k * d, "layout": 2.0 * n * k * d,
              "semdedup": float((sizes.astype(np.float64) ** 2).sum() * d)}
-    m = pl.read_delta(root + "/dedup_scores")
+    m = pl.read_delta(root + "/dedup_scores").sort("uid")
+    dump = os.environ.get("PRUNE_SCALE_DUMP")
+    if dump:  # M (sorted by uid) and the full run's DBP kept uids, to compare layouts (float32 vs float16)
+        Path(dump).mkdir(parents=True, exist_ok=True)
+        np.save(f"{dump}/m_{dtype}_{n}.npy", m["max_sim_to_earlier"].to_numpy())
+        np.save(f"{dump}/kept_{dtype}_{n}.npy", np.sort(sel.uids.astype("U32")))
     return {
         "n": n, "d": d, "k": k, "dtype": dtype, "niter": niter, "eps": eps, "shard_rows": shard_rows,
         "seconds": sec, "bytes_read": rd, "bytes_written": wr,

@@ -405,10 +405,13 @@ def layout_dtype(lake: Lake) -> str:
     raise ValueError(f"{LAYOUT_TABLE}: got columns {names}; expected one of {[emb_column(d) for d in DTYPES]}")
 
 
-def read_bucket(lake: Lake, bucket: str, clusters=None, vectors: bool = True, dtype: str | None = None) -> BucketRows:
-    """Rows of one bucket from the lake, optionally only some clusters and without vectors."""
+def read_bucket(lake: Lake, bucket: str, clusters=None, vectors: bool = True, dtype: str | None = None,
+                dataset=None) -> BucketRows:
+    """Rows of one bucket from the lake, optionally only some clusters and without vectors.
+
+    ``dataset``: an open ``pool_by_cluster`` pyarrow dataset to reuse (one per task)."""
     dtype = dtype or layout_dtype(lake)
-    ds = lake.table(LAYOUT_TABLE).to_pyarrow_dataset()
+    ds = dataset if dataset is not None else lake.table(LAYOUT_TABLE).to_pyarrow_dataset()
     flt = pc.field("bucket") == bucket
     if clusters is not None:
         flt = flt & pc.field("cluster_id").isin(pa.array(np.asarray(list(clusters), dtype=np.int32)))
@@ -434,21 +437,25 @@ def semdedup_order(cos: np.ndarray, uids: np.ndarray) -> np.ndarray:
     return np.lexsort((lo, hi, np.asarray(cos, dtype=np.float64))).astype(np.int64)
 
 
+def _void(uids: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(uids, dtype=np.uint8).view(f"V{UID_BYTES}").ravel()
+
+
 def _match_old(u: np.ndarray, new_u: np.ndarray, old_u: np.ndarray, old_m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For members ``u`` (n, 16): which are new, and the stored M of the others (by uid)."""
-    def frame(a, **cols):
-        hi, lo = uid_sort_keys(a)
-        return pl.DataFrame({"hi": hi, "lo": lo, **cols})
-
-    cur = frame(u, i=np.arange(len(u)))
-    is_new = cur.join(frame(new_u), on=["hi", "lo"], how="semi")["i"].to_numpy()
-    old = cur.join(frame(old_u, m=np.asarray(old_m, np.float32)), on=["hi", "lo"], how="inner")
-    flag = np.zeros(len(u), bool)
-    flag[is_new] = True
+    v, vo = _void(u), _void(old_u)
+    flag = np.isin(v, _void(new_u))
+    order = np.argsort(vo, kind="stable")
+    so = vo[order]
     m = np.full(len(u), -1.0, np.float32)
-    m[old["i"].to_numpy()] = old["m"].to_numpy()
-    if int(flag.sum()) + old.height != len(u):
-        raise ValueError(f"cluster update: got {len(u)} members, {int(flag.sum())} new and {old.height} stored; expected every member in one of them")
+    rest = np.flatnonzero(~flag)
+    pos = np.searchsorted(so, v[rest])
+    pos = np.minimum(pos, max(0, so.size - 1))
+    hit = so.size > 0
+    if rest.size and (not hit or not np.array_equal(so[pos], v[rest])):
+        raise ValueError(f"cluster update: got {rest.size} members that are neither new nor stored; expected every member in one of them")
+    if rest.size:
+        m[rest] = np.asarray(old_m, np.float32)[order[pos]]
     return flag, m
 
 
@@ -502,20 +509,29 @@ def bucket_scores(
     """
     bucket, full, adds = item
     lake = Lake(root, storage_options or {})
+    ds = lake.table(LAYOUT_TABLE).to_pyarrow_dataset()
     wanted = None if full is None else sorted(set(full) | set(adds))
-    meta = read_bucket(lake, bucket, clusters=wanted, vectors=False, dtype=dtype)
+    n_rows = ds.count_rows(filter=pc.field("bucket") == bucket)
+    fits = n_rows * d * 4 <= memory_budget_bytes
     outs = []
-    fits = meta.uids.shape[0] * d * 4 <= memory_budget_bytes
-    rows = read_bucket(lake, bucket, clusters=wanted, vectors=True, dtype=dtype) if fits else meta
+    if fits:  # one read of the whole bucket; clusters are selected in memory (no filtered copy)
+        rows = read_bucket(lake, bucket, vectors=True, dtype=dtype, dataset=ds)
+    else:
+        rows = read_bucket(lake, bucket, clusters=wanted, vectors=False, dtype=dtype, dataset=ds)
     cids = np.unique(rows.cluster_ids)
-    for c in cids.tolist():
-        sel = np.flatnonzero(rows.cluster_ids == c)
+    if wanted is not None:
+        cids = np.intersect1d(cids, np.asarray(wanted, dtype=cids.dtype))
+    by_c = np.argsort(rows.cluster_ids, kind="stable")
+    starts = np.searchsorted(rows.cluster_ids[by_c], cids, side="left")
+    ends = np.searchsorted(rows.cluster_ids[by_c], cids, side="right")
+    for c, a, b in zip(cids.tolist(), starts.tolist(), ends.tolist()):
+        sel = by_c[a:b]
         order = sel[semdedup_order(rows.cos[sel], rows.uids[sel])]
         u, cos = rows.uids[order], rows.cos[order]
         if fits:
             x = rows.x[order]
         elif len(order) * d * 4 <= memory_budget_bytes:
-            one = read_bucket(lake, bucket, clusters=[c], vectors=True, dtype=dtype)
+            one = read_bucket(lake, bucket, clusters=[c], vectors=True, dtype=dtype, dataset=ds)
             x = one.x[semdedup_order(one.cos, one.uids)]
         else:
             x = _spill_cluster(lake, bucket, c, dtype, d)
@@ -619,11 +635,13 @@ def dedup_scores_by_bucket(
                 orows = old.filter(pl.col("cluster_id").is_in(list(add_clusters)))
                 nb = uids_to_bytes(nr["uid"])
                 ob = uids_to_bytes(orows["uid"])
-                ncid = nr["cluster_id"].to_numpy()
-                ocid = orows["cluster_id"].to_numpy()
                 om = orows["max_sim_to_earlier"].to_numpy().astype(np.float32)
+                new_groups = _groups(nr["cluster_id"].to_numpy())
+                old_groups = _groups(orows["cluster_id"].to_numpy())
+                empty = np.zeros(0, np.int64)
                 for c in add_clusters:
-                    adds[c] = (nb[ncid == c], ob[ocid == c], om[ocid == c])
+                    gi, go = new_groups.get(c, empty), old_groups.get(c, empty)
+                    adds[c] = (nb[gi], ob[go], om[go])
     pairs = lake.table(LAYOUT_TABLE).to_pyarrow_table(columns=["cluster_id", "bucket"])
     cb = pl.from_arrow(pairs).unique()
     if full_clusters is not None:
@@ -656,6 +674,13 @@ def dedup_scores_by_bucket(
                          "(the layout and assignments disagree: re-run concept_clusters with mode 'retrain')")
     n_full = len(full_clusters) if full_clusters is not None else int(cb["cluster_id"].n_unique())
     return DedupUpdate(frame, mode, n_full, len(adds), int(fresh.height))
+
+
+def _groups(ids: np.ndarray) -> dict[int, np.ndarray]:
+    """``{id: row indices}`` in one sort (not one pass over the rows per id)."""
+    order = np.argsort(ids, kind="stable")
+    u, starts = np.unique(ids[order], return_index=True)
+    return {int(c): g for c, g in zip(u.tolist(), np.split(order, starts[1:]))}
 
 
 def _layout_dim(lake: Lake, dtype: str) -> int:
