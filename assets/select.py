@@ -30,12 +30,10 @@ from typing import Literal, Optional
 import dagster as dg
 import numpy as np
 import polars as pl
-import pyarrow as pa
 
 from assets.metadata import md_table
 from assets.partitions import recipe_partitions
 from curation.select.clustering import (
-    ASSIGN_METHODS,
     DEFAULT_MAX_POINTS_PER_CENTROID,
     DEFAULT_NEIGHBORS,
     DEFAULT_NITER,
@@ -48,7 +46,6 @@ from curation.select.export import export_subset
 from curation.select.layout import (
     DEFAULT_CLUSTERS_PER_BUCKET,
     DEFAULT_MEMORY_BUDGET,
-    DTYPES,
     LayoutConfig,
     build_layout,
     dedup_scores_by_bucket,

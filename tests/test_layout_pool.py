@@ -39,8 +39,7 @@ from curation.select.layout import (
 )
 from curation.select.pool_tables import clusters_frame, read_recipe_pool
 from curation.select.recipes import Pool, apply_recipe, load_recipes
-from curation.select.semdedup import is_duplicate
-from curation.select.semdedup import semdedup_scores
+from curation.select.semdedup import is_duplicate, semdedup_scores
 from curation.storage.lake import Lake, matrix_to_list_column
 
 D, K, CONCEPTS = 24, 10, 10

@@ -206,14 +206,8 @@ def partition_fingerprints(lake: Lake, table: str = "embeddings") -> dict[str, s
 
 
 __all__ = [
+    "PoolEmbeddings",
     "iter_pool_partitions",
     "partition_fingerprints",
-    "EMBED_REASONS",
-    "EMBED_STAGE",
-    "PoolEmbeddings",
-    "ShardEmbeddings",
-    "embed_shard",
-    "embeddings_frame",
-    "failures_frame",
     "read_pool",
 ]

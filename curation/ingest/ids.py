@@ -48,7 +48,7 @@ def uids_to_bytes(uids) -> np.ndarray:
         raise ValueError(f"uids: got {s.filter(bad).head(3).to_list()}; expected 32 hex characters each")
     try:
         b = s.str.decode("hex")
-    except Exception as exc:  # polars raises ComputeError on non-hex input
+    except (pl.exceptions.ComputeError, pl.exceptions.InvalidOperationError) as exc:  # non-hex input
         raise ValueError(f"uids: got a non-hex uid ({exc}); expected 32 hex characters each") from None
     arr = b.to_arrow()
     if hasattr(arr, "combine_chunks"):

@@ -48,14 +48,24 @@ import pyarrow.compute as pc
 
 from curation.embed.pool_reader import iter_pool_partitions, partition_fingerprints
 from curation.engine.executor import Executor, InProcessExecutor
-from curation.ingest.ids import UID_BYTES, binary_column_to_bytes, binary_uid_column, bytes_to_uids, uids_to_bytes
+from curation.ingest.ids import (
+    UID_BYTES,
+    binary_column_to_bytes,
+    binary_uid_column,
+    bytes_to_uids,
+    uids_to_bytes,
+)
 from curation.select.clustering import (
     DEFAULT_MAX_POINTS_PER_CENTROID,
     DEFAULT_NITER,
     assign_any,
     train_centroids_any,
 )
-from curation.select.similarity import DEFAULT_BLOCK, max_sim_to_earlier, max_sim_to_earlier_blocked
+from curation.select.similarity import (
+    DEFAULT_BLOCK,
+    max_sim_to_earlier,
+    max_sim_to_earlier_blocked,
+)
 from curation.storage.lake import Lake
 
 log = logging.getLogger(__name__)
@@ -317,7 +327,7 @@ def build_layout(lake: Lake, centroids: np.ndarray, config: LayoutConfig = Layou
     """Assign every row (streaming) and write ``assignments`` + ``pool_by_cluster`` from scratch."""
     fps = partition_fingerprints(lake)
     writer = _Writer(lake, config, overwrite=True)
-    n, touched, enc = _stream_assign(lake, centroids, config, None, writer, assign_method, gpu)
+    n, _touched, enc = _stream_assign(lake, centroids, config, None, writer, assign_method, gpu)
     if n == 0:
         raise ValueError("embeddings table: got no rows; expected embedded samples (materialize embeddings first)")
     _write_shard_state(lake, fps, config)
@@ -705,8 +715,8 @@ __all__ = [
     "DedupUpdate",
     "LayoutConfig",
     "LayoutUpdate",
-    "build_layout",
     "bucket_scores",
+    "build_layout",
     "dedup_scores_by_bucket",
     "fit_centroids",
     "iter_layout",
