@@ -303,6 +303,9 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
 
     sel = stage("dbp_select", select)
     rss_full = peak_rss_bytes()
+    parity = None
+    if n <= int(os.environ.get("PRUNE_SCALE_PARITY_MAX_N", "200000")):
+        parity = _parity(lake, cent, recipe, sel)
     full_s = sum(sec.values())
     sizes = lake.read("assignments", columns=["cluster_id"])["cluster_id"].value_counts()["count"].to_numpy()
     # a new 10k-sample shard, re-curated incrementally
@@ -328,6 +331,7 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
         np.save(f"{dump}/kept_{dtype}_{n}.npy", np.sort(sel.uids.astype("U32")))
     return {
         "n": n, "d": d, "k": k, "dtype": dtype, "niter": niter, "eps": eps, "shard_rows": shard_rows,
+        "parity_with_in_memory": parity,
         "seconds": sec, "bytes_read": rd, "bytes_written": wr,
         "sgemm_gflops": rate / 1e9,
         "ratio_to_sgemm": {s: sec[s] / (f / rate) for s, f in flops.items()},
@@ -341,6 +345,28 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
         "x_bytes": n * d * 4, "rss_baseline": rss0, "peak_rss_full": rss_full, "peak_rss": peak_rss_bytes(),
         "cluster_size_min_med_max": [int(sizes.min()), int(np.median(sizes)), int(sizes.max())],
     }
+
+
+def _parity(lake, cent, recipe, sel) -> dict:
+    """The in-memory path on the same pool and centroids (one (N, d) matrix): are the SemDeDup
+    scores, the DBP budgets and the kept uids identical to the out-of-core ones?"""
+    import polars as pl
+
+    from curation.embed.pool_reader import read_pool
+    from curation.select.clustering import assign
+    from curation.select.recipes import Pool, apply_recipe
+    from curation.select.semdedup import semdedup_scores
+
+    pe = read_pool(lake, columns=("image",))
+    ids, cos = assign(pe.image, cent)
+    m = semdedup_scores(pe.image, ids, cos, pe.uids)
+    stored = pl.read_delta(lake.uri("dedup_scores"))
+    j = pl.DataFrame({"uid": pe.uids, "m": m}).join(stored, on="uid")
+    ref = apply_recipe(recipe, Pool(uids=pe.uids, cluster_ids=ids, cos_to_centroid=cos, centroids=cent, max_sim=m))
+    return {"rows_compared": j.height,
+            "dedup_scores_identical": bool(j.height == len(m) and (j["m"] == j["max_sim_to_earlier"]).all()),
+            "budgets_identical": bool(np.array_equal(ref.stats["budgets"], sel.stats["budgets"])),
+            "kept_uids_identical": sorted(ref.uids.tolist()) == sorted(sel.uids.tolist())}
 
 
 def _fmt_lake(r: dict) -> str:
@@ -361,6 +387,8 @@ def _fmt_lake(r: dict) -> str:
     lines.append(f"incremental: {r['incr_new_rows']:,} new rows touched {r['incr_touched_clusters']} clusters, "
                  f"{r['incr_rows_scored']:,} rows scored ({r['incr_mode']}); removed at eps {r['eps']}: {r['removed_at_eps']:.4f}; "
                  f"dbp kept {r['dbp_kept']:,}, uids hash {r['kept_uids_hash']}")
+    if r.get("parity_with_in_memory"):
+        lines.append(f"parity with the in-memory path: {r['parity_with_in_memory']}")
     return "\n".join(lines)
 
 
