@@ -1,5 +1,13 @@
 """Pruning at scale: every pool-wide stage on synthetic clustered unit vectors.
 
+Two modes. ``--mode lake`` (default): the asset-level, out-of-core path. Synthetic shards of
+``--shard-rows`` rows are written to a Delta lake, then a fresh process runs k-means on a
+bounded sample, the streaming assignment + ``pool_by_cluster`` layout, complexity, SemDeDup per
+bucket and the ``dbp@0.5`` recipe, then re-curates one new shard incrementally; it prints per
+stage seconds, bytes read/written, the ratio to one sgemm of the same FLOPs, peak RSS, and (for
+N <= 200k) parity with the in-memory path. ``--mode memory``: the library functions on one
+in-memory matrix (described below).
+
 Data: a vMF-like mixture of ``concepts`` (default k) directions in ``d`` dims, each concept
 with its own spread (so cluster complexity varies), plus planted near-duplicates: a
 ``dup_fraction`` of the rows are replaced by a copy of another row plus tiny noise
@@ -15,7 +23,9 @@ caption matrix exists) and at the end; each N runs in its own subprocess.
 
 Usage::
 
-    python benchmarks/prune_scale.py                 # N = 100k and 1M, d 512, k 1000
+    python benchmarks/prune_scale.py --n 1000000 --k 1000 [--dtype float16]   # lake mode
+    python benchmarks/prune_scale.py --n 10000000 --k 10000                   # the 10M run
+    python benchmarks/prune_scale.py --mode memory   # N = 100k and 1M, d 512, k 1000
     python benchmarks/prune_scale.py --n 20000 --k 100 --d 64   # a quick run
     python benchmarks/prune_scale.py --json out.json
 
