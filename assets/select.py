@@ -53,7 +53,7 @@ from curation.select.layout import (
     layout_state,
     update_layout,
 )
-from curation.select.pool_tables import aligned_source, centroids_frame, clusters_frame, read_centroids, read_recipe_pool
+from curation.select.pool_tables import ALIGNED_ENCODER_PREFIX, aligned_source, centroids_frame, clusters_frame, read_centroids, read_recipe_pool
 from curation.select.recipes import apply_recipe, get_recipe, recipe_hash
 from curation.select.semdedup import EPS_GRID, removed_fraction
 from curation.storage.lake import Lake
@@ -119,7 +119,10 @@ def concept_clusters(context: dg.AssetExecutionContext, config: ConceptClustersC
     db = lake.lake()
     if not db.exists("embeddings") or db.table("embeddings").to_pyarrow_dataset().count_rows() == 0:
         raise ValueError("embeddings table: got no rows; expected embedded samples (materialize embeddings first)")
-    layout_cfg = LayoutConfig(clusters_per_bucket=config.clusters_per_bucket, dtype=config.layout_dtype)
+    encoder = db.table("embeddings").to_pyarrow_dataset().head(1, columns=["encoder"]).column(0)[0].as_py()
+    # an aligned (CLIP) encoder: the layout also carries caption vectors for CLIPCov / CLIP score
+    layout_cfg = LayoutConfig(clusters_per_bucket=config.clusters_per_bucket, dtype=config.layout_dtype,
+                              with_text=str(encoder).startswith(ALIGNED_ENCODER_PREFIX))
     have = (db.exists("centroids") or db.exists("clusters")) and db.exists("assignments")
     old_k = read_centroids(db).shape[0] if have else None
     if config.mode == "assign" and not have:
@@ -134,8 +137,10 @@ def concept_clusters(context: dg.AssetExecutionContext, config: ConceptClustersC
     else:
         cent = read_centroids(db)
         state = layout_state(db)
-        old_cfg = (set(state["clusters_per_bucket"].to_list()), set(state["dtype"].to_list())) if state is not None else None
-        if old_cfg is not None and old_cfg != ({layout_cfg.clusters_per_bucket}, {layout_cfg.dtype}):
+        old_cfg = ((set(state["clusters_per_bucket"].to_list()), set(state["dtype"].to_list()),
+                    set(state["with_text"].to_list()) if "with_text" in state.columns else {False})
+                   if state is not None else None)
+        if old_cfg is not None and old_cfg != ({layout_cfg.clusters_per_bucket}, {layout_cfg.dtype}, {layout_cfg.with_text}):
             up = build_layout(db, cent, layout_cfg, assign_method=config.method)  # layout settings changed
         else:
             up = update_layout(db, cent, layout_cfg, assign_method=config.method)

@@ -91,6 +91,8 @@ class LayoutConfig:
         memory_budget_bytes: largest bucket (float32 vectors) read at once; larger buckets
             are processed cluster by cluster, larger clusters in blocks from a memmap.
         block: rows per similarity block inside a cluster.
+        with_text: also store the caption vector (column ``text_<dtype>``), for an ALIGNED
+            (CLIP) embeddings encoder, so CLIPCov and CLIP score read one bucket at a time.
     """
 
     clusters_per_bucket: int = DEFAULT_CLUSTERS_PER_BUCKET
@@ -98,6 +100,7 @@ class LayoutConfig:
     flush_rows: int = DEFAULT_FLUSH_ROWS
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET
     block: int = DEFAULT_BLOCK
+    with_text: bool = False
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -105,6 +108,11 @@ class LayoutConfig:
         for name in ("clusters_per_bucket", "flush_rows", "memory_budget_bytes", "block"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)}; expected >= 1")
+
+
+def text_column(dtype: str) -> str:
+    """Name of the caption vector column for ``dtype``."""
+    return "text_" + emb_column(dtype)[len("emb_"):]
 
 
 def emb_column(dtype: str) -> str:
@@ -245,7 +253,8 @@ class _Writer:
         self.rows = 0
         self.written = 0
 
-    def add(self, shard: str, uids: pa.Array, x: np.ndarray, ids: np.ndarray, cos: np.ndarray) -> None:
+    def add(self, shard: str, uids: pa.Array, x: np.ndarray, ids: np.ndarray, cos: np.ndarray,
+            text: np.ndarray | None = None) -> None:
         n = len(uids)
         shard_col = pa.array([shard] * n, pa.string()) if n else pa.array([], pa.string())
         self.asg.append(pa.table({"uid": uids.cast(pa.string()), "shard": shard_col,
@@ -257,6 +266,7 @@ class _Writer:
             "shard": shard_col,
             "cos_to_centroid": pa.array(cos, pa.float32()),
             emb_column(self.config.dtype): encode_vectors(x, self.config.dtype),
+            **({text_column(self.config.dtype): encode_vectors(text, self.config.dtype)} if self.config.with_text else {}),
         }))
         self.rows += n
         if self.rows >= self.config.flush_rows:
@@ -298,7 +308,8 @@ def _stream_assign(lake: Lake, centroids: np.ndarray, config: LayoutConfig, shar
     n = 0
     touched: set[int] = set()
     encoders: set[str] = set()
-    for shard, uids, mats, enc in iter_pool_partitions(lake, shards=shards, columns=("image",)):
+    cols = ("image", "text") if config.with_text else ("image",)
+    for shard, uids, mats, enc in iter_pool_partitions(lake, shards=shards, columns=cols):
         encoders |= enc
         if len(encoders) > 1:
             raise ValueError(f"embeddings from different encoders: {sorted(encoders)}; re-embed the shards with one encoder")
@@ -307,7 +318,7 @@ def _stream_assign(lake: Lake, centroids: np.ndarray, config: LayoutConfig, shar
             raise ValueError(f"shard {shard!r}: got {x.shape[1]}-dim embeddings; expected {centroids.shape[1]} (the centroids')")
         ids, cos = assign_any(x, centroids, method=assign_method, gpu=gpu)
         touched |= set(np.unique(ids).tolist())
-        writer.add(shard, uids, x, ids, cos)
+        writer.add(shard, uids, x, ids, cos, mats.get("text"))
         n += len(uids)
     writer.flush()
     return n, touched, encoders
@@ -319,6 +330,7 @@ def _write_shard_state(lake: Lake, fps: dict[str, str], config: LayoutConfig) ->
         "fingerprint": pl.Series([fps[s] for s in sorted(fps)], dtype=pl.String),
         "clusters_per_bucket": pl.Series([config.clusters_per_bucket] * len(fps), dtype=pl.Int32),
         "dtype": pl.Series([config.dtype] * len(fps), dtype=pl.String),
+        "with_text": pl.Series([config.with_text] * len(fps), dtype=pl.Boolean),
     }))
 
 
@@ -360,7 +372,8 @@ def update_layout(lake: Lake, centroids: np.ndarray, config: LayoutConfig = Layo
         return build_layout(lake, centroids, config, assign_method, gpu)
     cpb = set(state["clusters_per_bucket"].to_list())
     dts = set(state["dtype"].to_list())
-    if cpb != {config.clusters_per_bucket} or dts != {config.dtype}:
+    wt = set(state["with_text"].to_list()) if "with_text" in state.columns else {False}
+    if cpb != {config.clusters_per_bucket} or dts != {config.dtype} or wt != {config.with_text}:
         raise ValueError(f"layout: got clusters_per_bucket={config.clusters_per_bucket}, dtype={config.dtype!r}; "
                          f"the layout was written with {sorted(cpb)}, {sorted(dts)}; expected the same or mode 'retrain'")
     fps = partition_fingerprints(lake)
@@ -701,6 +714,124 @@ def _layout_dim(lake: Lake, dtype: str) -> int:
         if head.num_rows:
             return decode_vectors(head.column(0), dtype).shape[1]
     return 0
+
+
+# --------------------------------------------------------------------------- CLIP recipes over the layout
+
+
+def layout_has_text(lake: Lake) -> bool:
+    """True when ``pool_by_cluster`` carries caption vectors (written with ``with_text``)."""
+    if not lake.exists(LAYOUT_TABLE):
+        return False
+    names = [f.name for f in pa.schema(lake.table(LAYOUT_TABLE).schema().to_arrow())]
+    return any(text_column(dt) in names for dt in DTYPES)
+
+
+def _read_pairs(ds, bucket: str, dtype: str):
+    t = ds.to_table(columns=["uid", emb_column(dtype), text_column(dtype)], filter=pc.field("bucket") == bucket)
+    return (binary_column_to_bytes(t.column("uid")), decode_vectors(t.column(emb_column(dtype)), dtype),
+            decode_vectors(t.column(text_column(dtype)), dtype))
+
+
+def _rows_of(bucket_uids: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """Row of each wanted uid (n, 16) in the bucket's uids."""
+    v, w = _void(bucket_uids), _void(want)
+    order = np.argsort(v, kind="stable")
+    pos = np.searchsorted(v[order], w)
+    pos = np.minimum(pos, max(0, v.size - 1))
+    if w.size and (v.size == 0 or not np.array_equal(v[order][pos], w)):
+        raise ValueError(f"{LAYOUT_TABLE}: got uids missing from their bucket; expected the layout to cover the pool "
+                         "(re-materialize concept_clusters)")
+    return order[pos]
+
+
+def bucket_clipcov(item: tuple, root: str, storage_options: dict | None, dtype: str, max_dense: int, large: str,
+                   factorized: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Greedy CLIPCov for the classes of ONE bucket, read by this task from the lake.
+
+    ``item = (bucket, [(member_uids (m, 16) uint8 in visiting order, budget), ...])``; returns
+    one ``(picks, gains)`` per class (:func:`curation.select.clipcov.clipcov_greedy`)."""
+    from curation.select.clipcov import clipcov_greedy
+
+    bucket, classes = item
+    ds = Lake(root, storage_options or {}).table(LAYOUT_TABLE).to_pyarrow_dataset()
+    u, img, txt = _read_pairs(ds, bucket, dtype)
+    out = []
+    for members, b in classes:
+        r = _rows_of(u, members)
+        out.append(clipcov_greedy(img[r], txt[r], b, max_dense=max_dense, large=large, factorized=factorized))
+    return out
+
+
+def bucket_clip_scores(bucket: str, root: str, storage_options: dict | None, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(uids (n, 16) uint8, cos(image, caption) (n,) float32)`` of one bucket."""
+    from curation.select.clipcov import clip_scores
+
+    ds = Lake(root, storage_options or {}).table(LAYOUT_TABLE).to_pyarrow_dataset()
+    u, img, txt = _read_pairs(ds, bucket, dtype)
+    return u, clip_scores(img, txt)
+
+
+@dataclass(frozen=True)
+class LayoutRef:
+    """Where a recipe reads aligned vectors bucket by bucket: the lake root, options, dtype and
+    ``clusters_per_bucket`` of the ``pool_by_cluster`` layout (picklable, for Ray tasks)."""
+
+    root: str
+    storage_options: dict
+    dtype: str
+    clusters_per_bucket: int
+
+    @classmethod
+    def of(cls, lake: Lake) -> LayoutRef:
+        state = layout_state(lake)
+        cpb = sorted(set(state["clusters_per_bucket"].to_list())) if state is not None else []
+        if len(cpb) != 1:
+            raise ValueError(f"{LAYOUT_TABLE}: got clusters_per_bucket {cpb}; expected one layout")
+        return cls(lake.root, dict(lake.storage_options), layout_dtype(lake), int(cpb[0]))
+
+    def clip_scores(self, uids, executor: Executor | None = None) -> np.ndarray:
+        """(n,) float32 CLIP score of every pool uid (str), one bucket per task."""
+        executor = executor or InProcessExecutor()
+        lake = Lake(self.root, self.storage_options)
+        res = executor.map(bucket_clip_scores, lake.partitions(LAYOUT_TABLE), root=self.root,
+                           storage_options=self.storage_options or None, dtype=self.dtype)
+        u = np.concatenate([r[0] for r in res]) if res else np.zeros((0, UID_BYTES), np.uint8)
+        sc = np.concatenate([r[1] for r in res]) if res else np.zeros(0, np.float32)
+        return sc[_rows_of(u, uids_to_bytes(uids))]
+
+    def clipcov(self, uids, class_ids: np.ndarray, n_keep: int, max_dense: int, large: str, factorized: bool,
+                executor: Executor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:func:`curation.select.clipcov.clipcov_select` (classes = clusters) with each bucket's
+        classes run by one task that reads its bucket: the same budgets, member order and greedy,
+        so the same result. Returns ``(kept, pos, gain)`` indexing ``uids``."""
+        from curation.select.budgets import ssp_budgets
+
+        executor = executor or InProcessExecutor()
+        class_ids = np.asarray(class_ids, dtype=np.int64)
+        ub = uids_to_bytes(uids)
+        hi, lo = uid_sort_keys(ub)
+        order = np.lexsort((lo, hi, class_ids)).astype(np.int64)  # by class, then uid
+        classes, starts, counts = np.unique(class_ids[order], return_index=True, return_counts=True)
+        budgets = ssp_budgets(counts, n_keep)
+        by_bucket: dict[int, list] = {}
+        for c, s, cnt, b in zip(classes.tolist(), starts.tolist(), counts.tolist(), budgets.tolist()):
+            if b > 0:
+                by_bucket.setdefault(c // self.clusters_per_bucket, []).append((order[s : s + cnt], int(b)))
+        names = bucket_names(np.array(sorted(by_bucket), dtype=np.int64) * self.clusters_per_bucket,
+                             self.clusters_per_bucket).to_list()
+        items = [(name, [(ub[m], b) for m, b in by_bucket[bk]]) for name, bk in zip(names, sorted(by_bucket))]
+        res = executor.map(bucket_clipcov, items, root=self.root, storage_options=self.storage_options or None,
+                           dtype=self.dtype, max_dense=max_dense, large=large, factorized=factorized)
+        kept, pos, gain = [], [], []
+        for bk, r in zip(sorted(by_bucket), res):
+            for (members, b), (p, g) in zip(by_bucket[bk], r):
+                kept.append(members[p])
+                pos.append(np.arange(b, dtype=np.int64))
+                gain.append(g)
+        if not kept:
+            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64)
+        return np.concatenate(kept), np.concatenate(pos), np.concatenate(gain)
 
 
 def iter_layout(lake: Lake, dtype: str | None = None):

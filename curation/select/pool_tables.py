@@ -159,11 +159,18 @@ def read_recipe_pool(db: Lake, recipe: Recipe) -> Pool:
         if "n_neighbors" in cl.columns and cl.height > 1 and int(cl["n_neighbors"][0]) == min(recipe.n_neighbors, cl.height - 1):
             d_inter = cl["d_inter"].to_numpy().astype(np.float64)
     img = txt = None
+    layout = None
     if recipe.needs_aligned:
-        img, txt, _ = read_aligned(db, uids)
+        from curation.select.layout import LayoutRef, layout_has_text
+
+        if (not db.exists("filter_embeddings") and layout_has_text(db)
+                and db.table("pool_by_cluster").to_pyarrow_dataset().count_rows() == asg.height):
+            layout = LayoutRef.of(db)  # aligned vectors read one bucket at a time
+        else:
+            img, txt, _ = read_aligned(db, uids)
     return Pool(uids=uids.to_numpy().astype(str), cluster_ids=asg["cluster_id"].to_numpy().astype(np.int32),
                 cos_to_centroid=asg["cos_to_centroid"].to_numpy().astype(np.float32), centroids=cent,
-                max_sim=max_sim, image_aligned=img, text_aligned=txt, d_inter=d_inter)
+                max_sim=max_sim, image_aligned=img, text_aligned=txt, d_inter=d_inter, aligned_layout=layout)
 
 
 def aligned_source(db: Lake) -> str:

@@ -261,6 +261,9 @@ class Pool:
         text_aligned: (n, d') float32 aligned caption embeddings, or None.
         d_inter: (k,) float64 stored ``d_inter`` of every cluster (complexity_scores'
             output; it depends only on the centroids), or None (DBP computes it).
+        aligned_layout: a :class:`curation.select.layout.LayoutRef` whose buckets carry the
+            aligned image/caption vectors, used by clipscore/clipcov INSTEAD of the two
+            (n, d') matrices (one bucket per task; same results).
     """
 
     uids: np.ndarray
@@ -272,6 +275,7 @@ class Pool:
     image_aligned: np.ndarray | None = None
     text_aligned: np.ndarray | None = None
     d_inter: np.ndarray | None = None
+    aligned_layout: Any = None
 
     def __post_init__(self):
         n = len(self.uids)
@@ -416,9 +420,12 @@ def _aligned(pool: Pool) -> tuple[np.ndarray, np.ndarray]:
     return pool.image_aligned, pool.text_aligned
 
 
-def _clipscore(recipe, pool, cand):
-    img, txt = _aligned(pool)
-    scores = clip_scores(img, txt)[cand].astype(np.float64)  # row-wise: no (n, d) copies
+def _clipscore(recipe, pool, cand, executor=None):
+    if pool.image_aligned is None and pool.aligned_layout is not None:
+        scores = pool.aligned_layout.clip_scores(pool.uids, executor=executor)[cand].astype(np.float64)
+    else:
+        img, txt = _aligned(pool)
+        scores = clip_scores(img, txt)[cand].astype(np.float64)  # row-wise: no (n, d) copies
     uids = np.asarray(pool.uids)[cand]
     if recipe.threshold is not None:
         top = top_by_score(scores, uids, threshold=recipe.threshold)
@@ -428,18 +435,24 @@ def _clipscore(recipe, pool, cand):
 
 
 def _clipcov(recipe, pool, cand, executor=None):
-    img, txt = _aligned(pool)
     cid = np.asarray(pool.cluster_ids, dtype=np.int64)[cand]
     n_keep = n_keep_for(recipe.keep_fraction, cand.size)
-    if executor is not None and executor.kind != "in-process":
+    if pool.image_aligned is None and pool.aligned_layout is not None:
+        # one task per bucket reads its classes' vectors from the lake (same result)
+        kept_local, pos, gain = pool.aligned_layout.clipcov(
+            np.asarray(pool.uids)[cand], cid, n_keep, max_dense=recipe.max_dense, large=recipe.large,
+            factorized=recipe.factorized, executor=executor)
+    elif executor is not None and executor.kind != "in-process":
         from curation.select.clipcov import clipcov_select_distributed
 
+        img, txt = _aligned(pool)
         # per-class greedy spread over the executor; identical results (tests/test_distributed.py)
         kept_local, pos, gain = clipcov_select_distributed(
             executor, img[cand], txt[cand], cid, np.asarray(pool.uids)[cand], n_keep,
             max_dense=recipe.max_dense, large=recipe.large, factorized=recipe.factorized,
         )
     else:
+        img, txt = _aligned(pool)
         kept_local, pos, gain = clipcov_select(
             img, txt, cid, np.asarray(pool.uids)[cand], n_keep,
             max_dense=recipe.max_dense, large=recipe.large, factorized=recipe.factorized, rows=cand,
@@ -476,8 +489,8 @@ def apply_recipe(recipe: Recipe, pool: Pool, executor=None) -> Selection:
         The :class:`Selection` (kept uids ordered by rank, with scores and stats).
     """
     cand = candidates(recipe, pool)
-    if recipe.method == "clipcov" and executor is not None:
-        kept, score, extra = _clipcov(recipe, pool, cand, executor=executor)
+    if recipe.method in ("clipcov", "clipscore") and executor is not None:
+        kept, score, extra = _APPLY[recipe.method](recipe, pool, cand, executor=executor)
     else:
         kept, score, extra = _APPLY[recipe.method](recipe, pool, cand)
     kept = np.asarray(kept, dtype=np.int64)
