@@ -10,7 +10,8 @@
 * :func:`centroids_frame` / :func:`read_centroids`: the ``centroids`` table (one writer:
   concept_clusters); :func:`clusters_frame`: the ``clusters`` rows (one writer:
   complexity_scores).
-* :func:`merge_assignments`: keep stored assignments, add new ones (mode ``assign``).
+* The auto/retrain/assign merge of assignments lives in :func:`curation.select.layout.update_layout`
+  (only new or changed shards are assigned; stored rows stay).
 """
 
 from __future__ import annotations
@@ -83,24 +84,6 @@ def align_to(uids, frame: pl.DataFrame, columns, table: str, hint: str = "") -> 
         raise ValueError(f"{table}: got no rows for {missing} of {want.height} pool uids; expected every pool sample"
                          + (f" ({hint})" if hint else ""))
     return j.select(cols)
-
-
-def merge_assignments(cur_uids, old: pl.DataFrame, new_idx: np.ndarray, new_ids: np.ndarray, new_cos: np.ndarray):
-    """Assignments of the current pool rows: stored ones where the uid had one, new ones at ``new_idx``.
-
-    Returns:
-        ``(cluster_ids (n,) int32, cos (n,) float32)`` in the order of ``cur_uids``.
-    """
-    n = len(cur_uids)
-    cur = pl.DataFrame({"uid": pl.Series(values=np.asarray(cur_uids, dtype=str), dtype=pl.String)}).with_row_index("row")
-    kept = cur.join(old, on="uid", how="inner")
-    ids = np.empty(n, np.int32)
-    cos = np.empty(n, np.float32)
-    rows = kept["row"].to_numpy()
-    ids[rows] = kept["cluster_id"].to_numpy()
-    cos[rows] = kept["cos_to_centroid"].to_numpy()
-    ids[new_idx], cos[new_idx] = new_ids, new_cos
-    return ids, cos
 
 
 def read_aligned(db: Lake, uids) -> tuple[np.ndarray, np.ndarray, str]:
