@@ -2,15 +2,21 @@
 
 Thin adapters over ``curation``:
 
-* ``concept_clusters`` (all shards' ``embeddings``): :func:`curation.select.clustering.train_centroids`
-  + :func:`~curation.select.clustering.assign` (mode ``retrain``), or only
-  :func:`~curation.select.clustering.assign_new` for uids not assigned yet (mode ``assign``; ``auto``
-  retrains only when no centroids exist or ``k`` changed) -> tables ``clusters`` and
-  ``assignments``. A new shard never forces re-clustering.
-* ``dedup_scores``: :func:`curation.select.semdedup.semdedup_scores_distributed` (in process unless Ray is configured) -> table ``dedup_scores``.
-* ``complexity_scores``: :func:`curation.select.clustering.cluster_complexity` -> the ``d_intra``,
-  ``d_inter``, ``complexity``, ``weight`` columns of ``clusters``.
-* ``pruned_subsets[recipe]``: :func:`curation.select.recipes.apply_recipe` -> the recipe's
+* ``concept_clusters`` (all shards' ``embeddings``): :func:`curation.select.layout.fit_centroids`
+  (k-means on a bounded sample) + :func:`~curation.select.layout.build_layout` (streaming
+  assignment, the ``pool_by_cluster`` bucket layout) in mode ``retrain``, or
+  :func:`~curation.select.layout.update_layout` (only new or changed shards) in mode ``assign``;
+  ``auto`` retrains only when no centroids exist or ``k`` changed -> tables ``centroids``,
+  ``assignments``, ``pool_by_cluster`` (their one writer). A new shard never forces re-clustering.
+* ``dedup_scores``: :func:`curation.select.layout.dedup_scores_by_bucket` (one bucket per task,
+  in process unless Ray is configured; only touched clusters recompute) -> ``dedup_scores``.
+* ``complexity_scores``: :func:`curation.select.clustering.cluster_complexity` -> the ``clusters``
+  table (its one writer): centroid, size, ``d_intra``, ``d_inter``, ``complexity``, ``weight``,
+  ``n_neighbors``, ``tau``. pruned_subsets' DBP reads the stored ``d_inter`` (so this edge carries
+  data) and recomputes only ``d_intra`` on the post-SemDeDup candidates, as the DBP paper prunes
+  the deduplicated pool.
+* ``pruned_subsets[recipe]``: :func:`curation.select.pool_tables.read_recipe_pool` (what the
+  recipe needs; DBP reuses complexity_scores' ``d_inter``) + :func:`curation.select.recipes.apply_recipe` -> the recipe's
   ``subsets`` partition, plus :func:`curation.select.export.export_subset` under
   ``artifacts/subsets/<recipe>/``. clipscore/clipcov read ALIGNED image/caption embeddings
   from ``filter_embeddings`` (written by ``filter_model``), or from ``embeddings`` itself when
@@ -24,7 +30,6 @@ from typing import Literal, Optional
 import dagster as dg
 import numpy as np
 import polars as pl
-import pyarrow as pa
 
 from assets.metadata import md_table
 from assets.partitions import recipe_partitions
@@ -33,81 +38,33 @@ from curation.select.clustering import (
     DEFAULT_NEIGHBORS,
     DEFAULT_NITER,
     DEFAULT_TAU,
-    Complexity,
-    assign,
-    assign_new,
     cluster_complexity,
     default_k,
-    train_centroids,
     use_gpu,
 )
-from curation.select.semdedup import EPS_GRID, removed_fraction
 from curation.select.export import export_subset
-from curation.storage.lake import Lake, list_column_to_matrix, matrix_to_list_column
-from curation.embed.pool_reader import read_pool
-from curation.select.recipes import Pool, apply_recipe, get_recipe, recipe_hash
-from curation.select.semdedup import semdedup_scores_distributed
+from curation.select.layout import (
+    DEFAULT_CLUSTERS_PER_BUCKET,
+    DEFAULT_MEMORY_BUDGET,
+    LayoutConfig,
+    build_layout,
+    dedup_scores_by_bucket,
+    fit_centroids,
+    layout_state,
+    update_layout,
+)
+from curation.select.pool_tables import ALIGNED_ENCODER_PREFIX, aligned_source, centroids_frame, clusters_frame, read_centroids, read_recipe_pool
+from curation.select.recipes import apply_recipe, get_recipe, recipe_hash
+from curation.select.semdedup import EPS_GRID, removed_fraction
+from curation.storage.lake import Lake
 from resources import ComputeResource, DatasetsResource, LakeResource
 from resources.distributed import DistributedResource
 
 GROUP = "curation"
-ALIGNED_ENCODER_PREFIX = "openclip:"
 ALL_SHARDS = dg.AllPartitionMapping()
 
 
-# --------------------------------------------------------------------------- table IO helpers
-
-
-def clusters_frame(centroids: np.ndarray, comp: Complexity) -> pa.Table:
-    """The ``clusters`` table rows (schema in docs/architecture.md)."""
-    k = centroids.shape[0]
-    return pa.table(
-        {
-            "cluster_id": pa.array(np.arange(k, dtype=np.int32)),
-            "centroid": matrix_to_list_column(centroids),
-            "size": pa.array(comp.size.astype(np.int64)),
-            "d_intra": pa.array(comp.d_intra.astype(np.float64)),
-            "d_inter": pa.array(comp.d_inter.astype(np.float64)),
-            "complexity": pa.array(comp.complexity.astype(np.float64)),
-            "weight": pa.array(comp.weight.astype(np.float64)),
-        }
-    )
-
-
-def read_centroids(db: Lake) -> np.ndarray:
-    """(k, d) float32 centroids of the ``clusters`` table, row ``j`` = cluster ``j``."""
-    df = db.read("clusters", columns=["cluster_id", "centroid"]).sort("cluster_id")
-    if not np.array_equal(df["cluster_id"].to_numpy(), np.arange(df.height)):
-        raise ValueError("clusters table: got cluster ids that are not 0..k-1; expected a dense range")
-    return list_column_to_matrix(df["centroid"])
-
-
-def read_assigned_pool(db: Lake, with_embeddings: bool) -> dict:
-    """Pool rows that have an assignment, aligned: uids, shards, cluster_ids, cos, (x).
-
-    Rows of ``embeddings`` without an assignment yet (shards that arrived after the last
-    ``concept_clusters`` run) are left out and counted in ``n_unassigned``.
-    """
-    asg = db.read("assignments", columns=["uid", "shard", "cluster_id", "cos_to_centroid"])
-    out: dict = {"centroids": read_centroids(db)}
-    if with_embeddings:
-        pe = read_pool(db, columns=("image",))
-        idx = (
-            pl.DataFrame({"uid": pl.Series(pe.uids, dtype=pl.String)})
-            .with_row_index("row")
-            .join(asg, on="uid", how="inner", maintain_order="left")
-        )
-        rows = idx["row"].to_numpy()
-        out["x"] = pe.image if rows.size == len(pe.uids) and np.array_equal(rows, np.arange(rows.size)) else pe.image[rows]
-        out["n_unassigned"] = len(pe.uids) - rows.size
-        asg = idx.drop("row")
-    else:
-        out["n_unassigned"] = 0
-    out["uids"] = asg["uid"].to_numpy().astype(str)
-    out["shards"] = asg["shard"].to_numpy().astype(str)
-    out["cluster_ids"] = asg["cluster_id"].to_numpy().astype(np.int32)
-    out["cos"] = asg["cos_to_centroid"].to_numpy().astype(np.float32)
-    return out
+# --------------------------------------------------------------------------- helpers
 
 
 def size_histogram(sizes: np.ndarray) -> str:
@@ -131,88 +88,90 @@ def size_histogram(sizes: np.ndarray) -> str:
 
 
 class ConceptClustersConfig(dg.Config):
-    """Spherical k-means settings. ``k`` None: keep the existing k, or ``default_k(N)`` when
-    there are no centroids yet. ``mode``: ``auto`` retrains only when no centroids exist or
-    ``k`` changed, else assigns only new uids; ``retrain`` always re-runs k-means; ``assign``
-    never does (fails without centroids)."""
+    """Spherical k-means settings and the cluster layout. ``k`` None: keep the existing k, or
+    ``default_k(N)`` when there are no centroids yet. ``mode``: ``auto`` retrains only when no
+    centroids exist or ``k`` changed, else assigns only new or changed shards (incremental);
+    ``retrain`` always re-runs k-means; ``assign`` never does (fails without centroids).
+    ``method``: ``flat`` (exact), ``two-level`` (sub-linear in k) or ``auto`` (flat up to
+    k = 2048). ``layout_dtype``: vector type of ``pool_by_cluster`` (float32 or float16)."""
 
     k: Optional[int] = None
     niter: int = DEFAULT_NITER
     seed: int = 0
     max_points_per_centroid: int = DEFAULT_MAX_POINTS_PER_CENTROID
     mode: Literal["auto", "retrain", "assign"] = "auto"
+    method: Literal["auto", "flat", "two-level"] = "auto"
+    clusters_per_bucket: int = DEFAULT_CLUSTERS_PER_BUCKET
+    layout_dtype: Literal["float32", "float16"] = "float32"
 
 
 @dg.asset(
     deps=[dg.AssetDep("embeddings", partition_mapping=ALL_SHARDS)],
     group_name=GROUP,
     kinds={"faiss", "delta"},
-    description="Concept clusters of the pool: spherical k-means centroids (`clusters`) and each "
-    "sample's cluster and cos_to_centroid (`assignments`). New shards are assigned to the existing "
-    "centroids without retraining (mode auto).",
+    description="Concept clusters of the pool: spherical k-means centroids trained on a bounded sample "
+    "(`centroids`), each sample's cluster and cos_to_centroid (`assignments`) and the vectors laid out by "
+    "cluster bucket (`pool_by_cluster`), written by streaming the shard partitions once. New or changed "
+    "shards are assigned to the existing centroids without retraining (mode auto).",
 )
 def concept_clusters(context: dg.AssetExecutionContext, config: ConceptClustersConfig, lake: LakeResource) -> dg.MaterializeResult:
     t0 = time.perf_counter()
     db = lake.lake()
-    pe = read_pool(db, columns=("image",))
-    n = len(pe.uids)
-    if n == 0:
+    if not db.exists("embeddings") or db.table("embeddings").to_pyarrow_dataset().count_rows() == 0:
         raise ValueError("embeddings table: got no rows; expected embedded samples (materialize embeddings first)")
-    have = db.exists("clusters") and db.exists("assignments")
-    old_k = db.table("clusters").to_pyarrow_dataset().count_rows() if have else None
-    k = config.k if config.k is not None else (old_k or default_k(n))
+    encoder = db.table("embeddings").to_pyarrow_dataset().head(1, columns=["encoder"]).column(0)[0].as_py()
+    # an aligned (CLIP) encoder: the layout also carries caption vectors for CLIPCov / CLIP score
+    layout_cfg = LayoutConfig(clusters_per_bucket=config.clusters_per_bucket, dtype=config.layout_dtype,
+                              with_text=str(encoder).startswith(ALIGNED_ENCODER_PREFIX))
+    have = (db.exists("centroids") or db.exists("clusters")) and db.exists("assignments")
+    old_k = read_centroids(db).shape[0] if have else None
     if config.mode == "assign" and not have:
         raise ValueError("mode: got 'assign' but no centroids exist; expected 'auto' or 'retrain' first")
+    n_pool = db.table("embeddings").to_pyarrow_dataset().count_rows()
+    k = config.k if config.k is not None else (old_k or default_k(n_pool))
     retrain = config.mode == "retrain" or (config.mode == "auto" and (not have or k != old_k))
     if retrain:
-        cent = train_centroids(pe.image, k, niter=config.niter, seed=config.seed,
-                               max_points_per_centroid=config.max_points_per_centroid)
-        ids, cos = assign(pe.image, cent)
-        n_new = n
+        cent, _ = fit_centroids(db, k, niter=config.niter, seed=config.seed,
+                                max_points_per_centroid=config.max_points_per_centroid, method=config.method)
+        up = build_layout(db, cent, layout_cfg, assign_method=config.method)
     else:
         cent = read_centroids(db)
-        old = db.read("assignments", columns=["uid", "cluster_id", "cos_to_centroid"])
-        cur = pl.DataFrame({"uid": pl.Series(pe.uids, dtype=pl.String)}).with_row_index("row")
-        kept = cur.join(old, on="uid", how="inner")
-        new_idx, new_ids, new_cos = assign_new(pe.uids, pe.image, cent, kept["uid"])
-        ids = np.empty(n, np.int32)
-        cos = np.empty(n, np.float32)
-        rows = kept["row"].to_numpy()
-        ids[rows] = kept["cluster_id"].to_numpy()
-        cos[rows] = kept["cos_to_centroid"].to_numpy()
-        ids[new_idx], cos[new_idx] = new_ids, new_cos
-        n_new = int(new_idx.size)
+        state = layout_state(db)
+        old_cfg = ((set(state["clusters_per_bucket"].to_list()), set(state["dtype"].to_list()),
+                    set(state["with_text"].to_list()) if "with_text" in state.columns else {False})
+                   if state is not None else None)
+        if old_cfg is not None and old_cfg != ({layout_cfg.clusters_per_bucket}, {layout_cfg.dtype}, {layout_cfg.with_text}):
+            up = build_layout(db, cent, layout_cfg, assign_method=config.method)  # layout settings changed
+        else:
+            up = update_layout(db, cent, layout_cfg, assign_method=config.method)
         k = cent.shape[0]
-    comp = cluster_complexity(ids, cos, cent)
-    db.write("clusters", clusters_frame(cent, comp))
-    db.write(
-        "assignments",
-        pl.DataFrame(
-            {
-                "uid": pl.Series(pe.uids, dtype=pl.String),
-                "shard": pl.Series(pe.shards, dtype=pl.String),
-                "cluster_id": pl.Series(ids, dtype=pl.Int32),
-                "cos_to_centroid": pl.Series(cos, dtype=pl.Float32),
-            }
-        ),
-    )
+    db.write("centroids", centroids_frame(cent))
+    asg = db.read("assignments", columns=["cluster_id"])
+    sizes = np.bincount(asg["cluster_id"].to_numpy(), minlength=cent.shape[0])
     seconds = time.perf_counter() - t0
-    context.log.info("concept_clusters: %s, k=%d, n=%d, newly assigned %d", "retrained" if retrain else "assigned", k, n, n_new)
+    n = up.n_rows
+    context.log.info("concept_clusters: %s, k=%d, n=%d, newly assigned %d", "retrained" if retrain else up.mode, k, n, up.n_new)
     return dg.MaterializeResult(
         metadata={
             "mode": "retrain" if retrain else "assign",
+            "layout_update": up.mode,
             "k": k,
             "rows": n,
-            "newly_assigned": n_new,
-            "encoder": pe.encoder or "",
+            "newly_assigned": up.n_new,
+            "shards_streamed": len(up.added_shards),
+            "shards_removed": len(up.removed_shards),
+            "touched_clusters": int(len(up.touched_clusters)),
+            "layout_dtype": layout_cfg.dtype,
+            "clusters_per_bucket": layout_cfg.clusters_per_bucket,
+            "encoder": up.encoders[0] if len(up.encoders) == 1 else "",
             "seed": config.seed,
             "niter": config.niter,
+            "method": config.method,
             "gpu": use_gpu(),
-            "empty_clusters": int((comp.size == 0).sum()),
-            "mean_cos_to_centroid": float(cos.mean()),
+            "empty_clusters": int((sizes == 0).sum()),
             "seconds": round(seconds, 3),
-            "throughput_per_s": round(n / seconds, 1) if seconds > 0 else 0.0,
-            "cluster_size_histogram": dg.MetadataValue.md(size_histogram(comp.size)),
+            "throughput_per_s": round(up.n_new / seconds, 1) if seconds > 0 else 0.0,
+            "cluster_size_histogram": dg.MetadataValue.md(size_histogram(sizes)),
         }
     )
 
@@ -232,21 +191,12 @@ def dedup_scores(
 ) -> dg.MaterializeResult:
     t0 = time.perf_counter()
     db = lake.lake()
-    p = read_assigned_pool(db, with_embeddings=True)
-    # in process by default; per-cluster work on Ray when the resource names an address
-    # (identical scores: tests/test_distributed.py); Ray starts lazily
+    # one bucket per task, each task reads its bucket from the lake (in process unless Ray is
+    # configured; identical scores: tests/test_distributed.py); only touched clusters recompute
     with distributed.executor(compute.spec()) as ex:
-        m = semdedup_scores_distributed(ex, p["x"], p["cluster_ids"], p["cos"], p["uids"])
-    db.write(
-        "dedup_scores",
-        pl.DataFrame(
-            {
-                "uid": pl.Series(p["uids"], dtype=pl.String),
-                "cluster_id": pl.Series(p["cluster_ids"], dtype=pl.Int32),
-                "max_sim_to_earlier": pl.Series(m, dtype=pl.Float32),
-            }
-        ),
-    )
+        du = dedup_scores_by_bucket(db, ex, LayoutConfig(memory_budget_bytes=DEFAULT_MEMORY_BUDGET))
+    db.write("dedup_scores", du.frame)
+    m = du.frame["max_sim_to_earlier"].to_numpy()
     fr = removed_fraction(m, EPS_GRID)
     seconds = time.perf_counter() - t0
     grid = pl.DataFrame({"eps": list(fr), "removed_fraction": list(fr.values()),
@@ -254,11 +204,14 @@ def dedup_scores(
     return dg.MaterializeResult(
         metadata={
             "rows": len(m),
-            "unassigned_skipped": p["n_unassigned"],
+            "update": du.mode,
+            "clusters_recomputed": du.recomputed_clusters,
+            "clusters_updated_exactly": du.updated_clusters,
+            "rows_scored": du.rows_scored,
             **{f"removed_fraction@eps={e}": v for e, v in fr.items()},
             "removed_by_eps": dg.MetadataValue.md(md_table(grid)),
             "seconds": round(seconds, 3),
-            "throughput_per_s": round(len(m) / seconds, 1) if seconds > 0 else 0.0,
+            "throughput_per_s": round(du.rows_scored / seconds, 1) if seconds > 0 else 0.0,
         }
     )
 
@@ -339,37 +292,6 @@ class PrunedSubsetsConfig(dg.Config):
     write_shards: bool = True
 
 
-def read_aligned(db: Lake, uids: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
-    """ALIGNED image/caption embeddings for ``uids`` (in that order) and where they came from.
-
-    ``filter_embeddings`` (the filter_model's CLIP) when it exists, else ``embeddings`` when
-    its encoder is a CLIP (``openclip:...``).
-
-    Raises:
-        ValueError: no aligned source, or some uids have no aligned embeddings.
-    """
-    want = pl.DataFrame({"uid": pl.Series(uids, dtype=pl.String)}).with_row_index("row")
-    if db.exists("filter_embeddings"):
-        fe = db.read("filter_embeddings", columns=["uid", "image_emb", "text_emb", "model"])
-        j = want.join(fe, on="uid", how="left", maintain_order="left")
-        missing = j.filter(pl.col("image_emb").is_null()).height
-        if missing:
-            raise ValueError(f"filter_embeddings: got no rows for {missing} of {len(uids)} pool uids; expected every pool sample (re-materialize filter_model)")
-        models = j["model"].unique().to_list()
-        return list_column_to_matrix(j["image_emb"]), list_column_to_matrix(j["text_emb"]), f"filter_embeddings:{','.join(models)}"
-    pe = read_pool(db, columns=("image", "text"))
-    if not (pe.encoder or "").startswith(ALIGNED_ENCODER_PREFIX):
-        raise ValueError(
-            f"aligned embeddings: got no filter_embeddings table and embeddings encoder {pe.encoder!r}; "
-            f"expected filter_model to be materialized or an '{ALIGNED_ENCODER_PREFIX}' embeddings encoder"
-        )
-    j = want.join(pl.DataFrame({"uid": pl.Series(pe.uids, dtype=pl.String)}).with_row_index("src"), on="uid", how="left", maintain_order="left")
-    if j["src"].null_count():
-        raise ValueError(f"embeddings: got no rows for {j['src'].null_count()} assigned uids; expected all")
-    src = j["src"].to_numpy()
-    return pe.image[src], pe.text[src], f"embeddings:{pe.encoder}"
-
-
 @dg.asset(
     partitions_def=recipe_partitions,
     deps=[
@@ -396,22 +318,8 @@ def pruned_subsets(
     t0 = time.perf_counter()
     recipe = get_recipe(context.partition_key)
     db = lake.lake()
-    p = read_assigned_pool(db, with_embeddings=False)
-    max_sim = None
-    if recipe.needs_dedup:
-        if not db.exists("dedup_scores"):
-            raise ValueError(f"recipe {recipe.name!r} needs SemDeDup scores: got no dedup_scores table; expected it materialized")
-        ds = db.read("dedup_scores", columns=["uid", "max_sim_to_earlier"])
-        j = pl.DataFrame({"uid": pl.Series(p["uids"], dtype=pl.String)}).join(ds, on="uid", how="left", maintain_order="left")
-        if j["max_sim_to_earlier"].null_count():
-            raise ValueError(f"dedup_scores: got no score for {j['max_sim_to_earlier'].null_count()} assigned uids; expected all (re-materialize dedup_scores)")
-        max_sim = j["max_sim_to_earlier"].to_numpy().astype(np.float32)
-    img = txt = None
-    aligned_source = ""
-    if recipe.needs_aligned:
-        img, txt, aligned_source = read_aligned(db, p["uids"])
-    pool = Pool(uids=p["uids"], cluster_ids=p["cluster_ids"], cos_to_centroid=p["cos"], centroids=p["centroids"],
-                max_sim=max_sim, image_aligned=img, text_aligned=txt)
+    pool = read_recipe_pool(db, recipe)  # what the recipe needs; DBP reuses complexity_scores' d_inter
+    aligned = aligned_source(db) if recipe.needs_aligned else ""
     with distributed.executor(compute.spec()) as ex:  # per-class CLIPCov on Ray when configured
         sel = apply_recipe(recipe, pool, executor=ex)
     frame = sel.to_frame()
@@ -420,7 +328,7 @@ def pruned_subsets(
 
     samples = db.read("samples", columns=["uid", "dataset", "shard", "key", "caption", "member"])
     kept_samples = samples.join(frame.select("uid"), on="uid", how="semi")
-    extra = {"recipe_hash": recipe_hash(recipe), "aligned_source": aligned_source,
+    extra = {"recipe_hash": recipe_hash(recipe), "aligned_source": aligned,
              **{k: v for k, v in sel.stats.items() if k not in ("budgets", "sizes")}}
     out_dir = lake.artifacts("subsets", recipe.name)
     exp = export_subset(out_dir, frame, kept_samples, datasets.landing, recipe=recipe.to_dict(), extra=extra,
@@ -447,8 +355,8 @@ def pruned_subsets(
         "seconds": round(seconds, 3),
         "preview": dg.MetadataValue.md(md_table(preview)),
     }
-    if aligned_source:
-        meta["aligned_source"] = aligned_source
+    if aligned:
+        meta["aligned_source"] = aligned
     if "budgets" in sel.stats:
         b, s = sel.stats["budgets"], sel.stats["sizes"]
         nz = s > 0

@@ -1,5 +1,13 @@
 """Pruning at scale: every pool-wide stage on synthetic clustered unit vectors.
 
+Two modes. ``--mode lake`` (default): the asset-level, out-of-core path. Synthetic shards of
+``--shard-rows`` rows are written to a Delta lake, then a fresh process runs k-means on a
+bounded sample, the streaming assignment + ``pool_by_cluster`` layout, complexity, SemDeDup per
+bucket and the ``dbp@0.5`` recipe, then re-curates one new shard incrementally; it prints per
+stage seconds, bytes read/written, the ratio to one sgemm of the same FLOPs, peak RSS, and (for
+N <= 200k) parity with the in-memory path. ``--mode memory``: the library functions on one
+in-memory matrix (described below).
+
 Data: a vMF-like mixture of ``concepts`` (default k) directions in ``d`` dims, each concept
 with its own spread (so cluster complexity varies), plus planted near-duplicates: a
 ``dup_fraction`` of the rows are replaced by a copy of another row plus tiny noise
@@ -15,7 +23,9 @@ caption matrix exists) and at the end; each N runs in its own subprocess.
 
 Usage::
 
-    python benchmarks/prune_scale.py                 # N = 100k and 1M, d 512, k 1000
+    python benchmarks/prune_scale.py --n 1000000 --k 1000 [--dtype float16]   # lake mode
+    python benchmarks/prune_scale.py --n 10000000 --k 10000                   # the 10M run
+    python benchmarks/prune_scale.py --mode memory   # N = 100k and 1M, d 512, k 1000
     python benchmarks/prune_scale.py --n 20000 --k 100 --d 64   # a quick run
     python benchmarks/prune_scale.py --json out.json
 
@@ -162,6 +172,236 @@ def run_one(n: int, d: int, k: int, dup_fraction: float, eps: float, seed: int, 
     return out
 
 
+# --------------------------------------------------------------------------- the lake path
+
+
+LAKE_STAGES = ("kmeans", "layout", "complexity", "semdedup", "dbp_select",
+               "incr_layout", "incr_semdedup", "incr_complexity", "incr_select")
+
+
+def io_bytes() -> tuple[int, int]:
+    """(bytes read, bytes written) by this process through read/write syscalls (/proc/self/io)."""
+    try:
+        d = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+        return int(d["rchar"]), int(d["wchar"])
+    except OSError:  # pragma: no cover - not Linux
+        return 0, 0
+
+
+def sgemm_rate(d: int) -> float:
+    """FLOP/s of one large float32 matmul (4096 x d) @ (d x 4096) on this machine, now (median of 3)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4096, d), dtype=np.float32)
+    b = rng.standard_normal((4096, d), dtype=np.float32)
+    ts = []
+    for _ in range(3):
+        t = time.perf_counter()
+        a @ b.T
+        ts.append(time.perf_counter() - t)
+    return 2.0 * 4096 * 4096 * d / float(np.median(ts))
+
+
+def shard_rows_of(rng, centers, sigma, rows: int, dup_fraction: float) -> np.ndarray:
+    """One shard of the synthetic pool: (rows, d) float32 unit vectors from the concept
+    mixture, with ``dup_fraction`` of them replaced by near-copies (cos ~ 0.998) of other
+    rows of the same shard."""
+    k, d = centers.shape
+    c = rng.integers(0, k, rows)
+    x = rng.standard_normal((rows, d), dtype=np.float32)
+    x *= sigma[c, None]
+    x += centers[c]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    m = int(round(dup_fraction * rows))
+    perm = rng.permutation(rows)
+    orig, dup = perm[:m], perm[m : 2 * m]
+    x[dup] = x[orig] + rng.standard_normal((m, d), dtype=np.float32) * np.float32(0.002)
+    x[dup] /= np.linalg.norm(x[dup], axis=1, keepdims=True)
+    return x
+
+
+def _concepts(d: int, k: int, seed: int):
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((k, d), dtype=np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    sigma = (rng.uniform(0.75, 2.0, k) / np.sqrt(d)).astype(np.float32)
+    return centers, sigma
+
+
+def _shard_table(x: np.ndarray, first_uid: int, shard: str):
+    import pyarrow as pa
+
+    from curation.storage.lake import matrix_to_list_column
+
+    n = x.shape[0]
+    return pa.table({
+        "uid": pa.array([f"{j:032x}" for j in range(first_uid, first_uid + n)], pa.string()),
+        "shard": pa.array([shard] * n, pa.string()),
+        "image_emb": matrix_to_list_column(x),
+        "text_emb": matrix_to_list_column(x[:, :8]),
+        "encoder": pa.array(["synthetic"] * n, pa.string()),
+    })
+
+
+def write_lake(root: str, n: int, d: int, k: int, shard_rows: int, dup_fraction: float, seed: int,
+               per_commit: int = 20) -> int:
+    """Synthetic embeddings written as ``n / shard_rows`` shard partitions, streamed shard by
+    shard (``per_commit`` shards per Delta commit), never the whole pool in memory."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    centers, sigma = _concepts(d, k, seed)
+    tables = []
+    for i, s in enumerate(range(0, n, shard_rows)):
+        e = min(n, s + shard_rows)
+        x = shard_rows_of(np.random.default_rng((seed, i)), centers, sigma, e - s, dup_fraction)
+        tables.append(_shard_table(x, s, f"syn-{i:05d}"))
+        if len(tables) == per_commit or e == n:
+            write_deltalake(root + "/embeddings", pa.concat_tables(tables), partition_by=["shard"], mode="append")
+            tables = []
+    return n * d * 4
+
+
+def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: int, dtype: str, shard_rows: int,
+             dup_fraction: float) -> dict:
+    """The asset-level path on a lake (what concept_clusters, dedup_scores, complexity_scores and
+    pruned_subsets[dbp@0.5] call), then a new shard re-curated incrementally."""
+    import polars as pl
+
+    from curation.select.clustering import cluster_complexity
+    from curation.select.layout import LayoutConfig, build_layout, dedup_scores_by_bucket, fit_centroids, update_layout
+    from curation.select.pool_tables import clusters_frame, read_recipe_pool
+    from curation.select.recipes import apply_recipe, parse_recipe
+    from curation.storage.lake import Lake
+
+    lake = Lake(root)
+    cfg = LayoutConfig(dtype=dtype)
+    recipe = parse_recipe("dbp@0.5", {"method": "dbp", "keep_fraction": 0.5, "after_semdedup_eps": eps})
+    sec, rd, wr = {}, {}, {}
+    rate = sgemm_rate(d)
+    rss0 = peak_rss_bytes()
+
+    def stage(name, fn):
+        r0, w0 = io_bytes()
+        t = time.perf_counter()
+        out = fn()
+        sec[name] = time.perf_counter() - t
+        r1, w1 = io_bytes()
+        rd[name], wr[name] = r1 - r0, w1 - w0
+        return out
+
+    cent, _ = stage("kmeans", lambda: fit_centroids(lake, k, niter=niter, seed=seed))
+    stage("layout", lambda: build_layout(lake, cent, cfg))
+
+    def complexity():  # what concept_clusters / complexity_scores write to `clusters`
+        a = lake.read("assignments", columns=["cluster_id", "cos_to_centroid"])
+        comp = cluster_complexity(a["cluster_id"].to_numpy(), a["cos_to_centroid"].to_numpy(), cent)
+        lake.write("clusters", clusters_frame(cent, comp))
+        return comp
+
+    stage("complexity", complexity)
+
+    def semdedup(incremental):
+        du = dedup_scores_by_bucket(lake, config=cfg, incremental=incremental)
+        lake.write("dedup_scores", du.frame)
+        return du
+
+    stage("semdedup", lambda: semdedup(False))
+
+    def select():
+        pool = read_recipe_pool(lake, recipe)
+        return apply_recipe(recipe, pool)
+
+    sel = stage("dbp_select", select)
+    rss_full = peak_rss_bytes()
+    parity = None
+    if n <= int(os.environ.get("PRUNE_SCALE_PARITY_MAX_N", "200000")):
+        parity = _parity(lake, cent, recipe, sel)
+    full_s = sum(sec.values())
+    sizes = lake.read("assignments", columns=["cluster_id"])["cluster_id"].value_counts()["count"].to_numpy()
+    # a new 10k-sample shard, re-curated incrementally
+    from deltalake import write_deltalake
+
+    centers, sigma = _concepts(d, k, seed)  # the same concepts, a new shard of new rows
+    xn = shard_rows_of(np.random.default_rng((seed, 10**9)), centers, sigma, shard_rows, dup_fraction)
+    write_deltalake(root + "/embeddings", _shard_table(xn, n, "syn-new"), partition_by=["shard"], mode="append")
+    del xn
+    up = stage("incr_layout", lambda: update_layout(lake, cent, cfg))
+    du = stage("incr_semdedup", lambda: semdedup(True))
+    stage("incr_complexity", complexity)
+    sel2 = stage("incr_select", select)
+    incr_s = sec["incr_layout"] + sec["incr_semdedup"] + sec["incr_complexity"] + sec["incr_select"]
+    n_sample = min(n, 256 * k)
+    flops = {"kmeans": 2.0 * niter * n_sample * k * d, "layout": 2.0 * n * k * d,
+             "semdedup": float((sizes.astype(np.float64) ** 2).sum() * d)}
+    m = pl.read_delta(root + "/dedup_scores").sort("uid")
+    dump = os.environ.get("PRUNE_SCALE_DUMP")
+    if dump:  # M (sorted by uid) and the full run's DBP kept uids, to compare layouts (float32 vs float16)
+        Path(dump).mkdir(parents=True, exist_ok=True)
+        np.save(f"{dump}/m_{dtype}_{n}.npy", m["max_sim_to_earlier"].to_numpy())
+        np.save(f"{dump}/kept_{dtype}_{n}.npy", np.sort(sel.uids.astype("U32")))
+    return {
+        "n": n, "d": d, "k": k, "dtype": dtype, "niter": niter, "eps": eps, "shard_rows": shard_rows,
+        "parity_with_in_memory": parity,
+        "seconds": sec, "bytes_read": rd, "bytes_written": wr,
+        "sgemm_gflops": rate / 1e9,
+        "ratio_to_sgemm": {s: sec[s] / (f / rate) for s, f in flops.items()},
+        "full_s": full_s, "incremental_s": incr_s, "incremental_fraction": incr_s / full_s,
+        "incr_new_rows": up.n_new, "incr_touched_clusters": int(len(up.touched_clusters)),
+        "incr_mode": du.mode, "incr_rows_scored": du.rows_scored,
+        "dbp_kept": sel.stats["n_kept"], "dbp_kept_after_new_shard": sel2.stats["n_kept"],
+        "removed_at_eps": float((m["max_sim_to_earlier"].to_numpy() > 1 - eps).mean()),
+        "budgets": sel.stats["budgets"].tolist(),
+        "kept_uids_hash": __import__("hashlib").sha256("".join(sorted(sel.uids.tolist())).encode()).hexdigest()[:16],
+        "x_bytes": n * d * 4, "rss_baseline": rss0, "peak_rss_full": rss_full, "peak_rss": peak_rss_bytes(),
+        "cluster_size_min_med_max": [int(sizes.min()), int(np.median(sizes)), int(sizes.max())],
+    }
+
+
+def _parity(lake, cent, recipe, sel) -> dict:
+    """The in-memory path on the same pool and centroids (one (N, d) matrix): are the SemDeDup
+    scores, the DBP budgets and the kept uids identical to the out-of-core ones?"""
+    import polars as pl
+
+    from curation.embed.pool_reader import read_pool
+    from curation.select.clustering import assign
+    from curation.select.recipes import Pool, apply_recipe
+    from curation.select.semdedup import semdedup_scores
+
+    pe = read_pool(lake, columns=("image",))
+    ids, cos = assign(pe.image, cent)
+    m = semdedup_scores(pe.image, ids, cos, pe.uids)
+    stored = pl.read_delta(lake.uri("dedup_scores"))
+    j = pl.DataFrame({"uid": pe.uids, "m": m}).join(stored, on="uid")
+    ref = apply_recipe(recipe, Pool(uids=pe.uids, cluster_ids=ids, cos_to_centroid=cos, centroids=cent, max_sim=m))
+    return {"rows_compared": j.height,
+            "dedup_scores_identical": bool(j.height == len(m) and (j["m"] == j["max_sim_to_earlier"]).all()),
+            "budgets_identical": bool(np.array_equal(ref.stats["budgets"], sel.stats["budgets"])),
+            "kept_uids_identical": sorted(ref.uids.tolist()) == sorted(sel.uids.tolist())}
+
+
+def _fmt_lake(r: dict) -> str:
+    gib, mib = 2**30, 2**20
+    lines = [f"N={r['n']:,} d={r['d']} k={r['k']} layout {r['dtype']}  (X = {r['x_bytes'] / gib:.2f} GiB; "
+             f"one sgemm: {r['sgemm_gflops']:.1f} GFLOP/s)",
+             "| stage | seconds | read MiB | written MiB | x sgemm time of same FLOPs |", "|---|---|---|---|---|"]
+    for s in LAKE_STAGES:
+        if s in r["seconds"]:
+            ratio = r["ratio_to_sgemm"].get(s)
+            lines.append(f"| {s} | {r['seconds'][s]:.2f} | {r['bytes_read'][s] / mib:.0f} | {r['bytes_written'][s] / mib:.0f} | "
+                         + (f"{ratio:.2f}" if ratio is not None else "-") + " |")
+    lines.append(f"| full (kmeans..dbp_select) | {r['full_s']:.1f} | | | |")
+    lines.append(f"| new {r['shard_rows']:,}-row shard, incremental | {r['incremental_s']:.1f} "
+                 f"({100 * r['incremental_fraction']:.1f}% of full) | | | |")
+    lines.append(f"peak RSS {r['peak_rss'] / gib:.2f} GiB = {r['peak_rss'] / r['x_bytes']:.2f} x X "
+                 f"(after the full run {r['peak_rss_full'] / gib:.2f} GiB; imports only {r['rss_baseline'] / gib:.2f} GiB)")
+    lines.append(f"incremental: {r['incr_new_rows']:,} new rows touched {r['incr_touched_clusters']} clusters, "
+                 f"{r['incr_rows_scored']:,} rows scored ({r['incr_mode']}); removed at eps {r['eps']}: {r['removed_at_eps']:.4f}; "
+                 f"dbp kept {r['dbp_kept']:,}, uids hash {r['kept_uids_hash']}")
+    if r.get("parity_with_in_memory"):
+        lines.append(f"parity with the in-memory path: {r['parity_with_in_memory']}")
+    return "\n".join(lines)
+
+
 def _fmt_table(r: dict) -> str:
     gib = 2**30
     lines = [f"N={r['n']:,} d={r['d']} k={r['k']}  (X = {r['x_bytes'] / gib:.2f} GiB)", "| stage | seconds |", "|---|---|"]
@@ -193,9 +433,55 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-clipcov", action="store_true")
     ap.add_argument("--json", type=str, default=None, help="write all results here")
+    ap.add_argument("--mode", choices=("lake", "memory"), default="lake",
+                    help="lake: the asset-level out-of-core path from shard partitions (default); memory: the "
+                         "library functions on one in-memory matrix (the pre-layout path)")
+    ap.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="pool_by_cluster vector type")
+    ap.add_argument("--shard-rows", type=int, default=10_000)
+    ap.add_argument("--root", type=str, default=None, help="lake directory (default: a temporary one, removed)")
     ap.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+
+    if args.mode == "lake":
+        import shutil
+        import tempfile
+
+        results = []
+        for n in args.n:
+            root = args.root or tempfile.mkdtemp(prefix="prune_scale_")
+            gen = [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import prune_scale as p; "
+                   "p.write_lake(%r, %d, %d, %d, %d, %r, %d)" % (str(Path(__file__).parent), root, n, args.d, args.k,
+                                                                args.shard_rows, args.dup_fraction, args.seed)]
+            t = time.perf_counter()
+            subprocess.run(gen, check=True, env=os.environ.copy())
+            gen_s = time.perf_counter() - t
+            cmd = [sys.executable, "-c", "import sys, json; sys.path.insert(0, %r); import prune_scale as p; "
+                   "print(json.dumps(p.run_lake(%r, %d, %d, %d, %d, %r, %d, %r, %d, %r)))" % (
+                       str(Path(__file__).parent), root, n, args.d, args.k, args.niter, args.eps, args.seed,
+                       args.dtype, args.shard_rows, args.dup_fraction)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+            if not args.root:
+                shutil.rmtree(root, ignore_errors=True)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr)
+                return proc.returncode
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r["generate_s"] = gen_s
+            results.append(r)
+            print(_fmt_lake(r), flush=True)
+            print(flush=True)
+        if len(results) > 1:
+            a, b = results[0], results[-1]
+            per = (b["full_s"] / b["n"]) / (a["full_s"] / a["n"])
+            print(f"per-sample cost {b['n']:,} vs {a['n']:,}: x{per:.2f} (target <= 1.5)")
+        big = results[-1]
+        print(f"targets at N={big['n']:,}: peak RSS {big['peak_rss'] / 2**30:.2f} GiB (< 4 GiB: {big['peak_rss'] < 4 * 2**30}); "
+              f"incremental {100 * big['incremental_fraction']:.1f}% of full (< 5%: {big['incremental_fraction'] < 0.05}); "
+              f"SemDeDup x{big['ratio_to_sgemm']['semdedup']:.2f} of sgemm (< 2: {big['ratio_to_sgemm']['semdedup'] < 2})")
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return 0
 
     if args.single:
         r = run_one(args.n[0], args.d, args.k, args.dup_fraction, args.eps, args.seed, args.niter, args.skip_clipcov)

@@ -173,3 +173,38 @@ def test_chunk_groups_packs_in_order():
     assert chunk_groups(list("abcde"), [3, 3, 5, 1, 1], 6) == [["a", "b"], ["c", "d"], ["e"]]
     with pytest.raises(ValueError, match="rows_per_task"):
         chunk_groups([], [], 0)
+
+
+def test_layout_tasks_read_their_bucket_on_ray(ray_executor, tmp_path):
+    """SemDeDup and CLIPCov over the pool_by_cluster layout: each Ray task opens the lake and
+    reads its own bucket (only the lake root travels); results equal the in-process loop."""
+    import pyarrow as pa
+
+    from curation.ingest.ids import make_uid
+    from curation.select.layout import LayoutConfig, LayoutRef, build_layout, dedup_scores_by_bucket, fit_centroids
+    from curation.storage.lake import Lake, matrix_to_list_column
+
+    lake = Lake(str(tmp_path / "lake"))
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((5, 16)).astype(np.float32)
+    for s in range(3):
+        x = centers[rng.integers(0, 5, 400)] + 0.5 * rng.standard_normal((400, 16)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        y = x + 0.3 * rng.standard_normal(x.shape).astype(np.float32)
+        y /= np.linalg.norm(y, axis=1, keepdims=True)
+        lake.write("embeddings", pa.table({"uid": [make_uid("r", str(s), str(i)) for i in range(400)],
+                                           "shard": [f"r-{s}"] * 400, "image_emb": matrix_to_list_column(x),
+                                           "text_emb": matrix_to_list_column(y), "encoder": ["openclip:t"] * 400}),
+                   partition=f"r-{s}")
+    cent, _ = fit_centroids(lake, 5, niter=5)
+    cfg = LayoutConfig(clusters_per_bucket=2, with_text=True)
+    build_layout(lake, cent, cfg)
+    ref = dedup_scores_by_bucket(lake, config=cfg, incremental=False).frame
+    got = dedup_scores_by_bucket(lake, ray_executor, config=cfg, incremental=False).frame
+    assert got.equals(ref)
+    asg = lake.read("assignments").sort("uid")
+    lr = LayoutRef.of(lake)
+    args = (asg["uid"].to_numpy(), asg["cluster_id"].to_numpy(), 600, 4096, "factorized", False)
+    a, b = lr.clipcov(*args), lr.clipcov(*args, executor=ray_executor)
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)

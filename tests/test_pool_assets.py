@@ -153,6 +153,9 @@ def test_ray_engine_gives_the_same_dedup_scores_and_clipcov_subset(pool):
     _run(pool, [pruned_subsets], partition="clipcov@0.5")
     ref_subset = pool.db.read("subsets", partitions=["clipcov@0.5"]).sort("rank")
     pool.resources["distributed"] = DistributedResource(address="local", num_cpus=2)
+    import shutil
+
+    shutil.rmtree(pool.db.uri("dedup_scores"))  # a full recompute on Ray: every bucket is a task reading the lake
     _run(pool, [dedup_scores])
     _run(pool, [pruned_subsets], partition="clipcov@0.5")
     assert pool.db.read("dedup_scores").sort("uid").equals(ref_scores)
@@ -164,13 +167,13 @@ def test_ray_engine_gives_the_same_dedup_scores_and_clipcov_subset(pool):
 def test_incremental_assignment_and_retrain(pool):
     _run(pool, [concept_clusters], config={"concept_clusters": {"config": {"k": 4, "niter": 10}}})
     db = pool.db
-    cent0 = list_column_to_matrix(db.read("clusters").sort("cluster_id")["centroid"])
+    cent0 = list_column_to_matrix(db.read("centroids").sort("cluster_id")["centroid"])
     asg0 = db.read("assignments")
     pool.add_shard("00002")
     res = _run(pool, [concept_clusters])  # mode auto, k unset: keeps k, assigns only the new shard
     md = res.asset_materializations_for_node("concept_clusters")[0].metadata
     assert md["mode"].value == "assign" and md["newly_assigned"].value == PER_SHARD
-    cent1 = list_column_to_matrix(db.read("clusters").sort("cluster_id")["centroid"])
+    cent1 = list_column_to_matrix(db.read("centroids").sort("cluster_id")["centroid"])
     np.testing.assert_array_equal(cent0, cent1)
     asg1 = db.read("assignments")
     assert asg1.height == 3 * PER_SHARD
@@ -180,11 +183,30 @@ def test_incremental_assignment_and_retrain(pool):
     sims = list_column_to_matrix(emb["image_emb"]) @ cent1.T
     np.testing.assert_array_equal(emb["cluster_id"].to_numpy(), sims.argmax(1))
     np.testing.assert_allclose(emb["cos_to_centroid"].to_numpy(), sims.max(1), atol=1e-5)
-    assert db.read("clusters")["size"].sum() == 3 * PER_SHARD
+    assert db.read("assignments").height == 3 * PER_SHARD
     # a different k retrains in auto mode
     res = _run(pool, [concept_clusters], config={"concept_clusters": {"config": {"k": 3, "niter": 10}}})
     md = res.asset_materializations_for_node("concept_clusters")[0].metadata
-    assert md["mode"].value == "retrain" and db.read("clusters").height == 3
+    assert md["mode"].value == "retrain" and db.read("centroids").height == 3
+
+
+def test_new_shard_recomputes_only_touched_clusters(pool):
+    from curation.select.layout import dedup_scores_by_bucket
+
+    _run(pool, _pool_assets(), config={"concept_clusters": {"config": {"k": 4, "niter": 10}}})
+    pool.add_shard("00002")
+    res = _run(pool, [concept_clusters, dedup_scores])
+    cm = res.asset_materializations_for_node("concept_clusters")[0].metadata
+    assert cm["layout_update"].value == "incremental" and cm["shards_streamed"].value == 1
+    dm = res.asset_materializations_for_node("dedup_scores")[0].metadata
+    assert dm["update"].value == "incremental" and dm["rows"].value == 3 * PER_SHARD
+    full = dedup_scores_by_bucket(pool.db, incremental=False).frame
+    got = pool.db.read("dedup_scores").sort("uid")
+    assert got["uid"].to_list() == full["uid"].to_list()
+    np.testing.assert_allclose(got["max_sim_to_earlier"], full["max_sim_to_earlier"], atol=1e-6, rtol=0)
+    # nothing new: nothing recomputed
+    dm = _run(pool, [dedup_scores]).asset_materializations_for_node("dedup_scores")[0].metadata
+    assert dm["rows_scored"].value == 0
 
 
 @pytest.mark.parametrize("recipe", recipe_names())

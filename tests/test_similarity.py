@@ -83,3 +83,19 @@ def test_rowwise_dot_and_errors():
         rowwise_dot(a, a[:1])
     with pytest.raises(ValueError, match="block: got 0"):
         max_sim_to_earlier(a, block=0)
+
+
+def test_max_sim_to_earlier_blocked_matches_on_a_memmap(tmp_path):
+    from curation.select.similarity import max_sim_to_earlier, max_sim_to_earlier_blocked
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((257, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    mm = np.memmap(tmp_path / "x.f32", dtype=np.float32, mode="w+", shape=x.shape)
+    mm[:] = x
+    got = max_sim_to_earlier_blocked(mm, block=50)
+    ref = max_sim_to_earlier(x)
+    assert got[0] == -1.0
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    # hand check of one row: the max over strictly earlier rows
+    assert got[100] == pytest.approx(float((x[:100] @ x[100]).max()), abs=1e-6)

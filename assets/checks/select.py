@@ -5,8 +5,8 @@
 * ``kept_uids_in_samples`` (pruned_subsets, blocking): every kept uid is a ``samples`` row.
 * ``no_heldout_samples`` (pruned_subsets, blocking): no held-out evaluation sample (by uid or
   image_sha256, from ``eval/*/manifest.parquet``) is in the subset.
-* ``cluster_tables_no_nan`` (concept_clusters and complexity_scores): no NaN in ``clusters``
-  or ``assignments``.
+* ``cluster_tables_no_nan``: no NaN in concept_clusters' ``centroids`` and ``assignments``, or
+  in complexity_scores' ``clusters``.
 """
 
 
@@ -18,6 +18,7 @@ import polars as pl
 
 from assets.partitions import recipe_partitions
 from assets.select import complexity_scores, concept_clusters, pruned_subsets
+from curation.select.pool_tables import read_centroids
 from curation.select.semdedup import is_duplicate
 from curation.storage.lake import Lake, list_column_to_matrix
 from curation.select.recipes import expected_keep, get_recipe
@@ -94,33 +95,36 @@ def no_heldout_samples(context: dg.AssetCheckExecutionContext, lake: LakeResourc
     )
 
 
-def _nan_counts(db: Lake) -> dict[str, int]:
+def _nan_counts(db: Lake, table: str) -> dict[str, int]:
+    """NaN rows of concept_clusters' tables (``centroids`` + ``assignments``) or of ``clusters``."""
+    if table == "centroids":
+        cent = read_centroids(db)
+        cos = db.read("assignments", columns=["cos_to_centroid"])["cos_to_centroid"]
+        return {"centroids.centroid": int(np.isnan(cent).any(axis=1).sum()),
+                "assignments.cos_to_centroid": int(cos.is_nan().sum() + cos.null_count())}
     cl = db.read("clusters")
-    cent = list_column_to_matrix(cl["centroid"])
-    counts = {"clusters.centroid": int(np.isnan(cent).any(axis=1).sum())}
+    counts = {"clusters.centroid": int(np.isnan(list_column_to_matrix(cl["centroid"])).any(axis=1).sum())}
     for col in ("d_intra", "d_inter", "complexity", "weight"):
         counts[f"clusters.{col}"] = int(cl[col].is_nan().sum() + cl[col].null_count())
-    cos = db.read("assignments", columns=["cos_to_centroid"])["cos_to_centroid"]
-    counts["assignments.cos_to_centroid"] = int(cos.is_nan().sum() + cos.null_count())
     return counts
 
 
-def _no_nan(lake: LakeResource) -> dg.AssetCheckResult:
-    counts = _nan_counts(lake.lake())
+def _no_nan(lake: LakeResource, table: str) -> dg.AssetCheckResult:
+    counts = _nan_counts(lake.lake(), table)
     total = sum(counts.values())
     return dg.AssetCheckResult(passed=total == 0, metadata={"observed_nan_rows": total, "threshold": "== 0", **counts})
 
 
 @dg.asset_check(asset=concept_clusters, name="cluster_tables_no_nan",
-                description="No NaN in the clusters and assignments tables.")
+                description="No NaN in the centroids and assignments tables.")
 def concept_clusters_no_nan(lake: LakeResource) -> dg.AssetCheckResult:
-    return _no_nan(lake)
+    return _no_nan(lake, "centroids")
 
 
 @dg.asset_check(asset=complexity_scores, name="cluster_tables_no_nan",
-                description="No NaN in the clusters table after the complexity update.")
+                description="No NaN in the clusters table (complexity_scores' output).")
 def complexity_scores_no_nan(lake: LakeResource) -> dg.AssetCheckResult:
-    return _no_nan(lake)
+    return _no_nan(lake, "clusters")
 
 
 SUBSET_CHECKS = [budgets_sum_to_n_keep, kept_uids_in_samples, no_heldout_samples]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.storage.lake import TABLES, Lake, list_column_to_matrix
@@ -152,13 +153,61 @@ def read_pool(
     )
 
 
+def iter_pool_partitions(
+    lake: Lake,
+    shards: Sequence[str] | None = None,
+    columns: Sequence[str] = ("image",),
+    table: str = "embeddings",
+    batch_size: int = 65_536,
+):
+    """Stream a partitioned embeddings table ONE shard partition at a time.
+
+    Yields:
+        ``(shard, uids, mats, encoders)``: the shard key, an Arrow ``string`` array of its
+        uids, ``{modality: (n, d) float32}`` and the set of encoder ids of its rows. Peak
+        memory is one partition (never the pool).
+    """
+    part_col = TABLES.get(table)
+    if part_col is None:
+        raise ValueError(f"table {table!r}: got an unpartitioned table; expected one partitioned by shard")
+    if not lake.exists(table):
+        return
+    ds = lake.table(table).to_pyarrow_dataset()
+    parts = lake.partitions(table)
+    if shards is not None:
+        parts = sorted(set(parts) & set(shards))
+    read_cols = ["uid", "encoder"] + [_EMB_COLUMNS[c] for c in columns]
+    for p in parts:
+        tbl = ds.to_table(columns=read_cols, filter=pc.field(part_col) == p, batch_size=batch_size)
+        if tbl.num_rows == 0:
+            continue
+        mats = {c: list_column_to_matrix(tbl.column(_EMB_COLUMNS[c])) for c in columns}
+        yield p, tbl.column("uid").combine_chunks(), mats, set(pc.unique(tbl.column("encoder")).to_pylist())
+        del tbl, mats
+
+
+def partition_fingerprints(lake: Lake, table: str = "embeddings") -> dict[str, str]:
+    """``{partition: fingerprint}``: a hash of the Delta data files holding each partition.
+
+    A partition rewritten (a shard re-embedded after its content changed) gets new files and
+    so a new fingerprint; an untouched partition keeps its fingerprint across table versions.
+    """
+    import hashlib
+
+    part_col = TABLES.get(table)
+    if part_col is None or not lake.exists(table):
+        return {}
+    acts = pa.table(lake.table(table).get_add_actions(flatten=True)).to_pydict()  # arro3 -> pyarrow
+    key = f"partition.{part_col}"
+    files: dict[str, list[str]] = {}
+    for path, part in zip(acts["path"], acts[key]):
+        files.setdefault(part, []).append(path)
+    return {p: hashlib.sha256("\n".join(sorted(v)).encode()).hexdigest()[:16] for p, v in files.items()}
+
+
 __all__ = [
-    "EMBED_REASONS",
-    "EMBED_STAGE",
     "PoolEmbeddings",
-    "ShardEmbeddings",
-    "embed_shard",
-    "embeddings_frame",
-    "failures_frame",
+    "iter_pool_partitions",
+    "partition_fingerprints",
     "read_pool",
 ]

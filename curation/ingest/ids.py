@@ -3,7 +3,8 @@
 A sample's ``uid`` is a 128-bit id written as 32 lowercase hex characters, derived from
 ``(dataset, shard, key)`` so it is stable across re-runs and machines (DataComp uses
 128-bit uids the same way). ``uids_to_u128`` turns them into a ``(n, 2) uint64`` array for
-DataComp-style sorted ``.npy`` exports.
+DataComp-style sorted ``.npy`` exports; :func:`uids_to_bytes` / :func:`binary_uid_column`
+hold and store them compactly (16 bytes, not ``<U32`` strings of 128 bytes).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import polars as pl
+import pyarrow as pa
 
 
 def make_uid(dataset: str, shard: str, key: str) -> str:
@@ -23,19 +26,90 @@ def make_uid(dataset: str, shard: str, key: str) -> str:
     return h.hexdigest()
 
 
+UID_BYTES = 16
+"""Width of a compact uid: 128 bits as 16 big-endian bytes (fixed-width binary)."""
+
+
+def uids_to_bytes(uids) -> np.ndarray:
+    """Hex uids -> ``(n, 16) uint8`` big-endian bytes, vectorized (no Python loop).
+
+    Byte order equals the hex string order, so sorting the bytes (or the two uint64 of
+    :func:`uids_to_u128`) sorts exactly like the strings.
+
+    Raises:
+        ValueError: a uid that is not 32 hex characters.
+    """
+    s = uids if isinstance(uids, pl.Series) else pl.Series(np.asarray(uids, dtype=str) if not isinstance(uids, list) else uids, dtype=pl.String)
+    s = s.cast(pl.String)
+    if len(s) == 0:
+        return np.zeros((0, UID_BYTES), np.uint8)
+    bad = s.str.len_bytes() != 2 * UID_BYTES
+    if bad.any():
+        raise ValueError(f"uids: got {s.filter(bad).head(3).to_list()}; expected 32 hex characters each")
+    try:
+        b = s.str.decode("hex")
+    except (pl.exceptions.ComputeError, pl.exceptions.InvalidOperationError) as exc:  # non-hex input
+        raise ValueError(f"uids: got a non-hex uid ({exc}); expected 32 hex characters each") from None
+    arr = b.to_arrow()
+    if hasattr(arr, "combine_chunks"):
+        arr = arr.combine_chunks()
+    if arr.type != pa.large_binary():
+        arr = arr.cast(pa.large_binary())
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)
+    off = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
+    return data[off[0] : off[-1]].reshape(len(arr), UID_BYTES).copy()
+
+
+def bytes_to_uids(arr) -> np.ndarray:
+    """``(n, 16) uint8`` (or a binary Arrow/polars column) -> ``(n,)`` str hex uids."""
+    if isinstance(arr, (pa.Array, pa.ChunkedArray, pl.Series)):
+        arr = binary_column_to_bytes(arr)
+    a = np.ascontiguousarray(arr, dtype=np.uint8).reshape(-1, UID_BYTES)
+    if a.shape[0] == 0:
+        return np.zeros(0, "<U32")
+    return pl.Series(_fixed_binary(a)).bin.encode("hex").to_numpy().astype("<U32")
+
+
+def _fixed_binary(b: np.ndarray) -> pa.Array:
+    n = b.shape[0]
+    offsets = np.arange(0, (n + 1) * UID_BYTES, UID_BYTES, dtype=np.int64)
+    return pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(b))])
+
+
 def uids_to_u128(uids) -> np.ndarray:
     """Convert hex uids to a ``(n, 2) uint64`` array (high, low), DataComp's layout."""
-    uids = list(uids)
-    out = np.empty((len(uids), 2), dtype=np.uint64)
-    for i, u in enumerate(uids):
-        out[i, 0] = int(u[:16], 16)
-        out[i, 1] = int(u[16:], 16)
-    return out
+    b = uids_to_bytes(list(uids) if not isinstance(uids, (np.ndarray, pl.Series)) else uids)
+    return b.view(">u8").astype(np.uint64).reshape(-1, 2)
 
 
 def u128_to_uids(arr: np.ndarray) -> list[str]:
     """Inverse of :func:`uids_to_u128`."""
-    return [f"{int(hi):016x}{int(lo):016x}" for hi, lo in np.asarray(arr, dtype=np.uint64)]
+    a = np.ascontiguousarray(np.asarray(arr, dtype=np.uint64).reshape(-1, 2)).astype(">u8")
+    return bytes_to_uids(a.view(np.uint8).reshape(-1, UID_BYTES)).tolist()
+
+
+def binary_uid_column(uids) -> pa.Array:
+    """Hex uids (or ``(n, 16) uint8``) -> Arrow ``binary`` column of 16-byte values (how
+    compact layouts store uids)."""
+    b = uids if isinstance(uids, np.ndarray) and uids.dtype == np.uint8 else uids_to_bytes(uids)
+    return _fixed_binary(b).cast(pa.binary())
+
+
+def binary_column_to_bytes(col) -> np.ndarray:
+    """Arrow/polars binary column of 16-byte uids -> ``(n, 16) uint8`` (no Python objects)."""
+    if isinstance(col, pl.Series):
+        col = col.to_arrow()
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if len(col) == 0:
+        return np.zeros((0, UID_BYTES), np.uint8)
+    if col.type != pa.large_binary():
+        col = col.cast(pa.large_binary())
+    off = np.frombuffer(col.buffers()[1], dtype=np.int64)[col.offset : col.offset + len(col) + 1]
+    if not np.all(np.diff(off) == UID_BYTES) or col.null_count:
+        raise ValueError(f"uid column: got values that are not {UID_BYTES} bytes; expected compact uids")
+    data = np.frombuffer(col.buffers()[2], dtype=np.uint8)
+    return data[off[0] : off[-1]].reshape(len(col), UID_BYTES).copy()
 
 
 def sorted_uid_array(uids) -> np.ndarray:

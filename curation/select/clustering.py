@@ -181,6 +181,123 @@ def assign_new(
     return new_idx, ids, cos
 
 
+# --------------------------------------------------------------------------- large k: two-level
+
+ASSIGN_METHODS = ("auto", "flat", "two-level")
+FLAT_MAX_K = 2048
+"""``method="auto"`` uses the exact flat search / k-means up to this k, the two-level one above."""
+
+
+def _resolve(method: str, k: int) -> str:
+    if method not in ASSIGN_METHODS:
+        raise ValueError(f"method: got {method!r}; expected one of {ASSIGN_METHODS}")
+    if method == "auto":
+        return "flat" if k <= FLAT_MAX_K else "two-level"
+    return method
+
+
+def coarse_lists(k: int) -> int:
+    """Coarse cells of the two-level search over ``k`` centroids: ``round(sqrt(k))``."""
+    return max(1, int(round(math.sqrt(k))))
+
+
+def assign_two_level(
+    x: np.ndarray, centroids: np.ndarray, nprobe: int | None = None, block: int = ASSIGN_BLOCK, gpu: bool | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid through an IVF coarse quantizer over the centroids (sub-linear in k).
+
+    The ``k`` centroids are grouped into ``nlist = round(sqrt(k))`` cells (faiss
+    ``IndexIVFFlat``, inner product); each query scans the ``nprobe`` nearest cells
+    (default ``max(8, nlist // 8)``), so the cost per row is ``O((nlist + nprobe * k / nlist) d)``
+    instead of ``O(k d)``. ``nprobe = nlist`` is exact. Returns what :func:`assign` returns.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    cent = np.ascontiguousarray(centroids, dtype=np.float32)
+    k, d = cent.shape
+    if x.ndim != 2 or x.shape[1] != d:
+        raise ValueError(f"x: got shape {x.shape}; expected (n, {d})")
+    nlist = coarse_lists(k)
+    nprobe = min(nlist, nprobe or max(8, nlist // 8))
+    quant = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quant, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = 0
+    index.cp.niter = 20
+    index.cp.spherical = True
+    index.train(cent)
+    index.add(cent)
+    index.nprobe = nprobe
+    if gpu if gpu is not None else use_gpu():  # pragma: no cover - GPU boxes only
+        index = faiss.index_cpu_to_all_gpus(index)
+    n = x.shape[0]
+    ids = np.empty(n, dtype=np.int32)
+    cos = np.empty(n, dtype=np.float32)
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        dist, lab = index.search(x[s:e], 1)
+        ids[s:e] = lab[:, 0]
+        cos[s:e] = dist[:, 0]
+    if n and ids.min() < 0:  # a query whose probed cells were empty: exact fallback
+        bad = np.flatnonzero(ids < 0)
+        ids[bad], cos[bad] = assign(x[bad], cent, gpu=False)
+    return ids, cos
+
+
+def assign_any(x: np.ndarray, centroids: np.ndarray, method: str = "auto", gpu: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`assign` (flat, exact) or :func:`assign_two_level` (large k); ``auto`` picks by k."""
+    if _resolve(method, centroids.shape[0]) == "flat":
+        return assign(x, centroids, gpu=gpu)
+    return assign_two_level(x, centroids, gpu=gpu)
+
+
+def train_centroids_two_level(
+    x: np.ndarray,
+    k: int,
+    niter: int = DEFAULT_NITER,
+    seed: int = 0,
+    max_points_per_centroid: int = DEFAULT_MAX_POINTS_PER_CENTROID,
+    gpu: bool | None = None,
+) -> np.ndarray:
+    """Hierarchical spherical k-means: cost per iteration ``O(n sqrt(k) d)``, not ``O(n k d)``.
+
+    A coarse k-means with ``k0 = round(sqrt(k))`` cells, then inside each cell a k-means with
+    ``k_i`` centroids, ``k_i`` proportional to the cell's size (largest remainder, ``1 <= k_i
+    <= n_i``, ``sum k_i = k``). Returns (k, d) float32 unit-norm centroids.
+    """
+    from curation.select.budgets import largest_remainder
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k: got {k}; expected 1 <= k <= n = {n}")
+    k0 = min(coarse_lists(k), k)
+    coarse = train_centroids(x, k0, niter=niter, seed=seed, max_points_per_centroid=max_points_per_centroid, gpu=gpu)
+    cell, _ = assign(x, coarse, gpu=gpu)
+    sizes = np.bincount(cell, minlength=k0)
+    nz = sizes > 0
+    ub = sizes.copy()
+    lb = nz.astype(np.int64)
+    if int(lb.sum()) > k:
+        raise ValueError(f"k: got {k}; expected >= the {int(lb.sum())} non-empty coarse cells")
+    ks = largest_remainder(k * sizes / max(1, sizes.sum()), k, lb, ub)
+    out = []
+    for c in range(k0):
+        if ks[c] == 0:
+            continue
+        xi = x[cell == c]
+        out.append(train_centroids(xi, int(ks[c]), niter=niter, seed=seed + 1 + c,
+                                   max_points_per_centroid=max_points_per_centroid, gpu=gpu) if ks[c] < len(xi) else _normalize_rows(xi))
+    cent = np.concatenate(out)
+    log.info("two-level k-means: n=%d k=%d (coarse %d)", n, k, k0)
+    return cent
+
+
+def train_centroids_any(x: np.ndarray, k: int, method: str = "auto", **kwargs) -> np.ndarray:
+    """:func:`train_centroids` (flat) or :func:`train_centroids_two_level`; ``auto`` picks by k."""
+    if _resolve(method, k) == "flat":
+        return train_centroids(x, k, **kwargs)
+    return train_centroids_two_level(x, k, **kwargs)
+
+
 @dataclass(frozen=True)
 class Complexity:
     """Per-cluster complexity (ALGORITHMS.md section 3); arrays of shape (k,).
@@ -223,6 +340,7 @@ def cluster_complexity(
     n_neighbors: int = DEFAULT_NEIGHBORS,
     tau: float = DEFAULT_TAU,
     block: int = 4096,
+    d_inter: np.ndarray | None = None,
 ) -> Complexity:
     """d_intra, d_inter, complexity and softmax weight of every cluster.
 
@@ -239,6 +357,8 @@ def cluster_complexity(
         n_neighbors: the 20 of ``l = min(20, k - 1)``.
         tau: softmax temperature (default 0.5, the reference's).
         block: centroid rows per block in the top-l search.
+        d_inter: (k,) a stored ``d_inter`` (it depends only on the centroids and ``l``) to
+            reuse instead of the top-l search.
 
     Returns:
         A :class:`Complexity`.
@@ -255,7 +375,11 @@ def cluster_complexity(
     nz = size > 0
     d_intra[nz] = 1.0 - cos_sum[nz] / size[nz]
     l = min(n_neighbors, k - 1)
-    if l >= 1:
+    if d_inter is not None:
+        d_inter = np.asarray(d_inter, dtype=np.float64)
+        if d_inter.shape != (k,):
+            raise ValueError(f"d_inter: got shape {d_inter.shape}; expected ({k},)")
+    elif l >= 1:
         sims, _ = topk_inner_product(centroids, centroids, l, exclude_self=True, block=block)
         d_inter = (1.0 - sims.astype(np.float64)).mean(axis=1)
     else:

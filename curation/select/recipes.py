@@ -259,6 +259,11 @@ class Pool:
         embeddings: (n, d) float32 unit-norm image embeddings of the pool, or None.
         image_aligned: (n, d') float32 aligned (CLIP) image embeddings, or None.
         text_aligned: (n, d') float32 aligned caption embeddings, or None.
+        d_inter: (k,) float64 stored ``d_inter`` of every cluster (complexity_scores'
+            output; it depends only on the centroids), or None (DBP computes it).
+        aligned_layout: a :class:`curation.select.layout.LayoutRef` whose buckets carry the
+            aligned image/caption vectors, used by clipscore/clipcov INSTEAD of the two
+            (n, d') matrices (one bucket per task; same results).
     """
 
     uids: np.ndarray
@@ -269,6 +274,8 @@ class Pool:
     embeddings: np.ndarray | None = None
     image_aligned: np.ndarray | None = None
     text_aligned: np.ndarray | None = None
+    d_inter: np.ndarray | None = None
+    aligned_layout: Any = None
 
     def __post_init__(self):
         n = len(self.uids)
@@ -398,7 +405,10 @@ def _ssp(recipe, pool, cand):
 
 def _dbp(recipe, pool, cand):
     def budgets(cid, cos, sizes, n_keep):
-        comp = cluster_complexity(cid, cos, pool.centroids, n_neighbors=recipe.n_neighbors, tau=recipe.tau)
+        # d_intra on the post-dedup candidates (the DBP paper prunes the deduplicated pool);
+        # d_inter is the stored one from complexity_scores when the pool carries it
+        comp = cluster_complexity(cid, cos, pool.centroids, n_neighbors=recipe.n_neighbors, tau=recipe.tau,
+                                  d_inter=pool.d_inter)
         return dbp_budgets(sizes, comp.weight, n_keep, balance=recipe.balance)
 
     return _per_cluster(recipe, pool, cand, budgets)
@@ -410,9 +420,12 @@ def _aligned(pool: Pool) -> tuple[np.ndarray, np.ndarray]:
     return pool.image_aligned, pool.text_aligned
 
 
-def _clipscore(recipe, pool, cand):
-    img, txt = _aligned(pool)
-    scores = clip_scores(img, txt)[cand].astype(np.float64)  # row-wise: no (n, d) copies
+def _clipscore(recipe, pool, cand, executor=None):
+    if pool.image_aligned is None and pool.aligned_layout is not None:
+        scores = pool.aligned_layout.clip_scores(pool.uids, executor=executor)[cand].astype(np.float64)
+    else:
+        img, txt = _aligned(pool)
+        scores = clip_scores(img, txt)[cand].astype(np.float64)  # row-wise: no (n, d) copies
     uids = np.asarray(pool.uids)[cand]
     if recipe.threshold is not None:
         top = top_by_score(scores, uids, threshold=recipe.threshold)
@@ -422,18 +435,24 @@ def _clipscore(recipe, pool, cand):
 
 
 def _clipcov(recipe, pool, cand, executor=None):
-    img, txt = _aligned(pool)
     cid = np.asarray(pool.cluster_ids, dtype=np.int64)[cand]
     n_keep = n_keep_for(recipe.keep_fraction, cand.size)
-    if executor is not None and executor.kind != "in-process":
+    if pool.image_aligned is None and pool.aligned_layout is not None:
+        # one task per bucket reads its classes' vectors from the lake (same result)
+        kept_local, pos, gain = pool.aligned_layout.clipcov(
+            np.asarray(pool.uids)[cand], cid, n_keep, max_dense=recipe.max_dense, large=recipe.large,
+            factorized=recipe.factorized, executor=executor)
+    elif executor is not None and executor.kind != "in-process":
         from curation.select.clipcov import clipcov_select_distributed
 
+        img, txt = _aligned(pool)
         # per-class greedy spread over the executor; identical results (tests/test_distributed.py)
         kept_local, pos, gain = clipcov_select_distributed(
             executor, img[cand], txt[cand], cid, np.asarray(pool.uids)[cand], n_keep,
             max_dense=recipe.max_dense, large=recipe.large, factorized=recipe.factorized,
         )
     else:
+        img, txt = _aligned(pool)
         kept_local, pos, gain = clipcov_select(
             img, txt, cid, np.asarray(pool.uids)[cand], n_keep,
             max_dense=recipe.max_dense, large=recipe.large, factorized=recipe.factorized, rows=cand,
@@ -470,8 +489,8 @@ def apply_recipe(recipe: Recipe, pool: Pool, executor=None) -> Selection:
         The :class:`Selection` (kept uids ordered by rank, with scores and stats).
     """
     cand = candidates(recipe, pool)
-    if recipe.method == "clipcov" and executor is not None:
-        kept, score, extra = _clipcov(recipe, pool, cand, executor=executor)
+    if recipe.method in ("clipcov", "clipscore") and executor is not None:
+        kept, score, extra = _APPLY[recipe.method](recipe, pool, cand, executor=executor)
     else:
         kept, score, extra = _APPLY[recipe.method](recipe, pool, cand)
     kept = np.asarray(kept, dtype=np.int64)

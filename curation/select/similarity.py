@@ -7,6 +7,7 @@ run through BLAS (numpy ``matmul``) which uses every core it is given.
 
 Functions:
     max_sim_to_earlier   M_j = max_{i<j} x_i . x_j for an ordered set (SemDeDup).
+    max_sim_to_earlier_blocked  the same with keys blocked too (memmaps, huge clusters).
     blocked_max_sim      for each query, the max inner product with a key set.
     topk_inner_product   the ``l`` largest inner products per query, optionally excluding
                          the query's own index (nearest OTHER centroids).
@@ -73,6 +74,44 @@ def max_sim_to_earlier(x: np.ndarray, block: int = DEFAULT_BLOCK) -> np.ndarray:
         # Mask the diagonal block's upper triangle incl. the diagonal: column i >= row j.
         np.copyto(g[:, s:e], -np.inf, where=upper[: e - s, : e - s])
         m = g.max(axis=1)
+        if s == 0:
+            m[0] = -1.0
+        out[s:e] = m
+    return out
+
+
+def max_sim_to_earlier_blocked(x: np.ndarray, block: int = DEFAULT_BLOCK) -> np.ndarray:
+    """:func:`max_sim_to_earlier` with the keys blocked too: for a cluster too large for memory.
+
+    ``x`` may be a ``np.memmap``; only one ``block`` of query rows and one of key rows are
+    loaded at a time (peak extra memory ``3 * block * max(block, d)`` floats), so a cluster
+    of any size is processed, never rejected. Same values as :func:`max_sim_to_earlier`.
+
+    Args:
+        x: (n, d) float32 unit-norm rows in SemDeDup order (array or memmap).
+        block: rows per query and key block.
+
+    Returns:
+        (n,) float32 max similarity to earlier rows (-1 for the first row).
+    """
+    block = _check_block(block)
+    n = x.shape[0]
+    out = np.full(n, -1.0, dtype=np.float32)
+    if n <= 1:
+        return out
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        q = np.ascontiguousarray(x[s:e], dtype=np.float32)
+        m = np.full(e - s, -np.inf, dtype=np.float32)
+        for t in range(0, e, block):
+            u = min(e, t + block)
+            kb = q if t == s else np.ascontiguousarray(x[t:u], dtype=np.float32)
+            g = q @ kb.T  # (e - s, u - t)
+            if u > s:  # the diagonal block: only keys strictly before the query
+                qi = np.arange(s, e)[:, None]
+                ki = np.arange(t, u)[None, :]
+                g[ki >= qi] = -np.inf
+            np.maximum(m, g.max(axis=1), out=m)
         if s == 0:
             m[0] = -1.0
         out[s:e] = m

@@ -29,8 +29,12 @@ TABLES: dict[str, str | None] = {
     "quarantine": "shard",
     "embeddings": "shard",
     "clusters": None,
+    "centroids": None,
     "assignments": None,
     "dedup_scores": None,
+    # the pool laid out by concept cluster (curation.select.layout): one partition per bucket
+    "pool_by_cluster": "bucket",
+    "pool_by_cluster_shards": None,
     "filter_embeddings": None,
     "subsets": "recipe",
     "checkpoints": "recipe",

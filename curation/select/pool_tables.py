@@ -1,0 +1,165 @@
+"""The pool-wide tables as recipe inputs: one reader, one uid-alignment helper, the clusters rows.
+
+* :func:`align_to` is the ONE uid alignment: values of a uid-keyed frame, in the order of a
+  uid list, with a clear error naming the table when some uids have no row.
+* :func:`read_recipe_pool` reads exactly what a recipe needs (assignments always; SemDeDup
+  ``M`` from ``dedup_scores`` when the recipe dedups; the stored DBP complexity of
+  ``clusters``; aligned image/caption embeddings for CLIP recipes) and returns a
+  :class:`curation.select.recipes.Pool` whose rows are sorted by uid (so the result never
+  depends on the order the tables were appended in, e.g. by an incremental update).
+* :func:`centroids_frame` / :func:`read_centroids`: the ``centroids`` table (one writer:
+  concept_clusters); :func:`clusters_frame`: the ``clusters`` rows (one writer:
+  complexity_scores).
+* The auto/retrain/assign merge of assignments lives in :func:`curation.select.layout.update_layout`
+  (only new or changed shards are assigned; stored rows stay).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from curation.embed.pool_reader import read_pool
+from curation.select.clustering import Complexity
+from curation.select.recipes import Pool, Recipe
+from curation.storage.lake import Lake, list_column_to_matrix, matrix_to_list_column
+
+ALIGNED_ENCODER_PREFIX = "openclip:"
+
+
+def clusters_frame(centroids: np.ndarray, comp: Complexity) -> pa.Table:
+    """The ``clusters`` table rows (schema in docs/architecture.md) plus ``n_neighbors`` and
+    ``tau``, so a reader can tell which complexity settings produced them."""
+    k = centroids.shape[0]
+    return pa.table(
+        {
+            "cluster_id": pa.array(np.arange(k, dtype=np.int32)),
+            "centroid": matrix_to_list_column(centroids),
+            "size": pa.array(comp.size.astype(np.int64)),
+            "d_intra": pa.array(comp.d_intra.astype(np.float64)),
+            "d_inter": pa.array(comp.d_inter.astype(np.float64)),
+            "complexity": pa.array(comp.complexity.astype(np.float64)),
+            "weight": pa.array(comp.weight.astype(np.float64)),
+            "n_neighbors": pa.array(np.full(k, comp.n_neighbors, np.int32)),
+            "tau": pa.array(np.full(k, comp.tau, np.float64)),
+        }
+    )
+
+
+def centroids_frame(centroids: np.ndarray) -> pa.Table:
+    """The ``centroids`` table rows (written by concept_clusters only): cluster_id, centroid."""
+    return pa.table({"cluster_id": pa.array(np.arange(centroids.shape[0], dtype=np.int32)),
+                     "centroid": matrix_to_list_column(centroids)})
+
+
+def read_centroids(db: Lake, table: str | None = None) -> np.ndarray:
+    """(k, d) float32 centroids, row ``j`` = cluster ``j``: the ``centroids`` table
+    (concept_clusters' output), or ``clusters`` on a lake written before it existed."""
+    table = table or ("centroids" if db.exists("centroids") else "clusters")
+    df = db.read(table, columns=["cluster_id", "centroid"]).sort("cluster_id")
+    if not np.array_equal(df["cluster_id"].to_numpy(), np.arange(df.height)):
+        raise ValueError(f"{table} table: got cluster ids that are not 0..k-1; expected a dense range")
+    return list_column_to_matrix(df["centroid"])
+
+
+def align_to(uids, frame: pl.DataFrame, columns, table: str, hint: str = "") -> pl.DataFrame:
+    """``frame``'s ``columns`` for ``uids``, in that order (the one uid-alignment join).
+
+    Args:
+        uids: (n,) uids (array, list or polars Series).
+        frame: a uid-keyed frame (column ``uid``).
+        columns: the columns to return.
+        table: the table name, for the error message; hint: what to re-run.
+
+    Raises:
+        ValueError: some uids have no row in ``frame``.
+    """
+    cols = [columns] if isinstance(columns, str) else list(columns)
+    want = pl.DataFrame({"uid": uids if isinstance(uids, pl.Series) else pl.Series(values=np.asarray(uids, dtype=str), dtype=pl.String)})
+    j = want.join(frame.select(["uid", *cols]).with_columns(pl.lit(True).alias("_hit")), on="uid", how="left",
+                  maintain_order="left")
+    missing = j["_hit"].null_count()
+    if missing:
+        raise ValueError(f"{table}: got no rows for {missing} of {want.height} pool uids; expected every pool sample"
+                         + (f" ({hint})" if hint else ""))
+    return j.select(cols)
+
+
+def read_aligned(db: Lake, uids) -> tuple[np.ndarray, np.ndarray, str]:
+    """ALIGNED image/caption embeddings for ``uids`` (in that order) and where they came from.
+
+    ``filter_embeddings`` (the filter_model's CLIP) when it exists, else ``embeddings`` when
+    its encoder is a CLIP (``openclip:...``).
+
+    Raises:
+        ValueError: no aligned source, or some uids have no aligned embeddings.
+    """
+    if db.exists("filter_embeddings"):
+        fe = db.read("filter_embeddings", columns=["uid", "image_emb", "text_emb", "model"])
+        j = align_to(uids, fe, ["image_emb", "text_emb", "model"], "filter_embeddings", "re-materialize filter_model")
+        models = j["model"].unique().to_list()
+        return list_column_to_matrix(j["image_emb"]), list_column_to_matrix(j["text_emb"]), f"filter_embeddings:{','.join(models)}"
+    pe = read_pool(db, columns=("image", "text"))
+    if not (pe.encoder or "").startswith(ALIGNED_ENCODER_PREFIX):
+        raise ValueError(
+            f"aligned embeddings: got no filter_embeddings table and embeddings encoder {pe.encoder!r}; "
+            f"expected filter_model to be materialized or an '{ALIGNED_ENCODER_PREFIX}' embeddings encoder"
+        )
+    src = align_to(uids, pl.DataFrame({"uid": pl.Series(pe.uids, dtype=pl.String), "src": np.arange(len(pe.uids))}),
+                   "src", "embeddings")["src"].to_numpy()
+    return pe.image[src], pe.text[src], f"embeddings:{pe.encoder}"
+
+
+def read_recipe_pool(db: Lake, recipe: Recipe) -> Pool:
+    """Everything ``recipe`` needs from the lake, as a :class:`Pool` sorted by uid.
+
+    Reads ``assignments`` (uid, cluster_id, cos_to_centroid) and the centroids; for recipes
+    that dedup, ``max_sim_to_earlier`` of ``dedup_scores``; for ``dbp``, the stored
+    ``d_inter`` of ``clusters`` (what complexity_scores wrote) when it was computed with the
+    recipe's ``n_neighbors``; for CLIP recipes, the aligned embeddings (:func:`read_aligned`).
+    No embedding matrix is read otherwise.
+
+    Raises:
+        ValueError: a needed table is missing or does not cover every assigned uid.
+    """
+    asg = db.read("assignments", columns=["uid", "cluster_id", "cos_to_centroid"]).sort("uid")
+    uids = asg["uid"]
+    cent = read_centroids(db)
+    max_sim = None
+    if recipe.needs_dedup:
+        if not db.exists("dedup_scores"):
+            raise ValueError(f"recipe {recipe.name!r} needs SemDeDup scores: got no dedup_scores table; expected it materialized")
+        ds = db.read("dedup_scores", columns=["uid", "max_sim_to_earlier"])
+        max_sim = align_to(uids, ds, "max_sim_to_earlier", "dedup_scores", "re-materialize dedup_scores")[
+            "max_sim_to_earlier"].to_numpy().astype(np.float32)
+    d_inter = None
+    if recipe.method == "dbp":
+        cl = db.read("clusters").sort("cluster_id") if db.exists("clusters") else None
+        if cl is None or cl.height != cent.shape[0] or not np.array_equal(list_column_to_matrix(cl["centroid"]), cent):
+            raise ValueError(f"recipe {recipe.name!r} needs cluster complexity: got no clusters rows for the current "
+                             "centroids; expected complexity_scores materialized after concept_clusters")
+        if "n_neighbors" in cl.columns and cl.height > 1 and int(cl["n_neighbors"][0]) == min(recipe.n_neighbors, cl.height - 1):
+            d_inter = cl["d_inter"].to_numpy().astype(np.float64)
+    img = txt = None
+    layout = None
+    if recipe.needs_aligned:
+        from curation.select.layout import LayoutRef, layout_has_text
+
+        if (not db.exists("filter_embeddings") and layout_has_text(db)
+                and db.table("pool_by_cluster").to_pyarrow_dataset().count_rows() == asg.height):
+            layout = LayoutRef.of(db)  # aligned vectors read one bucket at a time
+        else:
+            img, txt, _ = read_aligned(db, uids)
+    return Pool(uids=uids.to_numpy().astype(str), cluster_ids=asg["cluster_id"].to_numpy().astype(np.int32),
+                cos_to_centroid=asg["cos_to_centroid"].to_numpy().astype(np.float32), centroids=cent,
+                max_sim=max_sim, image_aligned=img, text_aligned=txt, d_inter=d_inter, aligned_layout=layout)
+
+
+def aligned_source(db: Lake) -> str:
+    """Where :func:`read_aligned` takes aligned embeddings from (for asset metadata)."""
+    if db.exists("filter_embeddings"):
+        models = db.read("filter_embeddings", columns=["model"])["model"].unique().to_list()
+        return f"filter_embeddings:{','.join(models)}"
+    enc = db.read("embeddings", columns=["encoder"])["encoder"].unique().to_list() if db.exists("embeddings") else []
+    return f"embeddings:{enc[0]}" if len(enc) == 1 else ""
