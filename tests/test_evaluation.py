@@ -256,3 +256,73 @@ def test_evaluate_both_layouts_with_an_oracle_encoder(tmp_path):
         evaluate(_ColorEncoder(), tmp_path, ["nope/retrieval"])
     with pytest.raises(ValueError, match="expected some of"):
         evaluate(_ColorEncoder(), tmp_path, ["bench/retrieval"])
+
+
+# ------------------------------------------------------------------ clip_benchmark == the reference
+
+
+@pytest.fixture(scope="module")
+def fixed_checkpoint(small_dataset, tmp_path_factory):
+    """tiny-rn-32 trained for 128 samples on the small emoji pool (seed 0): a fixed checkpoint."""
+    import torch
+
+    from curation.engine.compute import ComputeSpec
+    from curation.train.checkpoints import save_checkpoint
+    from curation.train.config import TrainConfig
+    from curation.train.data import read_webdataset_pairs
+    from curation.train.loop import train_clip
+
+    torch.set_num_threads(1)
+    _, images, captions = read_webdataset_pairs(sorted((small_dataset / "landing" / "emoji").glob("*.tar")))
+    res = train_clip(images, captions, TrainConfig(model="tiny-rn-32", samples_seen=128, batch_size=32, seed=0),
+                     ComputeSpec(device="cpu"))  # fmt: skip
+    return save_checkpoint(res, tmp_path_factory.mktemp("ck") / "fixed.pt")
+
+
+def _reference_metrics(checkpoint, split_dir, templates):
+    """The platform's own metric code (the pre-clip_benchmark evaluator's computation) on the set."""
+    from curation.embed.encoders import build_encoder
+    from curation.engine.compute import ComputeSpec
+    from curation.ingest.shards import load_members
+
+    enc = build_encoder("open_clip", ComputeSpec(device="cpu"), model_name="tiny-rn-32", pretrained=str(checkpoint))
+    man = pl.read_parquet(split_dir / "manifest.parquet")
+    tasks = json.loads((split_dir / "tasks.json").read_text())
+    images = []
+    for (tar,), rows in man.group_by("tar", maintain_order=True):
+        blobs = load_members(split_dir / tar, rows["member"].to_list())
+        images += [Image.open(io.BytesIO(blobs[m])) for m in rows["member"].to_list()]
+    img = enc.encode_images(images)
+    out = {}
+    for label, names in tasks["zero_shot"].items():
+        clf = build_zero_shot_classifier(enc.encode_texts, names, templates)
+        labels = np.array([names.index(v) for v in man[label].to_list()])
+        out[f"{split_dir.name}/zeroshot/{label}"] = zero_shot_metrics(img, clf, labels)
+    caps = man["caption"].to_list()
+    assert len(set(caps)) == len(caps)  # clip_benchmark: a caption is positive for its own image only
+    out[f"{split_dir.name}/retrieval"] = retrieval_metrics(img, enc.encode_texts(caps), np.arange(len(caps)), np.arange(len(caps)))
+    return out
+
+
+def test_clip_benchmark_gives_the_reference_numbers_on_a_fixed_checkpoint(small_dataset, fixed_checkpoint, tmp_path):
+    from curation.evaluate.benchmark import EvalSetSpec, evaluate_checkpoint
+
+    split = small_dataset / "eval" / "emoji-heldout"
+    got = evaluate_checkpoint(fixed_checkpoint, [EvalSetSpec("emoji-heldout", str(split), "manifest")], tmp_path / "res")
+    ref = _reference_metrics(fixed_checkpoint, split, template_set("emoji"))
+    assert set(got) == set(ref) | {AVERAGE_TASK}
+    for task, metrics in ref.items():
+        for name, value in metrics.items():
+            assert got[task][name] == pytest.approx(value, abs=1e-6), (task, name)
+    # the clip_benchmark JSON is on disk, in its dump format
+    dump = json.loads((tmp_path / "res" / "emoji-heldout__retrieval.json").read_text())
+    assert dump["task"] == "zeroshot_retrieval" and "image_retrieval_recall@5" in dump["metrics"]
+    # and the pre-clip_benchmark evaluator agreed (before it was deleted)
+    from curation.embed.encoders import build_encoder
+    from curation.engine.compute import ComputeSpec
+
+    old = evaluate(build_encoder("open_clip", ComputeSpec(device="cpu"), model_name="tiny-rn-32",
+                                 pretrained=str(fixed_checkpoint)), small_dataset / "eval")  # fmt: skip
+    for task in ref:
+        for name in ref[task]:
+            assert got[task][name] == pytest.approx(old[task][name], abs=1e-6)
