@@ -18,9 +18,6 @@ from curation.evaluate.evaluator import (
     build_zero_shot_classifier,
     class_embeddings,
     classification_metrics,
-    evaluate,
-    list_eval_splits,
-    load_eval_set,
     results_to_rows,
     retrieval_metrics,
     template_set,
@@ -236,26 +233,51 @@ def _write_wds_set(d):
             _add(tf, f"s{i}.cls", str(cls).encode())
 
 
-def test_evaluate_both_layouts_with_an_oracle_encoder(tmp_path):
+def test_manifest_set_is_written_in_clip_benchmark_layout(tmp_path):
+    from curation.evaluate.benchmark import EvalSetSpec, check_layout, resolve_eval_sets
+
     _write_manifest_set(tmp_path / "colors")
+    plan = resolve_eval_sets([EvalSetSpec("colors", str(tmp_path / "colors"), "manifest", "simple")])
+    assert sorted(plan) == ["colors/retrieval", "colors/zeroshot/group"]
+    zs, _ = plan["colors/zeroshot/group"]
+    check_layout(zs, "clip_benchmark")
+    assert (zs / "test" / "nshards.txt").read_text().strip() == "1"
+    assert (zs / "classnames.txt").read_text().split() == ["red", "green", "blue"]
+    assert len((zs / "zeroshot_classification_templates.txt").read_text().splitlines()) == len(template_set("simple"))
+    with tarfile.open(zs / "test" / "0.tar") as tf:
+        cls = [tf.extractfile(m).read().decode() for m in tf if m.name.endswith(".cls")]
+        png = [m for m in tf if m.name.endswith(".png")]
+        im = Image.open(io.BytesIO(tf.extractfile(png[0]).read()))
+    assert cls == ["0", "1", "2", "0", "2", "1"] and im.mode == "RGB"
+    rt, _ = plan["colors/retrieval"]
+    assert (rt / "dataset_type.txt").read_text().strip() == "retrieval"
+    with tarfile.open(rt / "test" / "0.tar") as tf:
+        assert [tf.extractfile(m).read().decode() for m in tf if m.name.endswith(".txt")][:2] == ["a red square", "a green square"]
+    # a re-run with the same inputs reuses the files
+    before = (zs / "test" / "0.tar").stat().st_mtime_ns
+    resolve_eval_sets([EvalSetSpec("colors", str(tmp_path / "colors"), "manifest", "simple")])
+    assert (zs / "test" / "0.tar").stat().st_mtime_ns == before
+
+
+def test_native_clip_benchmark_set_and_wrong_layouts_fail_clearly(tmp_path):
+    from curation.evaluate.benchmark import EvalSetSpec, resolve_eval_sets
+
     _write_wds_set(tmp_path / "bench")
-    (tmp_path / "not-a-set").mkdir()
-    assert list_eval_splits(tmp_path) == ["bench", "colors"]
-    es = load_eval_set(tmp_path / "colors")
-    assert [t.name for t in es.tasks()] == ["colors/zeroshot/group", "colors/retrieval"]
-    assert es.labels["group"].tolist() == [0, 1, 2, 0, 2, 1]
-    res = evaluate(_ColorEncoder(), tmp_path, templates="simple")
-    assert set(res) == {"colors/zeroshot/group", "colors/retrieval", "bench/zeroshot/cls", AVERAGE_TASK}
-    assert res["colors/zeroshot/group"]["acc1"] == 1.0 and res["bench/zeroshot/cls"]["acc1"] == 1.0
-    # 3 distinct captions, each positive for its 2 images: recall@1 is 1 both ways
-    assert res["colors/retrieval"]["mean_recall@1"] == 1.0 and res["colors/retrieval"]["n_texts"] == 3
-    assert res[AVERAGE_TASK]["main"] == 1.0 and res[AVERAGE_TASK]["tasks"] == 3
-    only = evaluate(_ColorEncoder(), tmp_path, ["bench/zeroshot/cls"])
-    assert set(only) == {"bench/zeroshot/cls", AVERAGE_TASK}
-    with pytest.raises(ValueError, match=r"got split 'nope'; expected one of \['bench', 'colors'\]"):
-        evaluate(_ColorEncoder(), tmp_path, ["nope/retrieval"])
-    with pytest.raises(ValueError, match="expected some of"):
-        evaluate(_ColorEncoder(), tmp_path, ["bench/retrieval"])
+    (tmp_path / "bench" / "test" / "nshards.txt").write_text("1\n")
+    plan = resolve_eval_sets([EvalSetSpec("bench", str(tmp_path / "bench"), "clip_benchmark")])
+    assert list(plan) == ["bench/zeroshot/cls"]
+    # a loose folder of tars (the old convention) is not the clip_benchmark layout
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    (loose / "classnames.txt").write_text("red\n")
+    (loose / "0.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"eval set 'loose' at .*: got \['0.tar', 'classnames.txt'\]; expected clip_benchmark's webdataset layout: test/nshards.txt"):
+        resolve_eval_sets([EvalSetSpec("loose", str(loose), "clip_benchmark")])
+    # a clip_benchmark dataset declared as a manifest set names the manifest layout
+    with pytest.raises(ValueError, match="expected the platform's manifest layout: manifest.parquet \\+ tasks.json"):
+        resolve_eval_sets([EvalSetSpec("bench", str(tmp_path / "bench"), "manifest")])
+    with pytest.raises(ValueError, match=r"got layout 'coco'; expected one of \['clip_benchmark', 'manifest'\]"):
+        EvalSetSpec("x", str(loose), "coco")
 
 
 # ------------------------------------------------------------------ clip_benchmark == the reference
@@ -317,12 +339,3 @@ def test_clip_benchmark_gives_the_reference_numbers_on_a_fixed_checkpoint(small_
     # the clip_benchmark JSON is on disk, in its dump format
     dump = json.loads((tmp_path / "res" / "emoji-heldout__retrieval.json").read_text())
     assert dump["task"] == "zeroshot_retrieval" and "image_retrieval_recall@5" in dump["metrics"]
-    # and the pre-clip_benchmark evaluator agreed (before it was deleted)
-    from curation.embed.encoders import build_encoder
-    from curation.engine.compute import ComputeSpec
-
-    old = evaluate(build_encoder("open_clip", ComputeSpec(device="cpu"), model_name="tiny-rn-32",
-                                 pretrained=str(fixed_checkpoint)), small_dataset / "eval")  # fmt: skip
-    for task in ref:
-        for name in ref[task]:
-            assert got[task][name] == pytest.approx(old[task][name], abs=1e-6)
