@@ -209,3 +209,52 @@ def batch_index_stream(n: int, batch_size: int, steps: int, generator: torch.Gen
             idx = perm[b * batch_size : (b + 1) * batch_size]
             yield idx if sizes is None else idx[: sizes[done + b]]
         done += min(per_epoch, steps - done)
+
+
+class SelectedShardPairs:
+    """Chosen members of several shards, streamed shard by shard (the filter model's pool).
+
+    Args:
+        shards: ``[(tar path, [(member name, caption), ...]), ...]``; only those members are
+            read (:func:`curation.ingest.shards.load_members`, one shard's bytes at a time).
+        shuffle_buffer: encoded samples held for shuffling across shards.
+
+    Members missing from their tar are skipped (logged once per shard); ``n`` counts the
+    requested members, so callers should pass only members known to exist.
+    """
+
+    def __init__(self, shards: Sequence[tuple[str | Path, Sequence[tuple[str, str]]]],
+                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER):  # fmt: skip
+        self.shards = [(str(p), list(items)) for p, items in shards if items]
+        self.shuffle_buffer = shuffle_buffer
+        self.n = sum(len(items) for _, items in self.shards)
+
+    def iter_shard(self, i: int) -> Iterator[tuple[bytes, str]]:
+        from curation.ingest.shards import load_members
+
+        path, items = self.shards[i]
+        blobs = load_members(path, [m for m, _ in items])
+        missing = 0
+        for member, caption in items:
+            data = blobs.get(member)
+            if data is None:
+                missing += 1
+                continue
+            yield data, caption
+        if missing:
+            log.warning("%s: %d requested members missing", path, missing)
+
+    def epoch(self, generator: torch.Generator) -> Iterator[tuple[object, str]]:
+        buf: list[tuple[bytes, str]] = []
+        for si in torch.randperm(len(self.shards), generator=generator).tolist():
+            for p in self.iter_shard(si):
+                if len(buf) < self.shuffle_buffer:
+                    buf.append(p)
+                    continue
+                j = int(torch.randint(len(buf), (1,), generator=generator))
+                yield buf[j]
+                buf[j] = p
+        while buf:
+            j = int(torch.randint(len(buf), (1,), generator=generator))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
