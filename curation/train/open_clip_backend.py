@@ -102,8 +102,13 @@ def check_samples_seen(samples_seen: int, batch_size: int, workers: int, process
 
 def build_command(
     cfg: TrainConfig, tar_paths: Sequence[str | Path], logs_dir: Path, name: str, compute: ComputeSpec,
+    gpus: int | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The command line and environment of one run.
+
+    Args:
+        gpus: processes (GPUs) to launch; ``None`` asks :func:`gpu_count` (the compute spec's
+            device on this machine). The global batch ``cfg.batch_size`` is split over them.
 
     Returns:
         ``(argv, env)``: ``torchrun --nproc_per_node N -m curation.train.open_clip_entry ...``
@@ -113,7 +118,7 @@ def build_command(
         raise ValueError(
             f"backend open_clip_train: got strategy {cfg.strategy!r}; expected one of {list(OPEN_CLIP_TRAIN_STRATEGIES)}"
         )
-    gpus = gpu_count(compute)
+    gpus = gpu_count(compute) if gpus is None else gpus
     procs = max(1, gpus)
     if cfg.batch_size % procs:
         raise ValueError(f"batch_size: got {cfg.batch_size}; expected a multiple of the {procs} GPUs (global batch)")
@@ -121,7 +126,6 @@ def build_command(
     workers = compute.num_workers
     check_samples_seen(cfg.samples_seen, per_proc, workers, procs)
     steps = cfg.samples_seen // cfg.batch_size
-    device = compute.torch_device()
     args = [
         "--train-data", "::".join(str(p) for p in sorted(map(str, tar_paths))),
         "--dataset-type", "webdataset",
@@ -141,7 +145,7 @@ def build_command(
         "--save-frequency", "1",
         "--log-every-n-steps", str(cfg.log_every),
         "--report-to", "",
-        "--device", "cuda" if device.type == "cuda" else "cpu",
+        "--device", "cuda" if gpus > 0 else "cpu",
     ]  # fmt: skip
     if cfg.grad_clip_norm is not None:
         args += ["--grad-clip-norm", repr(cfg.grad_clip_norm)]
@@ -157,6 +161,8 @@ def build_command(
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("OMP_NUM_THREADS", str(max(1, torch_threads())))
+    if compute.device.startswith("cuda:"):  # one chosen GPU: open_clip_train uses cuda:0 of what it sees
+        env["CUDA_VISIBLE_DEVICES"] = compute.device.split(":", 1)[1]
     if gpus > 1:
         exe = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
         return exe + ["-m", "curation.train.open_clip_entry"] + args, env

@@ -6,6 +6,11 @@ open_clip_train 3.3.0's ``group_by_keys_nothrow`` does not expect (``KeyError: '
 entry asks webdataset's ``tar_file_expander`` for no end marker (``eof_value=None``), the
 pre-1.0 behaviour open_clip_train was written for (samples are still split at key changes).
 
+Images: open_clip_train decodes with webdataset's ``"pilrgb"`` (``convert("RGB")``), which
+drops transparency and exposes whatever colour transparent pixels hold (black for most
+emoji). The entry decodes with the platform's :func:`curation.embed.encoders.to_rgb` instead
+(alpha composited on white), so both backends and the evaluation see the same pixels.
+
 Run under ``torchrun --nproc_per_node N -m curation.train.open_clip_entry ...`` for N GPUs;
 plain ``python -m`` runs one process (open_clip_train sees no distributed environment).
 """
@@ -13,6 +18,37 @@ plain ``python -m`` runs one process (open_clip_train sees no distributed enviro
 from __future__ import annotations
 
 import sys
+
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+
+
+def decode_on_white(key: str, data: bytes):
+    """webdataset decoder: image members -> RGB ``PIL.Image`` with alpha composited on white."""
+    import io
+
+    from PIL import Image
+
+    from curation.embed.encoders import to_rgb
+
+    if key.rsplit(".", 1)[-1].lower() not in IMAGE_EXTENSIONS:
+        return None
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return to_rgb(img)
+
+
+class _WebdatasetOnWhite:
+    """The ``webdataset`` module as open_clip_train sees it, with ``"pilrgb"`` decoding on white."""
+
+    def __init__(self, wds):
+        self._wds = wds
+
+    def __getattr__(self, name):
+        return getattr(self._wds, name)
+
+    def decode(self, *handlers, **kw):
+        return self._wds.decode(*(decode_on_white if h == "pilrgb" else h for h in handlers), **kw)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if "eof_value" in oct_data.tar_file_expander.__code__.co_varnames:
         oct_data.tar_file_expander = functools.partial(oct_data.tar_file_expander, eof_value=None)
+    oct_data.wds = _WebdatasetOnWhite(oct_data.wds)
 
     open_clip_train_main(sys.argv[1:] if argv is None else argv)
 
