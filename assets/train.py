@@ -135,10 +135,12 @@ def filter_model(
         )
     t1 = time.perf_counter()
     encoder = build_encoder("open_clip", spec, model_name=config.model_name, pretrained=pretrained)
-    uids, imgs, txts, captions, bad = [], [], [], [], 0
-    for path, rows in shards:  # one shard's images decoded at a time
-        from curation.ingest.shards import load_members
+    # one shard's images decoded, embedded and written at a time (append after the first), so
+    # memory stays flat in the pool size: only uids, captions and scores are kept
+    from curation.ingest.shards import load_members
 
+    uids, captions, scores, bad, written = [], [], [], 0, 0
+    for path, rows in shards:
         blobs = load_members(path, rows["member"].to_list())
         keep, images = [], []
         for i, member in enumerate(rows["member"].to_list()):
@@ -148,27 +150,32 @@ def filter_model(
             except Exception as e:  # noqa: BLE001 - a corrupt image is counted, not fatal
                 log.warning("cannot decode %s of %s: %s", member, path, e)
                 bad += 1
+        del blobs
         if not keep:
             continue
         sub = rows[keep]
-        imgs.append(encoder.encode_images(images))
-        txts.append(encoder.encode_texts(sub["caption"].to_list()))
+        img = encoder.encode_images(images)
+        txt = encoder.encode_texts(sub["caption"].to_list())
+        score = np.einsum("nd,nd->n", img, txt).astype(np.float32)
+        table = pa.table(
+            {
+                "uid": pa.array(sub["uid"].to_list(), pa.string()),
+                "image_emb": matrix_to_list_column(img),
+                "text_emb": matrix_to_list_column(txt),
+                "clip_score": pa.array(score, pa.float32()),
+                "model": pa.array([encoder.id] * sub.height, pa.string()),
+            }
+        )
+        db.write("filter_embeddings", table, mode="overwrite" if written == 0 else "append")
+        written += sub.height
         uids += sub["uid"].to_list()
         captions += sub["caption"].to_list()
-    img, txt = np.concatenate(imgs), np.concatenate(txts)
+        scores.append(score)
+    if not written:
+        raise ValueError(f"filter_model: got 0 decodable pool images (of {pool.height} pool rows); expected a pool")
+    score = np.concatenate(scores)
     meta["images_missing"] += bad
-    score = np.einsum("nd,nd->n", img, txt).astype(np.float32)
     embed_s = time.perf_counter() - t1
-    table = pa.table(
-        {
-            "uid": pa.array(uids, pa.string()),
-            "image_emb": matrix_to_list_column(img),
-            "text_emb": matrix_to_list_column(txt),
-            "clip_score": pa.array(score, pa.float32()),
-            "model": pa.array([encoder.id] * len(uids), pa.string()),
-        }
-    )
-    db.write("filter_embeddings", table)
     order = np.argsort(score)
     preview = pl.DataFrame(
         {
