@@ -43,9 +43,10 @@ import logging
 import math
 import tarfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class EvalSetSpec:
             raise ValueError(f"eval set name: got {self.name!r}; expected a name without '/'")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EvalSetSpec":
+    def from_dict(cls, d: dict[str, Any]) -> EvalSetSpec:
         valid = {"name", "path", "layout", "templates"}
         unknown = sorted(set(d) - valid)
         if unknown:

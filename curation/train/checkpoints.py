@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from curation.embed.model_registry import load_checkpoint as load_open_clip_checkpoint
 from curation.embed.model_registry import sidecar_path

@@ -148,7 +148,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Build from a dict, rejecting unknown keys (the message lists the valid ones)."""
         valid = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items()}

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Protocol
 
 import torch
 from PIL import Image

@@ -21,17 +21,36 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from curation.engine.compute import ComputeSpec
-from curation.train.config import TrainConfig, batch_sizes, cosine_lr, plan_steps, warmup_steps
-from curation.train.data import MemoryPairs, PairSource, ShardPairs, batch_stream, collate
-from curation.train.strategies import Batch, _open_clip, build_model, make_strategy, param_groups
+from curation.train.config import (
+    TrainConfig,
+    batch_sizes,
+    cosine_lr,
+    plan_steps,
+    warmup_steps,
+)
+from curation.train.data import (
+    MemoryPairs,
+    PairSource,
+    ShardPairs,
+    batch_stream,
+    collate,
+)
+from curation.train.strategies import (
+    Batch,
+    _open_clip,
+    build_model,
+    make_strategy,
+    param_groups,
+)
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,10 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from curation.engine.compute import ComputeSpec
 from curation.train.config import OPEN_CLIP_TRAIN_STRATEGIES, TrainConfig, warmup_steps
@@ -226,7 +227,7 @@ def run_open_clip_train(
     argv, env = build_command(config, tar_paths, logs_dir, name, compute)
     log.info("open_clip_train: %s", " ".join(argv))
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout_s)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
     seconds = time.perf_counter() - t0
     out_log = logs_dir / name / "out.log"
     text = out_log.read_text() if out_log.exists() else ""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import sys
 
-
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 
 

@@ -15,12 +15,13 @@ batch (``clip_da``: strong augmentation) and the loss. :func:`make_strategy` bui
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from curation.train.augmentation import Augmenter
 from curation.train.config import STRATEGIES, TrainConfig

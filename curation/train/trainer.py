@@ -18,13 +18,23 @@ for clip / clip_da / flip, the platform loop for slip) and returns the same summ
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from curation.engine.compute import ComputeSpec
-from curation.train.augmentation import color_jitter_grayscale, mentions_left_right, random_resized_crop
-from curation.train.checkpoints import CHECKPOINT_FORMAT, load_checkpoint, read_sidecar, save_checkpoint
+from curation.train.augmentation import (
+    color_jitter_grayscale,
+    mentions_left_right,
+    random_resized_crop,
+)
+from curation.train.checkpoints import (
+    CHECKPOINT_FORMAT,
+    load_checkpoint,
+    read_sidecar,
+    save_checkpoint,
+)
 from curation.train.config import (
     BACKENDS,
     DEFAULT_MODEL,
