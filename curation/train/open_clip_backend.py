@@ -227,15 +227,17 @@ def run_open_clip_train(
     argv, env = build_command(config, tar_paths, logs_dir, name, compute)
     log.info("open_clip_train: %s", " ".join(argv))
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+    (logs_dir / name).mkdir(parents=True, exist_ok=True)
+    console = logs_dir / name / "subprocess.log"  # streamed, so a long run can be followed live
+    with open(console, "w") as f:
+        proc = subprocess.run(argv, env=env, stdout=f, stderr=subprocess.STDOUT, text=True, timeout=timeout_s, check=False)
     seconds = time.perf_counter() - t0
     out_log = logs_dir / name / "out.log"
+    output = console.read_text(errors="replace")
     text = out_log.read_text() if out_log.exists() else ""
-    (logs_dir / name / "subprocess.log").write_text(proc.stdout + proc.stderr) if (logs_dir / name).exists() else None
     if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-3000:]
-        raise RuntimeError(f"open_clip_train exited with {proc.returncode}; expected 0. Last output:\n{tail}")
-    lines = parse_log(text or proc.stdout + proc.stderr)
+        raise RuntimeError(f"open_clip_train exited with {proc.returncode}; expected 0. Last output ({console}):\n{output[-3000:]}")
+    lines = parse_log(text or output)
     if not lines:
         raise RuntimeError(f"open_clip_train: got no 'Train Epoch' lines in {out_log}; expected a training log")
     seen = lines[-1]["samples_seen"]
