@@ -198,16 +198,6 @@ def _add(tf, name, data):
     tf.addfile(info, io.BytesIO(data))
 
 
-class _ColorEncoder:
-    """Images -> mean RGB direction; texts -> the named color's direction (an oracle CLIP)."""
-
-    def encode_images(self, images):
-        return unit([np.asarray(im.convert("RGB"), dtype=np.float32).mean((0, 1)) for im in images])
-
-    def encode_texts(self, texts):
-        return unit([next(np.array(v, dtype=np.float32) for k, v in COLORS.items() if k in t) for t in texts])
-
-
 def _write_manifest_set(d):
     d.mkdir(parents=True)
     rows = []

@@ -424,7 +424,7 @@ def test_matched_samples_seen_across_subset_sizes_for_both_backends(tmp_path, n)
         cfg = small_cfg(model="tiny-rn-32", samples_seen=64, batch_size=16, backend=backend)
         summary, path = train_subset(tars, cfg, tmp_path / f"{backend}.pt", cpu0)
         seen[backend] = (summary.samples_seen, summary.steps, summary.n_train)
-        model, _, _ = open_clip.create_model_and_transforms("tiny-rn-32", pretrained=str(path), weights_only=True)
+        open_clip.create_model_and_transforms("tiny-rn-32", pretrained=str(path), weights_only=True)
         assert read_sidecar(path)["samples_seen"] == 64
     assert seen == {"open_clip_train": (64, 4, n), "platform": (64, 4, n)}
     log_text = (tmp_path / "open_clip_train.open_clip_train" / "run" / "out.log").read_text()
