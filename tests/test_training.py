@@ -429,3 +429,12 @@ def test_matched_samples_seen_across_subset_sizes_for_both_backends(tmp_path, n)
     assert seen == {"open_clip_train": (64, 4, n), "platform": (64, 4, n)}
     log_text = (tmp_path / "open_clip_train.open_clip_train" / "run" / "out.log").read_text()
     assert "[64/64 (100%)]" in log_text
+
+
+def test_open_clip_train_refuses_a_subset_smaller_than_one_batch(tmp_path):
+    from curation.train.trainer import train_subset
+
+    tars = _write_toy_shards(tmp_path / "shards", 10)
+    with pytest.raises(ValueError, match="got a subset of 10 pairs for batch_size 16; expected at least one batch"):
+        train_subset(tars, small_cfg(model="tiny-rn-32", samples_seen=64, batch_size=16, backend="open_clip_train"),
+                     tmp_path / "x.pt", ComputeSpec(device="cpu", num_workers=0))  # fmt: skip

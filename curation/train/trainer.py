@@ -109,8 +109,16 @@ def train_subset(
     if backend == "open_clip_train":
         from curation.train.open_clip_backend import run_open_clip_train
 
+        n = count_pairs(tar_paths)
+        if n < config.batch_size:
+            # open_clip_train samples shards with replacement: a batch larger than the subset
+            # would hold the same pair twice (a false negative for the contrastive loss)
+            raise ValueError(
+                f"backend open_clip_train: got a subset of {n} pairs for batch_size {config.batch_size}; expected "
+                f"at least one batch of distinct pairs (lower batch_size, or use backend 'platform', which caps it)"
+            )
         run, path = run_open_clip_train(tar_paths, config, checkpoint_path, compute, extra=extra)
-        summary = TrainSummary(backend, run.samples_seen, run.steps, run.batch_size, count_pairs(tar_paths),
+        summary = TrainSummary(backend, run.samples_seen, run.steps, run.batch_size, n,
                                run.seconds, run.samples_per_s, run.final_loss, run.history)  # fmt: skip
         return summary, path
     res, path = train_from_shards(tar_paths, config, checkpoint_path, compute, extra=extra)
