@@ -46,6 +46,7 @@ def save_checkpoint(result, path: str | Path, extra: dict[str, Any] | None = Non
     tmp.replace(path)
     meta = {
         "format": CHECKPOINT_FORMAT,
+        "backend": (extra or {}).get("backend", "platform"),
         "model_name": result.config.model,
         "model_config": open_clip.get_model_config(result.config.model),
         "train_config": result.config.to_dict(),
