@@ -1,15 +1,16 @@
 """Evaluate-stage assets: eval reports per recipe and the side-by-side curation report.
 
-* ``eval_reports[recipe]``: :func:`curation.evaluate.evaluator.evaluate` of every checkpoint of the
-  recipe on the held-out splits under ``DatasetsResource.eval_root`` -> ``eval_results``.
+* ``eval_reports[recipe]``: every checkpoint of the recipe on the declared eval sets through
+  clip_benchmark (:func:`curation.evaluate.benchmark.evaluate_checkpoint`; sets written in its
+  webdataset layout, its result JSON under ``artifacts/eval/<recipe>/``) -> ``eval_results``.
 * ``curation_report``: :func:`curation.evaluate.report.build_comparison` + ``write_report`` over all
   recipes -> ``artifacts/reports/`` (HTML, markdown, PNG plots).
 """
 
 
-import json
 import logging
 import time
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -28,11 +29,27 @@ log = logging.getLogger(__name__)
 ALL_RECIPES = dg.AllPartitionMapping()
 
 
-class EvalReportsConfig(dg.Config):
-    """Which tasks (empty: every task of every split under the eval root) and prompt templates."""
+class EvalSetConfig(dg.Config):
+    """One declared eval set: ``path`` absolute or relative to the eval root; ``layout`` is
+    ``manifest`` (the platform's split: manifest.parquet + tasks.json + tars) or
+    ``clip_benchmark`` (its webdataset layout: test/nshards.txt, test/N.tar, classnames.txt ...)."""
 
-    tasks: list[str] = []
+    name: str
+    path: str
+    layout: str = "manifest"
     templates: str = "emoji"
+
+
+class EvalReportsConfig(dg.Config):
+    """The eval sets, each declared with its layout (empty: :data:`DEFAULT_EVAL_SETS`, the embedded
+    dataset's held-out split ``emoji-heldout`` in the manifest layout), and the tasks to run
+    (empty: every task of every set)."""
+
+    eval_sets: list[EvalSetConfig] = []
+    tasks: list[str] = []
+
+
+DEFAULT_EVAL_SETS = ({"name": "emoji-heldout", "path": "emoji-heldout", "layout": "manifest", "templates": "emoji"},)
 
 
 @dg.asset(
@@ -41,7 +58,8 @@ class EvalReportsConfig(dg.Config):
     group_name=GROUP,
     kinds={"pytorch", "delta"},
     description="Zero-shot classification and image<->text retrieval of every checkpoint of the recipe on "
-    "the held-out eval splits: the `eval_results` partition (task, metric, value per seed).",
+    "the declared eval sets, run through clip_benchmark: the `eval_results` partition (task, metric, value "
+    "per seed) and clip_benchmark's JSON under artifacts/eval/<recipe>/.",
 )
 def eval_reports(
     context: dg.AssetExecutionContext,
@@ -50,29 +68,31 @@ def eval_reports(
     datasets: DatasetsResource,
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
-    from curation.embed.encoders import build_encoder
-    from curation.evaluate.evaluator import (
-        AVERAGE_TASK,
-        EvalTask,
-        evaluate,
-        main_metric,
-        results_to_rows,
-        template_set,
-    )
+    from curation.evaluate.benchmark import EvalSetSpec, evaluate_checkpoint, resolve_eval_sets
+    from curation.evaluate.evaluator import AVERAGE_TASK, EvalTask, main_metric, results_to_rows
+    from curation.train.checkpoints import resolve_artifact_path
 
-    template_set(config.templates)  # validate before any work
     recipe = context.partition_key
+    declared = [e.model_dump() for e in config.eval_sets] or list(DEFAULT_EVAL_SETS)
+    specs = [
+        EvalSetSpec(e["name"], str(Path(datasets.eval_root) / e["path"]), e["layout"], e["templates"]) for e in declared
+    ]
+    resolve_eval_sets(specs)  # validate layouts (and write the clip_benchmark datasets) before any model loads
     db = lake.lake()
     cks = db.read("checkpoints", partitions=[recipe]) if db.exists("checkpoints") else pl.DataFrame()
     if cks.height == 0:
         raise ValueError(f"recipe {recipe!r}: got no rows in `checkpoints`; expected trained_checkpoints materialized")
+    spec = compute.spec()
+    device = str(spec.torch_device())
     t0 = time.perf_counter()
     rows = []
     per_seed = []
     for ck in cks.iter_rows(named=True):
-        seed = int(json.loads(ck["config_json"]).get("seed", 0))
-        enc = build_encoder("open_clip", compute.spec(), model_name=ck["model"], pretrained=ck["path"])
-        res = evaluate(enc, datasets.eval_root, config.tasks or None, templates=config.templates)
+        seed = int(ck["seed"])
+        path = resolve_artifact_path(ck["path"], lake.artifacts_root)
+        out = lake.artifacts("eval", recipe, Path(ck["path"]).stem)
+        res = evaluate_checkpoint(path, specs, out, model_name=ck["model"], device=device, precision=spec.precision,
+                                  batch_size=spec.batch_size, task_names=config.tasks or None)  # fmt: skip
         per_seed.append((seed, res))
         for r in results_to_rows(res):
             rows.append({"recipe": recipe, "checkpoint": ck["path"], **r, "seed": seed})
@@ -90,6 +110,7 @@ def eval_reports(
             "recipe": recipe,
             "checkpoints": len(per_seed),
             "tasks": int(per_seed[0][1][AVERAGE_TASK]["tasks"]),
+            "evaluator": "clip_benchmark",
             "average": float(np.mean(avg)),
             "average_std": float(np.std(avg)),
             "rows": frame.height,

@@ -4,17 +4,19 @@ Thin adapters over ``curation``:
 
 * ``filter_model``: an aligned CLIP for the clipscore / clipcov recipes. A configured
   open_clip checkpoint (``model_name`` + ``pretrained`` path or tag) when the user has one,
-  else :func:`curation.train.trainer.train_clip` on the FULL pool (captions from ``samples``,
-  image bytes from the landing shards). Then the whole pool is embedded with it
+  else the platform loop (:func:`curation.train.loop.run_training`) on the FULL pool, streamed
+  shard by shard from the landing tars. Then the pool is embedded with it shard by shard
   (:func:`curation.embed.encoders.build_encoder`) -> table ``filter_embeddings`` (uid, image_emb,
   text_emb, clip_score = cos(image, caption), model).
-* ``trained_checkpoints[recipe]``: :func:`curation.train.trainer.train_from_shards` on the
-  recipe's webdataset export (one run per seed, matched samples seen) -> checkpoint files
-  under ``artifacts/checkpoints/<recipe>/`` and the ``checkpoints`` partition.
+* ``trained_checkpoints[recipe]``: :func:`curation.train.trainer.train_subset` on the recipe's
+  webdataset export (one run per seed, matched samples seen) with the configured backend
+  (``open_clip_train`` subprocess or the ``platform`` loop; ``auto``: open_clip_train for
+  clip / clip_da / flip, platform for slip) -> checkpoint files under
+  ``artifacts/checkpoints/<recipe>/`` and typed rows in the ``checkpoints`` partition (paths
+  relative to the artifacts root, so a data home can move).
 """
 
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -28,7 +30,7 @@ import pyarrow as pa
 from assets.metadata import md_table
 from assets.partitions import recipe_partitions
 from curation.storage.lake import Lake, matrix_to_list_column
-from curation.train.trainer import TrainConfig
+from curation.train.config import TrainConfig
 from resources import ComputeResource, DatasetsResource, LakeResource
 
 
@@ -64,38 +66,19 @@ def read_pool_samples(db: Lake) -> pl.DataFrame:
     return pool_uids.join(samples, on="uid", how="inner", maintain_order="left")
 
 
-def load_pool_images(pool: pl.DataFrame, landing: str) -> tuple[list[str], list, list[str], int]:
-    """Decode the images of ``pool`` rows from their landing shards (one pass per shard).
+def pool_shards(pool: pl.DataFrame, landing: str) -> list[tuple[str, pl.DataFrame]]:
+    """``[(landing tar path, pool rows of that shard)]`` keeping only members the tar holds."""
+    from curation.ingest.shards import list_keys, shard_path, split_member_name
 
-    Returns:
-        ``(uids, images, captions, n_missing)`` for the rows whose image decoded.
-    """
-    import io
-
-    from PIL import Image
-
-    from curation.ingest.shards import load_members, shard_path
-
-    uids, images, captions = [], [], []
-    missing = 0
+    out = []
     for (shard,), rows in pool.group_by("shard", maintain_order=True):
-        members = load_members(shard_path(landing, str(shard)), rows["member"].to_list())
-        for uid, member, cap in zip(rows["uid"].to_list(), rows["member"].to_list(), rows["caption"].to_list()):
-            data = members.get(member)
-            if data is None:
-                missing += 1
-                continue
-            try:
-                im = Image.open(io.BytesIO(data))
-                im.load()
-            except Exception as e:  # noqa: BLE001 - a corrupt image is counted, not fatal
-                log.warning("cannot decode %s of %s: %s", member, shard, e)
-                missing += 1
-                continue
-            uids.append(uid)
-            images.append(im)
-            captions.append(cap)
-    return uids, images, captions, missing
+        path = shard_path(landing, str(shard))
+        keys = list_keys(path, manifest=False) if path.exists() else set()
+        present = rows.filter(pl.col("member").map_elements(lambda m: split_member_name(m)[0] in keys, return_dtype=pl.Boolean))
+        if present.height < rows.height:
+            log.warning("%s: %d pool members missing from the tar", shard, rows.height - present.height)
+        out.append((str(path), present))
+    return out
 
 
 @dg.asset(
@@ -114,27 +97,30 @@ def filter_model(
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
     from curation.embed.encoders import build_encoder
-    from curation.train.trainer import train_clip
+    from curation.train.checkpoints import save_checkpoint
+    from curation.train.data import SelectedShardPairs, decode_image
+    from curation.train.loop import run_training
 
     t0 = time.perf_counter()
     db = lake.lake()
     spec = compute.spec()
     pool = read_pool_samples(db)
-    uids, images, captions, missing = load_pool_images(pool, datasets.landing)
-    if not uids:
-        raise ValueError(f"filter_model: got 0 decodable pool images (of {pool.height} pool rows); expected a pool")
-    load_s = time.perf_counter() - t0
-    meta: dict = {"pool_rows": pool.height, "images_missing": missing, "load_seconds": round(load_s, 2)}
+    shards = pool_shards(pool, datasets.landing)
+    n_pool = sum(rows.height for _, rows in shards)
+    if not n_pool:
+        raise ValueError(f"filter_model: got 0 readable pool images (of {pool.height} pool rows); expected a pool")
+    meta: dict = {"pool_rows": pool.height, "images_missing": pool.height - n_pool, "shards": len(shards)}
     if config.pretrained:
         pretrained, source = config.pretrained, "pretrained"
     else:
         cfg = TrainConfig(
             model=config.model_name, strategy="clip", samples_seen=config.samples_seen,
-            batch_size=config.batch_size, lr=config.lr, seed=config.seed,
+            batch_size=config.batch_size, lr=config.lr, seed=config.seed, backend="platform",
         )  # fmt: skip
-        from curation.train.trainer import save_checkpoint
-
-        result = train_clip(images, captions, cfg, spec)
+        pairs = SelectedShardPairs(
+            [(p, list(zip(rows["member"].to_list(), rows["caption"].to_list()))) for p, rows in shards]
+        )
+        result = run_training(pairs, cfg, spec)
         ck_dir = lake.artifacts("filter_model")
         pretrained = str(save_checkpoint(result, ck_dir / f"{config.model_name}-full-seed{config.seed}.pt", extra={"role": "filter_model"}))
         source = "trained on the full pool"
@@ -149,20 +135,47 @@ def filter_model(
         )
     t1 = time.perf_counter()
     encoder = build_encoder("open_clip", spec, model_name=config.model_name, pretrained=pretrained)
-    img = encoder.encode_images(images)
-    txt = encoder.encode_texts(captions)
-    score = np.einsum("nd,nd->n", img, txt).astype(np.float32)
+    # one shard's images decoded, embedded and written at a time (append after the first), so
+    # memory stays flat in the pool size: only uids, captions and scores are kept
+    from curation.ingest.shards import load_members
+
+    uids, captions, scores, bad, written = [], [], [], 0, 0
+    for path, rows in shards:
+        blobs = load_members(path, rows["member"].to_list())
+        keep, images = [], []
+        for i, member in enumerate(rows["member"].to_list()):
+            try:
+                images.append(decode_image(blobs[member]))
+                keep.append(i)
+            except Exception as e:  # noqa: BLE001 - a corrupt image is counted, not fatal
+                log.warning("cannot decode %s of %s: %s", member, path, e)
+                bad += 1
+        del blobs
+        if not keep:
+            continue
+        sub = rows[keep]
+        img = encoder.encode_images(images)
+        txt = encoder.encode_texts(sub["caption"].to_list())
+        score = np.einsum("nd,nd->n", img, txt).astype(np.float32)
+        table = pa.table(
+            {
+                "uid": pa.array(sub["uid"].to_list(), pa.string()),
+                "image_emb": matrix_to_list_column(img),
+                "text_emb": matrix_to_list_column(txt),
+                "clip_score": pa.array(score, pa.float32()),
+                "model": pa.array([encoder.id] * sub.height, pa.string()),
+            }
+        )
+        db.write("filter_embeddings", table, mode="overwrite" if written == 0 else "append")
+        written += sub.height
+        uids += sub["uid"].to_list()
+        captions += sub["caption"].to_list()
+        scores.append(score)
+    if not written:
+        raise ValueError(f"filter_model: got 0 decodable pool images (of {pool.height} pool rows); expected a pool")
+    score = np.concatenate(scores)
+    meta["images_missing"] += bad
     embed_s = time.perf_counter() - t1
-    table = pa.table(
-        {
-            "uid": pa.array(uids, pa.string()),
-            "image_emb": matrix_to_list_column(img),
-            "text_emb": matrix_to_list_column(txt),
-            "clip_score": pa.array(score, pa.float32()),
-            "model": pa.array([encoder.id] * len(uids), pa.string()),
-        }
-    )
-    db.write("filter_embeddings", table)
     order = np.argsort(score)
     preview = pl.DataFrame(
         {
@@ -188,10 +201,18 @@ def filter_model(
 
 
 class TrainedCheckpointsConfig(dg.Config):
-    """One CLIP per seed on the recipe's subset, at the same samples seen for every recipe."""
+    """One CLIP per seed on the recipe's subset, at the same samples seen for every recipe.
+
+    ``backend``: ``auto`` (open_clip_train for clip / clip_da / flip, the platform loop for
+    slip), ``open_clip_train`` or ``platform``. ``preset``: a named config
+    (``tiny-cpu``, ``datacomp-small``, ``datacomp-medium``) whose values replace the defaults
+    below; fields set explicitly here still win.
+    """
 
     # defaults come from the library's TrainConfig, so the two cannot drift apart
     strategy: str = TrainConfig.strategy
+    backend: str = TrainConfig.backend
+    preset: Optional[str] = None
     model_name: str = TrainConfig.model
     samples_seen: int = TrainConfig.samples_seen
     batch_size: int = TrainConfig.batch_size
@@ -202,11 +223,23 @@ class TrainedCheckpointsConfig(dg.Config):
     seeds: list[int] = [0]
 
     def train_config(self, seed: int) -> TrainConfig:
-        return TrainConfig(
+        from curation.train.config import NAMED_CONFIGS
+
+        values = dict(
             model=self.model_name, strategy=self.strategy, samples_seen=self.samples_seen,
             batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-            warmup_fraction=self.warmup_fraction, patch_dropout=self.patch_dropout, seed=seed,
+            warmup_fraction=self.warmup_fraction, patch_dropout=self.patch_dropout, seed=seed, backend=self.backend,
         )  # fmt: skip
+        if self.preset is not None:
+            if self.preset not in NAMED_CONFIGS:
+                raise ValueError(f"preset: got {self.preset!r}; expected one of {sorted(NAMED_CONFIGS)}")
+            explicit = self.model_fields_set
+            key = {"model_name": "model"}
+            for k, v in NAMED_CONFIGS[self.preset].items():
+                field_name = next((f for f, t in key.items() if t == k), k)
+                if field_name not in explicit:
+                    values[k] = v
+        return TrainConfig(**values)
 
 
 @dg.asset(
@@ -215,12 +248,14 @@ class TrainedCheckpointsConfig(dg.Config):
     group_name=GROUP,
     kinds={"pytorch", "delta"},
     description="open_clip checkpoints trained on the recipe's webdataset export (one per seed, matched "
-    "samples seen) under artifacts/checkpoints/<recipe>/, and the `checkpoints` partition.",
+    "samples seen; open_clip_train or the platform loop) under artifacts/checkpoints/<recipe>/, and typed "
+    "rows in the `checkpoints` partition.",
 )
 def trained_checkpoints(
     context: dg.AssetExecutionContext, config: TrainedCheckpointsConfig, lake: LakeResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
-    from curation.train.trainer import train_from_shards
+    from curation.train.checkpoints import checkpoint_record, checkpoint_schema
+    from curation.train.trainer import train_subset
 
     recipe = context.partition_key
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
@@ -237,39 +272,28 @@ def trained_checkpoints(
     t0 = time.perf_counter()
     for cfg in cfgs:
         path = out_dir / f"{cfg.model}-{cfg.strategy}-seed{cfg.seed}.pt"
-        res, path = train_from_shards(tars, cfg, path, compute.spec(), extra={"recipe": recipe})
-        info = {**cfg.to_dict(), "steps": res.steps, "batch_size_used": res.batch_size, "n_train": res.n_train,
-                "samples_per_s": res.samples_per_s, "final_loss": res.final_loss}  # fmt: skip
-        rows.append(
-            {
-                "recipe": recipe,
-                "strategy": cfg.strategy,
-                "model": cfg.model,
-                "path": str(path),
-                "samples_seen": int(res.samples_seen),
-                "seconds": float(res.seconds),
-                "config_json": json.dumps(info, sort_keys=True),
-            }
-        )
-        hist = pl.DataFrame(res.history).select("step", "samples_seen", "loss", "lr", "samples_per_s")
-        history_md.append(f"seed {cfg.seed}\n\n" + md_table(hist.gather_every(max(1, hist.height // 8)), max_rows=None, max_chars=70, float_fmt=".4f"))
-    frame = pl.DataFrame(rows, schema={"recipe": pl.String, "strategy": pl.String, "model": pl.String, "path": pl.String,
-                                       "samples_seen": pl.Int64, "seconds": pl.Float64, "config_json": pl.String})  # fmt: skip
+        summary, path = train_subset(tars, cfg, path, compute.spec(), extra={"recipe": recipe})
+        rows.append(checkpoint_record(recipe, cfg, summary.backend, path, lake.artifacts_root, **summary.measures()))
+        hist = pl.DataFrame(summary.history)
+        cols = [c for c in ("step", "samples_seen", "loss", "lr", "samples_per_s") if c in hist.columns]
+        history_md.append(f"seed {cfg.seed} ({summary.backend})\n\n" + md_table(hist.select(cols).gather_every(max(1, hist.height // 8)), max_rows=None, max_chars=70, float_fmt=".4f"))
+    frame = pl.DataFrame(rows, schema=checkpoint_schema())
     lake.lake().write("checkpoints", frame, partition=recipe)
-    last = json.loads(rows[-1]["config_json"])
+    last = rows[-1]
     return dg.MaterializeResult(
         metadata={
             "recipe": recipe,
-            "strategy": config.strategy,
-            "model": config.model_name,
+            "strategy": cfgs[-1].strategy,
+            "backend": last["backend"],
+            "model": cfgs[-1].model,
             "seeds": dg.MetadataValue.json(list(config.seeds)),
             "n_train": last["n_train"],
-            "samples_seen": rows[-1]["samples_seen"],
-            "epochs": round(rows[-1]["samples_seen"] / max(1, last["n_train"]), 2),
+            "samples_seen": last["samples_seen"],
+            "epochs": round(last["samples_seen"] / max(1, last["n_train"]), 2),
             "train_seconds": round(float(np.mean([r["seconds"] for r in rows])), 2),
-            "samples_per_s": round(float(np.mean([json.loads(r["config_json"])["samples_per_s"] for r in rows])), 1),
+            "samples_per_s": round(float(np.mean([r["samples_per_s"] for r in rows])), 1),
             "final_loss": round(last["final_loss"], 4),
-            "checkpoint": dg.MetadataValue.path(rows[-1]["path"]),
+            "checkpoint": dg.MetadataValue.path(str(Path(lake.artifacts_root) / last["path"])),
             "seconds": round(time.perf_counter() - t0, 2),
             "loss_curve": dg.MetadataValue.md("\n\n".join(history_md)),
         }

@@ -18,9 +18,6 @@ from curation.evaluate.evaluator import (
     build_zero_shot_classifier,
     class_embeddings,
     classification_metrics,
-    evaluate,
-    list_eval_splits,
-    load_eval_set,
     results_to_rows,
     retrieval_metrics,
     template_set,
@@ -201,16 +198,6 @@ def _add(tf, name, data):
     tf.addfile(info, io.BytesIO(data))
 
 
-class _ColorEncoder:
-    """Images -> mean RGB direction; texts -> the named color's direction (an oracle CLIP)."""
-
-    def encode_images(self, images):
-        return unit([np.asarray(im.convert("RGB"), dtype=np.float32).mean((0, 1)) for im in images])
-
-    def encode_texts(self, texts):
-        return unit([next(np.array(v, dtype=np.float32) for k, v in COLORS.items() if k in t) for t in texts])
-
-
 def _write_manifest_set(d):
     d.mkdir(parents=True)
     rows = []
@@ -236,23 +223,109 @@ def _write_wds_set(d):
             _add(tf, f"s{i}.cls", str(cls).encode())
 
 
-def test_evaluate_both_layouts_with_an_oracle_encoder(tmp_path):
+def test_manifest_set_is_written_in_clip_benchmark_layout(tmp_path):
+    from curation.evaluate.benchmark import EvalSetSpec, check_layout, resolve_eval_sets
+
     _write_manifest_set(tmp_path / "colors")
+    plan = resolve_eval_sets([EvalSetSpec("colors", str(tmp_path / "colors"), "manifest", "simple")])
+    assert sorted(plan) == ["colors/retrieval", "colors/zeroshot/group"]
+    zs, _ = plan["colors/zeroshot/group"]
+    check_layout(zs, "clip_benchmark")
+    assert (zs / "test" / "nshards.txt").read_text().strip() == "1"
+    assert (zs / "classnames.txt").read_text().split() == ["red", "green", "blue"]
+    assert len((zs / "zeroshot_classification_templates.txt").read_text().splitlines()) == len(template_set("simple"))
+    with tarfile.open(zs / "test" / "0.tar") as tf:
+        cls = [tf.extractfile(m).read().decode() for m in tf if m.name.endswith(".cls")]
+        png = [m for m in tf if m.name.endswith(".png")]
+        im = Image.open(io.BytesIO(tf.extractfile(png[0]).read()))
+    assert cls == ["0", "1", "2", "0", "2", "1"] and im.mode == "RGB"
+    rt, _ = plan["colors/retrieval"]
+    assert (rt / "dataset_type.txt").read_text().strip() == "retrieval"
+    with tarfile.open(rt / "test" / "0.tar") as tf:
+        assert [tf.extractfile(m).read().decode() for m in tf if m.name.endswith(".txt")][:2] == ["a red square", "a green square"]
+    # a re-run with the same inputs reuses the files
+    before = (zs / "test" / "0.tar").stat().st_mtime_ns
+    resolve_eval_sets([EvalSetSpec("colors", str(tmp_path / "colors"), "manifest", "simple")])
+    assert (zs / "test" / "0.tar").stat().st_mtime_ns == before
+
+
+def test_native_clip_benchmark_set_and_wrong_layouts_fail_clearly(tmp_path):
+    from curation.evaluate.benchmark import EvalSetSpec, resolve_eval_sets
+
     _write_wds_set(tmp_path / "bench")
-    (tmp_path / "not-a-set").mkdir()
-    assert list_eval_splits(tmp_path) == ["bench", "colors"]
-    es = load_eval_set(tmp_path / "colors")
-    assert [t.name for t in es.tasks()] == ["colors/zeroshot/group", "colors/retrieval"]
-    assert es.labels["group"].tolist() == [0, 1, 2, 0, 2, 1]
-    res = evaluate(_ColorEncoder(), tmp_path, templates="simple")
-    assert set(res) == {"colors/zeroshot/group", "colors/retrieval", "bench/zeroshot/cls", AVERAGE_TASK}
-    assert res["colors/zeroshot/group"]["acc1"] == 1.0 and res["bench/zeroshot/cls"]["acc1"] == 1.0
-    # 3 distinct captions, each positive for its 2 images: recall@1 is 1 both ways
-    assert res["colors/retrieval"]["mean_recall@1"] == 1.0 and res["colors/retrieval"]["n_texts"] == 3
-    assert res[AVERAGE_TASK]["main"] == 1.0 and res[AVERAGE_TASK]["tasks"] == 3
-    only = evaluate(_ColorEncoder(), tmp_path, ["bench/zeroshot/cls"])
-    assert set(only) == {"bench/zeroshot/cls", AVERAGE_TASK}
-    with pytest.raises(ValueError, match=r"got split 'nope'; expected one of \['bench', 'colors'\]"):
-        evaluate(_ColorEncoder(), tmp_path, ["nope/retrieval"])
-    with pytest.raises(ValueError, match="expected some of"):
-        evaluate(_ColorEncoder(), tmp_path, ["bench/retrieval"])
+    (tmp_path / "bench" / "test" / "nshards.txt").write_text("1\n")
+    plan = resolve_eval_sets([EvalSetSpec("bench", str(tmp_path / "bench"), "clip_benchmark")])
+    assert list(plan) == ["bench/zeroshot/cls"]
+    # a loose folder of tars (the old convention) is not the clip_benchmark layout
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    (loose / "classnames.txt").write_text("red\n")
+    (loose / "0.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"eval set 'loose' at .*: got \['0.tar', 'classnames.txt'\]; expected clip_benchmark's webdataset layout: test/nshards.txt"):
+        resolve_eval_sets([EvalSetSpec("loose", str(loose), "clip_benchmark")])
+    # a clip_benchmark dataset declared as a manifest set names the manifest layout
+    with pytest.raises(ValueError, match="expected the platform's manifest layout: manifest.parquet \\+ tasks.json"):
+        resolve_eval_sets([EvalSetSpec("bench", str(tmp_path / "bench"), "manifest")])
+    with pytest.raises(ValueError, match=r"got layout 'coco'; expected one of \['clip_benchmark', 'manifest'\]"):
+        EvalSetSpec("x", str(loose), "coco")
+
+
+# ------------------------------------------------------------------ clip_benchmark == the reference
+
+
+@pytest.fixture(scope="module")
+def fixed_checkpoint(small_dataset, tmp_path_factory):
+    """tiny-rn-32 trained for 128 samples on the small emoji pool (seed 0): a fixed checkpoint."""
+    import torch
+
+    from curation.engine.compute import ComputeSpec
+    from curation.train.checkpoints import save_checkpoint
+    from curation.train.config import TrainConfig
+    from curation.train.data import read_webdataset_pairs
+    from curation.train.loop import train_clip
+
+    torch.set_num_threads(1)
+    _, images, captions = read_webdataset_pairs(sorted((small_dataset / "landing" / "emoji").glob("*.tar")))
+    res = train_clip(images, captions, TrainConfig(model="tiny-rn-32", samples_seen=128, batch_size=32, seed=0),
+                     ComputeSpec(device="cpu"))  # fmt: skip
+    return save_checkpoint(res, tmp_path_factory.mktemp("ck") / "fixed.pt")
+
+
+def _reference_metrics(checkpoint, split_dir, templates):
+    """The platform's own metric code (the pre-clip_benchmark evaluator's computation) on the set."""
+    from curation.embed.encoders import build_encoder
+    from curation.engine.compute import ComputeSpec
+    from curation.ingest.shards import load_members
+
+    enc = build_encoder("open_clip", ComputeSpec(device="cpu"), model_name="tiny-rn-32", pretrained=str(checkpoint))
+    man = pl.read_parquet(split_dir / "manifest.parquet")
+    tasks = json.loads((split_dir / "tasks.json").read_text())
+    images = []
+    for (tar,), rows in man.group_by("tar", maintain_order=True):
+        blobs = load_members(split_dir / tar, rows["member"].to_list())
+        images += [Image.open(io.BytesIO(blobs[m])) for m in rows["member"].to_list()]
+    img = enc.encode_images(images)
+    out = {}
+    for label, names in tasks["zero_shot"].items():
+        clf = build_zero_shot_classifier(enc.encode_texts, names, templates)
+        labels = np.array([names.index(v) for v in man[label].to_list()])
+        out[f"{split_dir.name}/zeroshot/{label}"] = zero_shot_metrics(img, clf, labels)
+    caps = man["caption"].to_list()
+    assert len(set(caps)) == len(caps)  # clip_benchmark: a caption is positive for its own image only
+    out[f"{split_dir.name}/retrieval"] = retrieval_metrics(img, enc.encode_texts(caps), np.arange(len(caps)), np.arange(len(caps)))
+    return out
+
+
+def test_clip_benchmark_gives_the_reference_numbers_on_a_fixed_checkpoint(small_dataset, fixed_checkpoint, tmp_path):
+    from curation.evaluate.benchmark import EvalSetSpec, evaluate_checkpoint
+
+    split = small_dataset / "eval" / "emoji-heldout"
+    got = evaluate_checkpoint(fixed_checkpoint, [EvalSetSpec("emoji-heldout", str(split), "manifest")], tmp_path / "res")
+    ref = _reference_metrics(fixed_checkpoint, split, template_set("emoji"))
+    assert set(got) == set(ref) | {AVERAGE_TASK}
+    for task, metrics in ref.items():
+        for name, value in metrics.items():
+            assert got[task][name] == pytest.approx(value, abs=1e-6), (task, name)
+    # the clip_benchmark JSON is on disk, in its dump format
+    dump = json.loads((tmp_path / "res" / "emoji-heldout__retrieval.json").read_text())
+    assert dump["task"] == "zeroshot_retrieval" and "image_retrieval_recall@5" in dump["metrics"]

@@ -25,7 +25,8 @@ CHECKS = [*TRAIN_CHECKS, *EVALUATE_CHECKS]
 
 COLORS = {"red": (230, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 230), "yellow": (230, 220, 20)}
 RECIPES = ("full", "random@0.5")
-TINY_TRAIN = {"samples_seen": 16, "batch_size": 8, "seeds": [0]}
+TINY_TRAIN = {"samples_seen": 16, "batch_size": 8, "seeds": [0], "model_name": "tiny-rn-32"}
+EVAL_SET = {"name": "toy-heldout", "path": "toy-heldout", "layout": "manifest", "templates": "simple"}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -101,8 +102,11 @@ def test_train_eval_report_lineage(tmp_path, resources):
         lake.write("subsets", pl.DataFrame({"recipe": [recipe] * n, "uid": full_uids[:n], "rank": list(range(n)),
                                             "score": [0.0] * n}), partition=recipe)  # fmt: skip
     instance = DagsterInstance.ephemeral()
-    run_config = {"ops": {"trained_checkpoints": {"config": TINY_TRAIN}}}
+    # both backends: open_clip_train (a subprocess) for `full`, the platform loop for `random@0.5`
+    backends = {"full": "open_clip_train", "random@0.5": "platform"}
     for recipe in RECIPES:
+        run_config = {"ops": {"trained_checkpoints": {"config": {**TINY_TRAIN, "backend": backends[recipe]}},
+                              "eval_reports": {"config": {"eval_sets": [EVAL_SET]}}}}  # fmt: skip
         res = materialize(
             [trained_checkpoints, eval_reports, *_checks_for("trained_checkpoints"), *_checks_for("eval_reports")],
             partition_key=recipe, resources=resources, instance=instance, run_config=run_config,
@@ -112,12 +116,26 @@ def test_train_eval_report_lineage(tmp_path, resources):
         assert len(evals) == 3 and all(e.passed for e in evals), [(e.check_name, e.metadata) for e in evals]
         md = res.asset_materializations_for_node("trained_checkpoints")[0].metadata
         assert md["samples_seen"].value == 16 and md["n_train"].value in (12, 8)
+        assert md["backend"].value == backends[recipe]
 
     cks = lake.read("checkpoints")
     assert sorted(cks["recipe"].to_list()) == sorted(RECIPES) and set(cks["samples_seen"].to_list()) == {16}
-    for p in cks["path"].to_list():
-        assert Path(p).exists() and Path(p).with_suffix(".json").exists()
-        assert Path(p).parent == artifacts / "checkpoints" / cks.filter(pl.col("path") == p)["recipe"][0]
+    # typed columns, not a JSON string; paths relative to the artifacts root
+    assert cks.schema["seed"] == pl.Int64 and cks.schema["samples_per_s"] == pl.Float64 and "config_json" not in cks.columns
+    assert sorted(cks["backend"].to_list()) == ["open_clip_train", "platform"]
+    for rel, recipe in zip(cks["path"].to_list(), cks["recipe"].to_list()):
+        assert not Path(rel).is_absolute() and Path(rel).parent == Path("checkpoints") / recipe
+        p = artifacts / rel
+        assert p.exists() and p.with_suffix(".json").exists()
+        # open_clip itself loads either backend's checkpoint
+        import open_clip
+
+        from curation.embed.model_registry import register_model_configs
+
+        register_model_configs()
+        open_clip.create_model_and_transforms("tiny-rn-32", pretrained=str(p), weights_only=True)
+    # clip_benchmark's JSON results are kept beside the checkpoints' evaluations
+    assert list((artifacts / "eval" / "full").glob("*/toy-heldout__retrieval.json"))
     ev = lake.read("eval_results")
     assert set(ev["task"].to_list()) == {"toy-heldout/zeroshot/group", "toy-heldout/retrieval", "average"}
     assert ev.filter(pl.col("task") == "average")["recipe"].n_unique() == 2

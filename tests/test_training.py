@@ -297,3 +297,144 @@ def test_train_from_webdataset_shards(tmp_path):
     assert path.exists() and res.n_train == 6 and res.samples_seen == 4
     with pytest.raises(FileNotFoundError):
         train_from_shards([], small_cfg(), tmp_path / "x.pt", CPU)
+
+
+# ------------------------------------------------------------------ streaming, strategies, backends
+
+
+def _write_toy_shards(d, n, per_shard=25, seed=0):
+    """Webdataset shards of toy pairs with unique captions ``... #<i>``."""
+    images, captions = toy_pairs(n, seed)
+    d.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(0, n, per_shard):
+        p = d / f"{s // per_shard:05d}.tar"
+        with tarfile.open(p, "w") as tf:
+            for i in range(s, min(n, s + per_shard)):
+                buf = io.BytesIO()
+                images[i].save(buf, format="PNG")
+                for name, data in ((f"k{i:05d}.png", buf.getvalue()), (f"k{i:05d}.txt", f"{captions[i]} #{i}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        paths.append(p)
+    return paths
+
+
+def test_shard_stream_gives_exact_samples_seen_epochs_and_no_repeat_in_a_batch(tmp_path):
+    from curation.train.data import ShardPairs, batch_stream
+
+    src = ShardPairs(_write_toy_shards(tmp_path, 70), shuffle_buffer=16)
+    assert src.n == 70
+    batch, steps = plan_steps(200, 16, src.n)
+    sizes = batch_sizes(200, batch, steps)
+    batches = list(batch_stream(src, sizes, batch, torch.Generator().manual_seed(0)))
+    assert [len(b) for b in batches] == sizes and sum(sizes) == 200
+    for b in batches:
+        caps = [c for _, c in b]
+        assert len(set(caps)) == len(caps)
+    # one epoch = 70 // 16 = 4 batches of distinct samples (the ragged tail of 6 dropped)
+    first_epoch = [c for b in batches[:4] for _, c in b]
+    assert len(set(first_epoch)) == 64
+    # seeded: the same order again, a different one for another seed
+    again = list(batch_stream(src, sizes, batch, torch.Generator().manual_seed(0)))
+    other = list(batch_stream(src, sizes, batch, torch.Generator().manual_seed(1)))
+    assert [c for b in again for _, c in b] == [c for b in batches for _, c in b]
+    assert [c for b in other for _, c in b] != [c for b in batches for _, c in b]
+
+
+def test_one_strategy_object_per_objective():
+    from curation.train.strategies import Batch, ClipDAStrategy, FlipStrategy, SlipStrategy, Strategy, make_strategy
+
+    kinds = {s: type(make_strategy(small_cfg(strategy=s))) for s in STRATEGIES}
+    assert kinds == {"clip": Strategy, "clip_da": ClipDAStrategy, "flip": FlipStrategy, "slip": SlipStrategy}
+    torch.manual_seed(0)
+    cfg = small_cfg(strategy="slip")
+    from curation.train.strategies import build_model
+
+    model, preprocess, tok = build_model(cfg)
+    slip = make_strategy(cfg)
+    extra = slip.setup(model, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+    images, caps = toy_pairs(8)
+    from curation.embed.encoders import to_rgb
+
+    b = Batch(torch.stack([preprocess(to_rgb(im)) for im in images]), tok(caps), torch.ones(8, dtype=torch.bool))
+    out = slip.loss(model, b, torch.Generator().manual_seed(0))
+    assert len(extra) == 1 and float(out["ssl_loss"]) > 0
+    assert float(out["loss"]) == pytest.approx(float(out["clip_loss"]) + float(out["ssl_loss"]), rel=1e-5)
+    clip = make_strategy(small_cfg())
+    assert clip.setup(model, (0.5,) * 3, (0.5,) * 3, torch.device("cpu")) == []
+    assert float(clip.loss(model, b, torch.Generator())["ssl_loss"]) == 0.0
+    with pytest.raises(ValueError, match="not a ViT"):
+        make_strategy(small_cfg(model="tiny-rn-32", strategy="flip")).model_kwargs()
+
+
+def test_backends_named_configs_and_their_validation():
+    from curation.train.config import NAMED_CONFIGS, named_config
+
+    assert TrainConfig(strategy="clip").resolved_backend() == "open_clip_train"
+    assert TrainConfig(strategy="slip").resolved_backend() == "platform"
+    assert TrainConfig(strategy="clip", backend="platform").resolved_backend() == "platform"
+    with pytest.raises(ValueError, match=r"backend 'open_clip_train': got strategy 'slip'; expected one of \['clip', 'clip_da', 'flip'\]"):
+        TrainConfig(strategy="slip", backend="open_clip_train")
+    with pytest.raises(ValueError, match="backend: got 'deepspeed'; expected one of"):
+        TrainConfig(backend="deepspeed")
+    small = named_config("datacomp-small", strategy="clip_da", seed=2)
+    assert (small.model, small.batch_size, small.samples_seen, small.lr, small.weight_decay) == ("ViT-B-32", 4096, 12_800_000, 5e-4, 0.2)
+    assert round(small.warmup_fraction * (small.samples_seen // small.batch_size)) == 500 and small.seed == 2
+    assert named_config("datacomp-medium").samples_seen == 128_000_000 and set(NAMED_CONFIGS) >= {"tiny-cpu"}
+    with pytest.raises(ValueError, match="named config: got 'large'; expected one of"):
+        named_config("large")
+
+
+def test_open_clip_train_command_one_process_on_cpu_torchrun_per_gpu(tmp_path):
+    from curation.train.open_clip_backend import build_command, check_samples_seen
+
+    cfg = small_cfg(model="tiny-rn-32", strategy="clip_da", samples_seen=64, batch_size=16)
+    argv, env = build_command(cfg, ["b.tar", "a.tar"], tmp_path, "run", CPU, gpus=0)
+    assert argv[1:3] == ["-m", "curation.train.open_clip_entry"] and "LOCAL_RANK" not in env
+    a = dict(zip(argv, argv[1:]))
+    assert a["--train-data"] == "a.tar::b.tar" and a["--train-num-samples"] == "64" and "--dataset-resampled" in argv
+    assert a["--device"] == "cpu" and a["--precision"] == "fp32" and a["--batch-size"] == "16"
+    assert "scale=(0.4, 1.0)" in argv and "gray_scale_prob=0.2" in argv
+    # 4 GPUs: torchrun with one process each, the global batch split, bf16 autocast
+    gpu = ComputeSpec(device="cpu", precision="bf16", num_workers=2)
+    argv, _ = build_command(small_cfg(model="tiny-vit-p8-32", strategy="flip", samples_seen=512, batch_size=64),
+                            ["a.tar"], tmp_path, "run", gpu, gpus=4)  # fmt: skip
+    a = dict(zip(argv, argv[1:]))
+    assert argv[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert a["--batch-size"] == "16" and a["--device"] == "cuda" and a["--precision"] == "amp_bf16"
+    assert a["--force-patch-dropout"] == "0.5"
+    with pytest.raises(ValueError, match=r"samples_seen: got 100; expected a multiple of batch_size x workers x processes = 16 x 2 x 4 = 128"):
+        check_samples_seen(100, 16, 2, 4)
+
+
+@pytest.mark.parametrize("n", [40, 100])
+def test_matched_samples_seen_across_subset_sizes_for_both_backends(tmp_path, n):
+    """Both backends train exactly 64 samples on a 40- and a 100-sample subset, checked from
+    open_clip_train's own log; both checkpoints load in open_clip."""
+    import open_clip
+
+    from curation.train.trainer import train_subset
+
+    tars = _write_toy_shards(tmp_path / "shards", n)
+    cpu0 = ComputeSpec(device="cpu", num_workers=0)
+    seen = {}
+    for backend in ("open_clip_train", "platform"):
+        cfg = small_cfg(model="tiny-rn-32", samples_seen=64, batch_size=16, backend=backend)
+        summary, path = train_subset(tars, cfg, tmp_path / f"{backend}.pt", cpu0)
+        seen[backend] = (summary.samples_seen, summary.steps, summary.n_train)
+        open_clip.create_model_and_transforms("tiny-rn-32", pretrained=str(path), weights_only=True)
+        assert read_sidecar(path)["samples_seen"] == 64
+    assert seen == {"open_clip_train": (64, 4, n), "platform": (64, 4, n)}
+    log_text = (tmp_path / "open_clip_train.open_clip_train" / "run" / "out.log").read_text()
+    assert "[64/64 (100%)]" in log_text
+
+
+def test_open_clip_train_refuses_a_subset_smaller_than_one_batch(tmp_path):
+    from curation.train.trainer import train_subset
+
+    tars = _write_toy_shards(tmp_path / "shards", 10)
+    with pytest.raises(ValueError, match="got a subset of 10 pairs for batch_size 16; expected at least one batch"):
+        train_subset(tars, small_cfg(model="tiny-rn-32", samples_seen=64, batch_size=16, backend="open_clip_train"),
+                     tmp_path / "x.pt", ComputeSpec(device="cpu", num_workers=0))  # fmt: skip

@@ -25,25 +25,27 @@ def _partition(lake: LakeResource, table: str, key: str) -> pl.DataFrame:
     asset=trained_checkpoints,
     partitions_def=recipe_partitions,
     blocking=True,
-    description="Every checkpoint of the recipe loads (torch.load weights_only=True, strict keys) and all "
-    "its weights are finite.",
+    description="Every checkpoint of the recipe loads with the one loader (open_clip model, torch.load "
+    "weights_only=True, strict keys; path relative to the artifacts root) and all its weights are finite.",
 )
 def checkpoints_load_with_finite_weights(context: dg.AssetCheckExecutionContext, lake: LakeResource) -> dg.AssetCheckResult:
-    from curation.train.trainer import load_checkpoint
+    from curation.embed.model_registry import load_checkpoint
+    from curation.train.checkpoints import resolve_artifact_path
 
     rows = _partition(lake, "checkpoints", context.partition_key)
     bad: list[str] = []
     n_params = 0
-    for path in rows["path"].to_list() if rows.height else []:
+    for rel, name in zip(rows["path"].to_list(), rows["model"].to_list()) if rows.height else []:
+        path = resolve_artifact_path(rel, lake.artifacts_root)
         try:
-            model, _ = load_checkpoint(path)
+            model, _, _, _ = load_checkpoint(path, name)
         except Exception as e:  # noqa: BLE001 - the failure is the observed value
             bad.append(f"{path}: {type(e).__name__}: {e}"[:300])
             continue
-        for name, t in model.state_dict().items():
+        for key, t in model.state_dict().items():
             n_params += t.numel()
             if t.is_floating_point() and not bool(t.isfinite().all()):
-                bad.append(f"{path}: {name} has non-finite values")
+                bad.append(f"{path}: {key} has non-finite values")
     return dg.AssetCheckResult(
         passed=rows.height > 0 and not bad,
         metadata={

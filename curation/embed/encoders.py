@@ -267,26 +267,25 @@ class OpenClipEncoder(_TorchEncoder):
 
     def __init__(self, model_name: str, pretrained: str | None = None, compute: ComputeSpec | None = None):
         super().__init__(compute)
-        from curation.embed.model_registry import register_model_configs
+        from curation.embed.model_registry import load_checkpoint, register_model_configs
 
         register_model_configs()
         import open_clip
 
         if model_name not in open_clip.list_models():
             raise ValueError(f"model_name: got {model_name!r}; expected one of {open_clip.list_models()}")
-        if pretrained is None:
-            log.warning("open_clip %s: no pretrained weights given; using random initialization", model_name)
-        elif Path(pretrained).expanduser().exists():
+        if pretrained is not None and Path(pretrained).expanduser().exists():
             pretrained = str(Path(pretrained).expanduser().resolve())
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, device=self.device, weights_only=True
+        # the one checkpoint loader (curation.embed.model_registry.load_checkpoint)
+        model, preprocess, tokenizer, _ = load_checkpoint(
+            pretrained, model_name, device=self.device, precision=self.compute.precision
         )
         self.model_name = model_name
         self.pretrained = pretrained
         self.id = f"openclip:{model_name}:{pretrained if pretrained is not None else 'random-init'}"
         self._model = model.eval()
         self._transform = preprocess
-        self._tokenizer = open_clip.get_tokenizer(model_name)
+        self._tokenizer = tokenizer
         self.image_dim = self.text_dim = int(_embed_dim(model))
         size = getattr(model.visual, "image_size", None)
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size) if size else None

@@ -18,34 +18,21 @@ ALGORITHMS.md section 10, DataComp style:
   mean of the two recall@1 values for retrieval); the task ``average`` (metric ``main``)
   is the mean of the main metrics over tasks.
 
-Eval set layouts under an eval root (``eval/<split>/``):
-
-* Manifest layout (``curation datasets build``): ``manifest.parquet`` (uid, key, tar,
-  member, caption, label columns ...), the tars it names, and ``tasks.json`` with
-  ``{"zero_shot": {label_column: [class names in order]}, "retrieval": {"caption_column":
-  ..., "image_column": ...}}`` (optionally ``"templates": [...]``).
-* clip_benchmark webdataset layout: ``*.tar`` (in the split dir or its ``test/``) holding
-  ``KEY.<png|jpg|jpeg|webp>`` and ``KEY.cls`` (class index) and optionally ``KEY.txt``,
-  plus ``classnames.txt`` (one per line) and optionally
-  ``zeroshot_classification_templates.txt``. Tasks: zero-shot on ``cls``, and retrieval
-  when captions are present.
+Running: :mod:`curation.evaluate.benchmark` writes every eval set in clip_benchmark's
+webdataset layout and scores it with clip_benchmark; the functions here are the platform's
+reference implementation of the same metrics (a test checks both agree on a fixed
+checkpoint) plus the task names and the aggregate.
 
 Task names: ``<split>/zeroshot/<label>`` and ``<split>/retrieval``.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import tarfile
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
-import polars as pl
 from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -294,229 +281,6 @@ class EvalTask:
         raise ValueError(f"task: got {name!r}; expected '<split>/zeroshot/<label>' or '<split>/retrieval'")
 
 
-@dataclass
-class EvalSet:
-    """A loaded eval split.
-
-    Attributes:
-        split: folder name.
-        images: decoded images, ``n``.
-        captions: ``n`` captions (``None`` where a set has none).
-        labels: label column -> ``(n,) int64`` class indices.
-        classnames: label column -> class names in index order.
-        templates: templates the set ships (``None``: use the configured ones).
-    """
-
-    split: str
-    images: list[Image.Image]
-    captions: list[str] | None
-    labels: dict[str, np.ndarray]
-    classnames: dict[str, list[str]]
-    templates: tuple[str, ...] | None = None
-
-    def tasks(self) -> list[EvalTask]:
-        out = [EvalTask(self.split, "zeroshot", label) for label in self.classnames]
-        if self.captions is not None:
-            out.append(EvalTask(self.split, "retrieval"))
-        return out
-
-
-def _decode(data: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return img
-
-
-def _read_tar_members(path: Path) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    with tarfile.open(path) as tf:
-        for m in tf:
-            if m.isfile():
-                f = tf.extractfile(m)
-                if f is not None:
-                    out[m.name] = f.read()
-    return out
-
-
-def _load_manifest_set(d: Path) -> EvalSet:
-    tasks = json.loads((d / "tasks.json").read_text(encoding="utf-8"))
-    man = pl.read_parquet(d / "manifest.parquet")
-    retr = tasks.get("retrieval") or {}
-    image_col = retr.get("image_column", "member")
-    caption_col = retr.get("caption_column", "caption")
-    images: list[Image.Image] = []
-    for tar_name, rows in man.with_row_index("_i").group_by("tar", maintain_order=True):
-        members = _read_tar_members(d / str(tar_name[0]))
-        for i, member in zip(rows["_i"].to_list(), rows[image_col].to_list()):
-            if member not in members:
-                raise FileNotFoundError(f"{d / str(tar_name[0])}: member {member!r} of the manifest is missing")
-            images.append((i, _decode(members[member])))  # type: ignore[arg-type]
-    images.sort(key=lambda t: t[0])  # type: ignore[union-attr]
-    labels: dict[str, np.ndarray] = {}
-    classnames: dict[str, list[str]] = {}
-    for label, names in (tasks.get("zero_shot") or {}).items():
-        names = list(names)
-        index = {n: i for i, n in enumerate(names)}
-        values = man[label].to_list()
-        missing = sorted({v for v in values if v not in index})
-        if missing:
-            raise ValueError(f"{d}: label {label!r} values {missing[:5]} are not in tasks.json's class names")
-        labels[label] = np.array([index[v] for v in values], dtype=np.int64)
-        classnames[label] = names
-    captions = man[caption_col].to_list() if retr and caption_col in man.columns else None
-    templates = tuple(tasks["templates"]) if tasks.get("templates") else None
-    return EvalSet(d.name, [im for _, im in images], captions, labels, classnames, templates)  # type: ignore[misc]
-
-
-def _load_wds_set(d: Path) -> EvalSet:
-    tars = sorted(d.glob("*.tar")) or sorted((d / "test").glob("*.tar"))
-    if not tars:
-        raise FileNotFoundError(f"{d}: no *.tar shards (expected a clip_benchmark-style webdataset)")
-    classnames = [ln.strip() for ln in (d / "classnames.txt").read_text(encoding="utf-8").splitlines() if ln.strip()]
-    images, labels, captions = [], [], []
-    for tar in tars:
-        groups: dict[str, dict[str, bytes]] = {}
-        for name, data in _read_tar_members(tar).items():
-            base = name.rsplit("/", 1)[-1]
-            if "." in base:
-                key, ext = base.split(".", 1)
-                groups.setdefault(key, {})[ext.lower()] = data
-        for key in sorted(groups):
-            g = groups[key]
-            img_ext = next((e for e in IMAGE_EXTENSIONS if e in g), None)
-            if img_ext is None or "cls" not in g:
-                continue
-            images.append(_decode(g[img_ext]))
-            labels.append(int(g["cls"].decode().strip()))
-            captions.append(g["txt"].decode("utf-8").strip() if "txt" in g else None)
-    tpl_file = d / "zeroshot_classification_templates.txt"
-    templates = None
-    if tpl_file.exists():
-        templates = tuple(ln.strip() for ln in tpl_file.read_text(encoding="utf-8").splitlines() if ln.strip())
-    has_caps = bool(captions) and all(c is not None for c in captions)
-    return EvalSet(
-        d.name, images, captions if has_caps else None, {"cls": np.array(labels, dtype=np.int64)}, {"cls": classnames},
-        templates,
-    )  # fmt: skip
-
-
-def load_eval_set(split_dir: str | Path) -> EvalSet:
-    """Load an eval split in either layout (see the module docstring)."""
-    d = Path(split_dir)
-    if (d / "manifest.parquet").exists() and (d / "tasks.json").exists():
-        return _load_manifest_set(d)
-    if (d / "classnames.txt").exists():
-        return _load_wds_set(d)
-    raise FileNotFoundError(
-        f"{d}: not an eval set; expected manifest.parquet + tasks.json, or classnames.txt + *.tar (clip_benchmark)"
-    )
-
-
-def list_eval_splits(eval_root: str | Path) -> list[str]:
-    """Folders under ``eval_root`` that hold an eval set, sorted."""
-    root = Path(eval_root)
-    if not root.is_dir():
-        return []
-    return sorted(
-        p.name
-        for p in root.iterdir()
-        if p.is_dir()
-        and not p.name.startswith((".", "_"))
-        and (((p / "manifest.parquet").exists() and (p / "tasks.json").exists()) or (p / "classnames.txt").exists())
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# running
-# --------------------------------------------------------------------------------------------
-
-
-def evaluate_set(
-    encoder: TextImageEncoder,
-    eval_set: EvalSet,
-    tasks: Sequence[EvalTask] | None = None,
-    templates: str | Sequence[str] = "emoji",
-) -> dict[str, dict[str, float]]:
-    """Run the tasks of one eval set (default: all it offers). Images are encoded once.
-
-    Args:
-        templates: used when the set ships none (name for :func:`template_set` or a list).
-
-    Returns:
-        task name -> metrics.
-    """
-    tasks = list(tasks) if tasks is not None else eval_set.tasks()
-    offered = {t.name for t in eval_set.tasks()}
-    bad = [t.name for t in tasks if t.name not in offered]
-    if bad:
-        raise ValueError(f"tasks: got {bad} for split {eval_set.split!r}; expected some of {sorted(offered)}")
-    tpl = eval_set.templates or template_set(templates)
-    t0 = time.perf_counter()
-    img = encoder.encode_images(eval_set.images)
-    log.info("%s: encoded %d images in %.1fs", eval_set.split, len(eval_set.images), time.perf_counter() - t0)
-    out: dict[str, dict[str, float]] = {}
-    for task in tasks:
-        if task.kind == "zeroshot":
-            clf = build_zero_shot_classifier(encoder.encode_texts, eval_set.classnames[task.label], tpl)
-            out[task.name] = zero_shot_metrics(img, clf, eval_set.labels[task.label])
-            out[task.name]["n_classes"] = float(len(eval_set.classnames[task.label]))
-        else:
-            caps = eval_set.captions or []
-            uniq = {c: i for i, c in enumerate(dict.fromkeys(caps))}
-            text_emb = encoder.encode_texts(list(uniq))
-            out[task.name] = retrieval_metrics(img, text_emb, np.array([uniq[c] for c in caps]), np.arange(len(uniq)))
-            out[task.name]["n_texts"] = float(len(uniq))
-        out[task.name]["n_samples"] = float(len(eval_set.images))
-        log.info("%s: %s", task.name, {k: round(v, 4) for k, v in out[task.name].items()})
-    return out
-
-
-def resolve_tasks(eval_root: str | Path, names: Sequence[str] | None = None) -> dict[str, list[EvalTask]]:
-    """Tasks to run, grouped by split: all tasks of every split (``names`` empty / None) or the named ones.
-
-    Raises:
-        ValueError: a named task's split is not under ``eval_root`` (lists the splits there).
-    """
-    splits = list_eval_splits(eval_root)
-    if not names:
-        return {s: load_eval_set(Path(eval_root) / s).tasks() for s in splits}
-    out: dict[str, list[EvalTask]] = {}
-    for n in names:
-        t = EvalTask.parse(n)
-        if t.split not in splits:
-            raise ValueError(f"task {n!r}: got split {t.split!r}; expected one of {splits} (under {eval_root})")
-        out.setdefault(t.split, []).append(t)
-    return out
-
-
-def evaluate(
-    encoder: TextImageEncoder,
-    eval_root: str | Path,
-    task_names: Sequence[str] | None = None,
-    templates: str | Sequence[str] = "emoji",
-) -> dict[str, dict[str, float]]:
-    """Evaluate one model on the eval sets under ``eval_root``.
-
-    Args:
-        encoder: the model (e.g. ``curation.embed.encoders.build_encoder("open_clip", ...)``).
-        eval_root: folder of eval splits.
-        task_names: tasks to run (``<split>/zeroshot/<label>``, ``<split>/retrieval``);
-            empty or None: every task of every split.
-        templates: prompt templates for sets that ship none.
-
-    Returns:
-        task name -> metrics, plus :data:`AVERAGE_TASK` -> ``{"main": ..., "tasks": n}``.
-    """
-    plan = resolve_tasks(eval_root, task_names)
-    if not plan:
-        raise FileNotFoundError(f"no eval sets under {eval_root}")
-    results: dict[str, dict[str, float]] = {}
-    for split, tasks in plan.items():
-        results.update(evaluate_set(encoder, load_eval_set(Path(eval_root) / split), tasks, templates))
-    results[AVERAGE_TASK] = aggregate(results)
-    return results
-
-
 def results_to_rows(results: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
     """Flatten ``{task: {metric: value}}`` into ``[{"task", "metric", "value"}]`` (sorted)."""
     return [
@@ -529,19 +293,13 @@ def results_to_rows(results: Mapping[str, Mapping[str, float]]) -> list[dict[str
 __all__ = [
     "AVERAGE_TASK",
     "EMOJI_TEMPLATES",
-    "EvalSet",
     "EvalTask",
     "TASK_KINDS",
     "aggregate",
     "build_zero_shot_classifier",
     "class_embeddings",
     "classification_metrics",
-    "evaluate",
-    "evaluate_set",
-    "list_eval_splits",
-    "load_eval_set",
     "main_metric",
-    "resolve_tasks",
     "results_to_rows",
     "retrieval_metrics",
     "template_set",
