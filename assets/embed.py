@@ -13,6 +13,7 @@ from collections import Counter
 import dagster as dg
 import numpy as np
 
+from assets import previews
 from assets.partitions import shard_partitions
 from curation.embed.shard_embedding import EMBED_STAGE, embed_shard, embeddings_frame, failures_frame
 from curation.ingest.shards import parse_shard_key, shard_path
@@ -70,7 +71,7 @@ def embeddings(
     t_load = time.perf_counter()
     enc = encoder.build(spec)
     load_s = time.perf_counter() - t_load
-    res = embed_shard(tar, samples_df, enc, spec, max_pixels=datasets.max_pixels)
+    res = embed_shard(tar, samples_df, enc, spec, max_pixels=datasets.max_pixels, progress=previews.dagster_progress(context, "embed"))
     t_write = time.perf_counter()
     rows = db.write("embeddings", embeddings_frame(key, res), partition=key)
     db.write("quarantine", failures_frame(dataset, key, res.failures), partition=key, where={"stage": EMBED_STAGE})

@@ -15,6 +15,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
+from assets import previews
 from assets.metadata import md_table
 from assets.partitions import recipe_partitions
 from curation.storage.lake import Lake
@@ -117,7 +118,7 @@ def subset_sizes(db: Lake) -> tuple[dict[str, int], int | None]:
     "training time, each task's metric and their mean, difference from `full` and from `random` of the "
     "same size. HTML + markdown + PNG plots under artifacts/reports/.",
 )
-def curation_report(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
+def curation_report(context: dg.AssetExecutionContext, lake: LakeResource, datasets: DatasetsResource) -> dg.MaterializeResult:
     from curation.evaluate.report import build_comparison, write_report
 
     db = lake.lake()
@@ -146,6 +147,7 @@ def curation_report(context: dg.AssetExecutionContext, lake: LakeResource) -> dg
         "report_markdown": dg.MetadataValue.path(str(out["markdown"])),
         "plots": dg.MetadataValue.json([str(p) for p in out["plots"]]),
         "markdown": dg.MetadataValue.md(out["markdown_text"]),
+        **previews.report_plots(out["plots"]), **previews.waterfall(lake), **previews.explorer(lake, datasets),
     }
     if best is not None:
         meta["best_recipe"] = best["recipe"]

@@ -26,6 +26,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from assets import previews
 from assets.metadata import md_table
 from assets.partitions import recipe_partitions
 from curation.select.clustering import (
@@ -228,7 +229,8 @@ def concept_clusters(context: dg.AssetExecutionContext, config: ConceptClustersC
     "of its cluster (`dedup_scores.max_sim_to_earlier`); any eps is then a filter M > 1 - eps.",
 )
 def dedup_scores(
-    context: dg.AssetExecutionContext, lake: LakeResource, distributed: DistributedResource, compute: ComputeResource
+    context: dg.AssetExecutionContext, lake: LakeResource, distributed: DistributedResource, compute: ComputeResource,
+    datasets: DatasetsResource,
 ) -> dg.MaterializeResult:
     t0 = time.perf_counter()
     db = lake.lake()
@@ -257,6 +259,7 @@ def dedup_scores(
             "unassigned_skipped": p["n_unassigned"],
             **{f"removed_fraction@eps={e}": v for e, v in fr.items()},
             "removed_by_eps": dg.MetadataValue.md(md_table(grid)),
+            **previews.dedup_preview(lake, datasets),
             "seconds": round(seconds, 3),
             "throughput_per_s": round(len(m) / seconds, 1) if seconds > 0 else 0.0,
         }
@@ -296,7 +299,7 @@ def _examples(db: Lake, asg: pl.DataFrame, clusters: list[int], per: int) -> dic
     "centroids), complexity = d_intra * d_inter and weight = softmax(complexity / tau), written to "
     "the `clusters` table.",
 )
-def complexity_scores(context: dg.AssetExecutionContext, config: ComplexityConfig, lake: LakeResource) -> dg.MaterializeResult:
+def complexity_scores(context: dg.AssetExecutionContext, config: ComplexityConfig, lake: LakeResource, datasets: DatasetsResource) -> dg.MaterializeResult:
     t0 = time.perf_counter()
     db = lake.lake()
     cent = read_centroids(db)
@@ -324,6 +327,7 @@ def complexity_scores(context: dg.AssetExecutionContext, config: ComplexityConfi
             "weight_max": float(comp.weight.max()),
             "most_complex": dg.MetadataValue.md(md_table(with_ex(most), max_chars=120)),
             "least_complex": dg.MetadataValue.md(md_table(with_ex(least), max_chars=120)),
+            **previews.cluster_gallery(lake, datasets),
             "seconds": round(time.perf_counter() - t0, 3),
         }
     )
@@ -447,6 +451,7 @@ def pruned_subsets(
         "seconds": round(seconds, 3),
         "preview": dg.MetadataValue.md(md_table(preview)),
     }
+    meta.update({**previews.kept_removed(lake, datasets, recipe.name), **previews.cluster_gallery(lake, datasets, [recipe.name])})
     if aligned_source:
         meta["aligned_source"] = aligned_source
     if "budgets" in sel.stats:

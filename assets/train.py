@@ -25,7 +25,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from assets import previews
 from assets.metadata import md_table
+from assets.settings import filter_model_needed
 from assets.partitions import recipe_partitions
 from curation.storage.lake import Lake, matrix_to_list_column
 from curation.train.trainer import TrainConfig
@@ -116,6 +118,8 @@ def filter_model(
     from curation.embed.encoders import build_encoder
     from curation.train.trainer import train_clip
 
+    if not config.pretrained and not (need := filter_model_needed())[0]:
+        return dg.MaterializeResult(metadata={"skipped": need[1]})
     t0 = time.perf_counter()
     db = lake.lake()
     spec = compute.spec()
@@ -134,7 +138,7 @@ def filter_model(
         )  # fmt: skip
         from curation.train.trainer import save_checkpoint
 
-        result = train_clip(images, captions, cfg, spec)
+        result = train_clip(images, captions, cfg, spec, progress=previews.dagster_progress(context, "filter_model training"))
         ck_dir = lake.artifacts("filter_model")
         pretrained = str(save_checkpoint(result, ck_dir / f"{config.model_name}-full-seed{config.seed}.pt", extra={"role": "filter_model"}))
         source = "trained on the full pool"
@@ -233,11 +237,11 @@ def trained_checkpoints(
             f"recipe {recipe!r}: got no webdataset shards in {shard_dir}; expected pruned_subsets exported with write_shards=True"
         )
     out_dir = lake.artifacts("checkpoints", recipe)
-    rows, history_md = [], []
+    rows, history_md, histories = [], [], {}
     t0 = time.perf_counter()
     for cfg in cfgs:
         path = out_dir / f"{cfg.model}-{cfg.strategy}-seed{cfg.seed}.pt"
-        res, path = train_from_shards(tars, cfg, path, compute.spec(), extra={"recipe": recipe})
+        res, path = train_from_shards(tars, cfg, path, compute.spec(), extra={"recipe": recipe}, progress=previews.dagster_progress(context, f"train seed {cfg.seed}"))
         info = {**cfg.to_dict(), "steps": res.steps, "batch_size_used": res.batch_size, "n_train": res.n_train,
                 "samples_per_s": res.samples_per_s, "final_loss": res.final_loss}  # fmt: skip
         rows.append(
@@ -251,6 +255,7 @@ def trained_checkpoints(
                 "config_json": json.dumps(info, sort_keys=True),
             }
         )
+        histories[f"seed {cfg.seed}"] = res.history
         hist = pl.DataFrame(res.history).select("step", "samples_seen", "loss", "lr", "samples_per_s")
         history_md.append(f"seed {cfg.seed}\n\n" + md_table(hist.gather_every(max(1, hist.height // 8)), max_rows=None, max_chars=70, float_fmt=".4f"))
     frame = pl.DataFrame(rows, schema={"recipe": pl.String, "strategy": pl.String, "model": pl.String, "path": pl.String,
@@ -272,6 +277,7 @@ def trained_checkpoints(
             "checkpoint": dg.MetadataValue.path(rows[-1]["path"]),
             "seconds": round(time.perf_counter() - t0, 2),
             "loss_curve": dg.MetadataValue.md("\n\n".join(history_md)),
+            **previews.loss_plot(histories),
         }
     )
 

@@ -103,6 +103,7 @@ def cluster_gallery(
     size: int = 64,
     seed: int = 0,
     cluster_ids: Sequence[int] | None = None,
+    recipes: Sequence[str] | None = None,
 ) -> list[dict]:
     """A thumbnail grid per concept cluster.
 
@@ -114,6 +115,8 @@ def cluster_gallery(
         size: thumbnail size in px.
         seed: seed of the random row.
         cluster_ids: show these clusters instead.
+        recipes: the recipes whose kept counts to show (``None``: every recipe in ``subsets``;
+            empty: none).
 
     Returns:
         One dict per cluster: ``cluster_id, size, d_intra, d_inter, complexity, weight``,
@@ -142,8 +145,11 @@ def cluster_gallery(
     wanted = [u for r in rows_by_cluster.values() for lst in r.values() for u, _ in lst]
     info = attach_thumbnails(db, landing, wanted, size=size, max_count=max(1, min(2000, len(wanted))))
     kept_per: dict[str, dict[int, int]] = {}
-    if db.exists("subsets"):
-        sub = db.read("subsets", columns=["recipe", "uid"]).join(
+    if db.exists("subsets") and (recipes is None or len(recipes) > 0):
+        sub = db.read("subsets", columns=["recipe", "uid"])
+        if recipes is not None:
+            sub = sub.filter(pl.col("recipe").is_in(list(recipes)))
+        sub = sub.join(
             db.read("assignments", columns=["uid", "cluster_id"]), on="uid", how="inner"
         )
         counts = sub.filter(pl.col("cluster_id").is_in(chosen)).group_by("recipe", "cluster_id").len()
@@ -384,9 +390,12 @@ def waterfall(db: Lake) -> list[dict]:
 # --------------------------------------------------------------------------- quarantine
 
 
-def quarantine_examples(db: Lake, landing: str | os.PathLike, per_reason: int = 3, size: int = 64) -> list[dict]:
+def quarantine_examples(
+    db: Lake, landing: str | os.PathLike, per_reason: int = 3, size: int = 64, shard: str | None = None
+) -> list[dict]:
     """Every quarantine ``(stage, reason)`` with its count and up to ``per_reason`` examples
-    (thumbnail where the bytes decode, else ``None``; the detail says why).
+    (thumbnail where the bytes decode, else ``None``; the detail says why); one ``shard`` only
+    when given.
 
     Returns:
         ``[{"stage", "reason", "count", "examples": [{"shard", "key", "detail", "thumb"}]}]``,
@@ -394,7 +403,7 @@ def quarantine_examples(db: Lake, landing: str | os.PathLike, per_reason: int = 
     """
     if not db.exists("quarantine"):
         return []
-    q = db.read("quarantine", columns=["shard", "key", "stage", "reason", "detail"])
+    q = db.read("quarantine", columns=["shard", "key", "stage", "reason", "detail"], partitions=[shard] if shard else None)
     if q.height == 0:
         return []
     counts = q.group_by("stage", "reason").len().sort(["len", "reason"], descending=[True, False])

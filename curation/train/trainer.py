@@ -568,6 +568,7 @@ def train_clip(
     captions: Sequence[str],
     config: TrainConfig,
     compute: ComputeSpec | None = None,
+    progress=None,
 ) -> TrainResult:
     """Train an open_clip model on image-caption pairs with one strategy at matched samples seen.
 
@@ -576,11 +577,13 @@ def train_clip(
         captions: ``n`` captions.
         config: the run (model, strategy, samples seen, optimizer, seed, ...).
         compute: device and precision (``fp16`` uses a gradient scaler, CUDA only).
+        progress: optional callable of a :class:`curation.engine.progress.ProgressEvent`, called every ``log_every`` steps.
 
     Returns:
         A :class:`TrainResult` (the model in eval mode, history, throughput).
     """
     from curation.embed.encoders import to_rgb
+    from curation.engine.progress import report
 
     if len(images) != len(captions):
         raise ValueError(f"images/captions: got {len(images)} and {len(captions)}; expected equal lengths")
@@ -687,6 +690,7 @@ def train_clip(
                 "elapsed_s": now - t_start,
             }
             history.append(rec)
+            report(progress, "train", rec["step"], steps, seen, rec["elapsed_s"], rec["samples_per_s"], loss=rec["loss"], lr=lr)
             log.info(
                 "step %d/%d  samples %d  loss %.4f  lr %.2e  scale %.1f  %.0f samples/s",
                 rec["step"], steps, rec["samples_seen"], rec["loss"], lr, rec["logit_scale"], rec["samples_per_s"],
@@ -797,6 +801,7 @@ def train_from_shards(
     checkpoint_path: str | Path,
     compute: ComputeSpec | None = None,
     extra: dict[str, Any] | None = None,
+    progress=None,
 ) -> tuple[TrainResult, Path]:
     """Read a subset export's webdataset shards, train, save the checkpoint and its sidecar.
 
@@ -809,7 +814,7 @@ def train_from_shards(
     t0 = time.perf_counter()
     _, images, captions = read_webdataset_pairs(tar_paths)
     log.info("read %d pairs from %d shards in %.1fs", len(images), len(tar_paths), time.perf_counter() - t0)
-    result = train_clip(images, captions, config, compute)
+    result = train_clip(images, captions, config, compute, progress=progress)
     path = save_checkpoint(result, checkpoint_path, extra=extra)
     return result, path
 
