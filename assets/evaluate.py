@@ -30,10 +30,12 @@ ALL_RECIPES = dg.AllPartitionMapping()
 
 
 class EvalReportsConfig(dg.Config):
-    """Which tasks (empty: every task of every split under the eval root) and prompt templates."""
+    """Which tasks (empty: every task of every split under the eval root) and the prompt
+    templates for eval sets that ship none (``simple``: generic ImageNet-style; a set's own
+    ``templates`` in tasks.json or zeroshot_classification_templates.txt always win)."""
 
     tasks: list[str] = []
-    templates: str = "emoji"
+    templates: str = "simple"
 
 
 @dg.asset(
