@@ -549,10 +549,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _default_env()
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(  # libraries (open_clip, Dagster) at WARNING; the platform's own lines at INFO
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("curation").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     for name in ("faiss.loader", "alembic", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
