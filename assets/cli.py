@@ -22,7 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-from assets.stages import POOL_ASSETS, RECIPE_ASSETS, REPORT_ASSETS, SHARD_ASSETS, STAGE_TAG
+from assets.stages import (
+    POOL_ASSETS,
+    RECIPE_ASSETS,
+    REPORT_ASSETS,
+    SHARD_ASSETS,
+    STAGE_TAG,
+)
 
 log = logging.getLogger("curation")
 
@@ -477,7 +483,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (``curation: error: ...``) and exit status 2, no usage dump."""
 
-    def error(self, message: str):  # noqa: D102
+    def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

@@ -89,7 +89,7 @@ def embeddings(
         + [f"| delta write | {write_s:.3f} |", f"| asset total | {seconds:.3f} |"]
     )
     return dg.MaterializeResult(
-        metadata={
+        metadata=previews.rounded({
             "rows": rows,
             "samples_in": n_in,
             "failures": len(res.failures),
@@ -108,7 +108,7 @@ def embeddings(
             "end_to_end_samples_per_second": round(n_in / seconds, 2) if seconds > 0 else 0.0,
             "timings": dg.MetadataValue.md(timing_md),
             "preview": dg.MetadataValue.md(_preview(res.uids, res.image_emb, res.text_emb)),
-        }
+        })
     )
 
 

@@ -89,7 +89,7 @@ def eval_reports(
             summary.append({"seed": seed, "task": task, "metric": key, "value": float(m[key])})
     avg = [float(res[AVERAGE_TASK]["main"]) for _, res in per_seed]
     return dg.MaterializeResult(
-        metadata={
+        metadata=previews.rounded({
             "recipe": recipe,
             "checkpoints": len(per_seed),
             "tasks": int(per_seed[0][1][AVERAGE_TASK]["tasks"]),
@@ -98,7 +98,7 @@ def eval_reports(
             "rows": frame.height,
             "seconds": round(time.perf_counter() - t0, 2),
             "results": dg.MetadataValue.md(md_table(pl.DataFrame(summary), max_rows=None, max_chars=70, float_fmt=".4f")),
-        }
+        })
     )
 
 
@@ -154,6 +154,6 @@ def curation_report(context: dg.AssetExecutionContext, lake: LakeResource, datas
     if best is not None:
         meta["best_recipe"] = best["recipe"]
         meta["best_average"] = float(best["average"])
-    return dg.MaterializeResult(metadata=meta)
+    return dg.MaterializeResult(metadata=previews.rounded(meta))
 
 ASSETS = [eval_reports, curation_report]

@@ -132,7 +132,7 @@ def samples(
     for reason, n in reasons.items():
         metadata[f"quarantine_{reason}"] = n
     metadata.update(previews.quarantine_preview(lake, datasets, shard=key) if qdf.height else {})
-    return dg.MaterializeResult(metadata=metadata)
+    return dg.MaterializeResult(metadata=previews.rounded(metadata))
 
 
 ASSETS = [raw_shards, samples]

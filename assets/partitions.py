@@ -21,7 +21,7 @@ class RecipePartitionsDefinition(StaticPartitionsDefinition):
     Adding a recipe to the config file adds a partition: a config change plus a backfill.
     """
 
-    def __init__(self, path: str | None = None):  # noqa: D107 - no super().__init__: keys come later
+    def __init__(self, path: str | None = None):
         self._path = path
         self._keys: list[str] | None = None
 

@@ -15,6 +15,7 @@ Also the progress bridge: :func:`dagster_progress` turns the library's progress 
 from __future__ import annotations
 
 import functools
+import math
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -221,3 +222,17 @@ def dagster_progress(context, stage: str, min_interval_s: float = 5.0):
         context.log_event(dg.AssetObservation(asset_key=key, partition=partition, metadata=meta))
 
     return Throttle(emit, min_interval_s=min_interval_s)
+
+
+def _round(v):
+    if isinstance(v, bool) or not isinstance(v, float):
+        return v
+    if not math.isfinite(v) or v == 0.0:
+        return v
+    return float(f"{v:.4g}") if abs(v) < 1 else round(v, 3)
+
+
+def rounded(metadata: dict) -> dict:
+    """``metadata`` with plain floats rounded for reading (4 significant digits below 1, 3
+    decimals above); ``MetadataValue`` s, ints and strings untouched."""
+    return {k: _round(v) for k, v in metadata.items()}

@@ -200,7 +200,7 @@ def concept_clusters(context: dg.AssetExecutionContext, config: ConceptClustersC
     seconds = time.perf_counter() - t0
     context.log.info("concept_clusters: %s, k=%d, n=%d, newly assigned %d", "retrained" if retrain else "assigned", k, n, n_new)
     return dg.MaterializeResult(
-        metadata={
+        metadata=previews.rounded({
             "mode": "retrain" if retrain else "assign",
             "k": k,
             "rows": n,
@@ -214,7 +214,7 @@ def concept_clusters(context: dg.AssetExecutionContext, config: ConceptClustersC
             "seconds": round(seconds, 3),
             "throughput_per_s": round(n / seconds, 1) if seconds > 0 else 0.0,
             "cluster_size_histogram": dg.MetadataValue.md(size_histogram(comp.size)),
-        }
+        })
     )
 
 
@@ -254,7 +254,7 @@ def dedup_scores(
     grid = pl.DataFrame({"eps": list(fr), "removed_fraction": list(fr.values()),
                          "removed": [int(round(v * len(m))) for v in fr.values()]})
     return dg.MaterializeResult(
-        metadata={
+        metadata=previews.rounded({
             "rows": len(m),
             "unassigned_skipped": p["n_unassigned"],
             **{f"removed_fraction@eps={e}": v for e, v in fr.items()},
@@ -262,7 +262,7 @@ def dedup_scores(
             **previews.dedup_preview(lake, datasets),
             "seconds": round(seconds, 3),
             "throughput_per_s": round(len(m) / seconds, 1) if seconds > 0 else 0.0,
-        }
+        })
     )
 
 
@@ -318,7 +318,7 @@ def complexity_scores(context: dg.AssetExecutionContext, config: ComplexityConfi
         return df.with_columns(pl.col("cluster_id").map_elements(lambda c: ex.get(c, ""), return_dtype=pl.String).alias("examples"))
 
     return dg.MaterializeResult(
-        metadata={
+        metadata=previews.rounded({
             "k": int(cent.shape[0]),
             "tau": config.tau,
             "n_neighbors": comp.n_neighbors,
@@ -329,7 +329,7 @@ def complexity_scores(context: dg.AssetExecutionContext, config: ComplexityConfi
             "least_complex": dg.MetadataValue.md(md_table(with_ex(least), max_chars=120)),
             **previews.cluster_gallery(lake, datasets),
             "seconds": round(time.perf_counter() - t0, 3),
-        }
+        })
     )
 
 
@@ -461,7 +461,7 @@ def pruned_subsets(
         meta.update({"cluster_keep_fraction_min": float(frac.min()) if frac.size else 0.0,
                      "cluster_keep_fraction_max": float(frac.max()) if frac.size else 0.0,
                      "clusters_with_budget": int((b > 0).sum())})
-    return dg.MaterializeResult(metadata=meta)
+    return dg.MaterializeResult(metadata=previews.rounded(meta))
 
 
 ASSETS = [concept_clusters, dedup_scores, complexity_scores, pruned_subsets]

@@ -188,7 +188,7 @@ def filter_model(
             "highest_and_lowest": dg.MetadataValue.md(md_table(preview, max_rows=None, max_chars=70, float_fmt=".4f")),
         }
     )
-    return dg.MaterializeResult(metadata=meta)
+    return dg.MaterializeResult(metadata=previews.rounded(meta))
 
 
 class TrainedCheckpointsConfig(dg.Config):
@@ -263,7 +263,7 @@ def trained_checkpoints(
     lake.lake().write("checkpoints", frame, partition=recipe)
     last = json.loads(rows[-1]["config_json"])
     return dg.MaterializeResult(
-        metadata={
+        metadata=previews.rounded({
             "recipe": recipe,
             "strategy": config.strategy,
             "model": config.model_name,
@@ -278,7 +278,7 @@ def trained_checkpoints(
             "seconds": round(time.perf_counter() - t0, 2),
             "loss_curve": dg.MetadataValue.md("\n\n".join(history_md)),
             **previews.loss_plot(histories),
-        }
+        })
     )
 
 ASSETS = [filter_model, trained_checkpoints]

@@ -18,7 +18,11 @@ from curation.evaluate.explain import explain, format_explanation
 from curation.evaluate.explorer import render_explorer, shown_uids, write_explorer
 from curation.ingest.ids import make_uid
 from curation.ingest.shard_writer import Record, write_shards
-from curation.ingest.thumbnails import load_key_thumbnails, load_thumbnails, thumbnail_bytes
+from curation.ingest.thumbnails import (
+    load_key_thumbnails,
+    load_thumbnails,
+    thumbnail_bytes,
+)
 from curation.storage.lake import Lake, matrix_to_list_column
 
 COLORS = [(255, 0, 0), (250, 5, 0), (0, 0, 255), (245, 10, 5), (0, 200, 0), (10, 190, 0)]

@@ -53,7 +53,7 @@ def removed_fraction_png(curve: Sequence[tuple[float, float]], eps: float | None
 
 def waterfall_png(rows: Sequence[Mapping]) -> bytes:
     """Stacked horizontal bars per recipe: kept, removed by pruning, by dedup, quarantined."""
-    plt, fig, ax = _fig(6.4, 0.5 + 0.42 * max(1, len(rows)))
+    plt, fig, ax = _fig(6.4, 1.8 + 0.4 * max(1, len(rows)))
     names = [r["recipe"] for r in rows]
     left = [0] * len(rows)
     for key, color in (("kept", "tab:green"), ("pruning", "tab:orange"), ("dedup", "tab:red"), ("quarantine", "tab:gray")):

@@ -27,7 +27,11 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
-from curation.ingest.thumbnails import DEFAULT_SIZE, load_key_thumbnails, load_thumbnails
+from curation.ingest.thumbnails import (
+    DEFAULT_SIZE,
+    load_key_thumbnails,
+    load_thumbnails,
+)
 from curation.select.recipes import Recipe, load_recipes
 from curation.select.semdedup import EPS_GRID, cluster_member_groups, is_duplicate
 from curation.storage.lake import Lake

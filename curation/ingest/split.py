@@ -34,7 +34,12 @@ import polars as pl
 
 from curation.ingest.ids import make_uid
 from curation.ingest.shard_writer import Record, write_shards
-from curation.ingest.shards import IMAGE_EXTS, read_json_member, shard_key, split_member_name
+from curation.ingest.shards import (
+    IMAGE_EXTS,
+    read_json_member,
+    shard_key,
+    split_member_name,
+)
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from curation.ingest.shards import IMAGE_EXTS, load_members, shard_path, split_member_name
+from curation.ingest.shards import (
+    IMAGE_EXTS,
+    load_members,
+    shard_path,
+    split_member_name,
+)
 
 log = logging.getLogger(__name__)
 
