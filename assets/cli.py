@@ -326,9 +326,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         run_job(defs, instance, "shard_ingest_job", list(SHARD_ASSETS), key, run_config)
     timings.append(("ingest + embeddings", time.perf_counter() - t))
 
+    from curation.select.recipes import load_recipes
+
+    known = load_recipes()
+    pool_assets = [a for a in POOL_ASSETS if a != "filter_model" or any(known[r].needs_aligned for r in recipes)]
     t = time.perf_counter()
-    print("[pool] pool_curation_job: concept_clusters, dedup_scores, complexity_scores, filter_model (only when a recipe needs it)", flush=True)
-    run_job(defs, instance, "pool_curation_job", list(POOL_ASSETS), None, run_config)
+    print(f"[pool] pool_curation_job: {', '.join(pool_assets)}"
+          + ("" if "filter_model" in pool_assets else " (no chosen recipe needs filter_model)"), flush=True)
+    run_job(defs, instance, "pool_curation_job", pool_assets, None, run_config)
     timings.append(("pool-wide curation + filter model", time.perf_counter() - t))
 
     t = time.perf_counter()
