@@ -75,3 +75,13 @@ def test_split_errors_name_the_valid_choices(home, capsys):
         split_dataset(home, "mine", "x", by="concept", column="missing")
     assert datasets_main(["datasets", "split", "nope", "--out", str(home)]) == 2
     assert "expected one of ['mine']" in capsys.readouterr().err
+
+
+def test_the_emoji_set_ships_its_templates_and_others_get_generic_ones(small_dataset, home):
+    from curation.evaluate.evaluator import load_eval_set
+    from curation.ingest.emoji_dataset import EMOJI_PROMPT_TEMPLATES
+
+    assert load_eval_set(small_dataset / "eval" / "emoji-heldout").templates == EMOJI_PROMPT_TEMPLATES
+    from assets.evaluate import EvalReportsConfig
+
+    assert EvalReportsConfig().templates == "simple"  # for sets that ship none (like a user's split)
