@@ -42,7 +42,8 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 figure.s{margin:0;width:108px;font-size:11px;cursor:pointer}
 figure.s img,.ph{width:96px;height:96px;object-fit:contain;border:1px solid #ccc;background:#fff;display:block}
 .ph{display:flex;align-items:center;justify-content:center;color:#a00;font-size:10px;text-align:center}
-figcaption{overflow-wrap:anywhere;max-height:4.2em;overflow:hidden}
+figcaption{overflow-wrap:anywhere}figcaption .cap{display:block;max-height:4.2em;overflow:hidden}
+figcaption .note{display:block;font-weight:bold}
 .cluster,.group,.recipe{border:1px solid #e3e3e3;border-radius:6px;padding:8px;margin:8px 0}
 .row{display:flex;gap:10px;align-items:flex-start}.lbl{width:90px;font-size:12px;color:#555;flex:none}
 .kept figure img{border:2px solid #2a2}.removed figure img{border:2px solid #c33}
@@ -85,8 +86,8 @@ def _sample(s: dict, note: str = "") -> str:
         if s.get("thumb")
         else '<div class="ph">image does not decode</div>'
     )
-    extra = f"<br><b>{_e(note)}</b>" if note else ""
-    return f'<figure class="s" data-uid="{_e(s.get("uid", ""))}" title="{_e(cap)}">{img}<figcaption>{_e(cap)}{extra}</figcaption></figure>'
+    extra = f'<span class="note">{_e(note)}</span>' if note else ""
+    return f'<figure class="s" data-uid="{_e(s.get("uid", ""))}" title="{_e(cap)}">{img}<figcaption><span class="cap">{_e(cap)}</span>{extra}</figcaption></figure>'
 
 
 def _table(header: list[str], rows: list[list]) -> str:
