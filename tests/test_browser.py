@@ -247,6 +247,7 @@ def test_ui_and_explorer_show_the_images(curated_homes, tmp_path):
                     dialog = open_markdown_metadata(page, key)
                     imgs = decoded_images(dialog, minimum=minimum)
                     assert all(i["data"] for i in imgs), f"{asset}/{key}: images not embedded as data URIs"
+                    dialog.evaluate("d => d.querySelectorAll('*').forEach(e => { e.scrollTop = 0; })")  # from the top
                     page.wait_for_timeout(300)
                     page.screenshot(path=str(ARTIFACTS / shot))
                     page.keyboard.press("Escape")
