@@ -247,7 +247,7 @@ def test_ui_and_explorer_show_the_images(curated_homes, tmp_path):
                     dialog = open_markdown_metadata(page, key)
                     imgs = decoded_images(dialog, minimum=minimum)
                     assert all(i["data"] for i in imgs), f"{asset}/{key}: images not embedded as data URIs"
-                    dialog.evaluate("d => d.querySelectorAll('*').forEach(e => { e.scrollTop = 0; })")  # from the top
+                    dialog.evaluate("d => d.scrollIntoView({block: 'start'})")  # screenshot from its top
                     page.wait_for_timeout(300)
                     page.screenshot(path=str(ARTIFACTS / shot))
                     page.keyboard.press("Escape")
@@ -256,8 +256,15 @@ def test_ui_and_explorer_show_the_images(curated_homes, tmp_path):
                 # progress of the embedding is on the run page (log lines + observations)
                 page.goto(f"{base}/runs/{ingest_run['runId']}")
                 expect(page.get_by_text("Loading run logs")).to_have_count(0, timeout=30_000)
-                page.get_by_placeholder("Filter…").fill("embed step")
-                expect(page.get_by_text("embed step", exact=False).first).to_be_visible(timeout=30_000)
+                expect(page.get_by_text("embed step", exact=False).first).to_be_attached(timeout=30_000)
+                box = page.get_by_placeholder("Filter…")
+                box.fill("step:embeddings")
+                box.press("Enter")
+                page.keyboard.press("Escape")
+                eta = page.get_by_text("eta_s", exact=True).first  # the progress observation
+                eta.scroll_into_view_if_needed()
+                expect(eta).to_be_visible()
+                expect(page.get_by_text("samples_per_s", exact=True).first).to_be_visible()
                 page.wait_for_timeout(500)
                 page.screenshot(path=str(ARTIFACTS / "ui_run_progress.png"))
 
