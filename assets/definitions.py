@@ -1,10 +1,15 @@
 """The one explicit ``Definitions`` of the platform (loaded by ``workspace.yaml``).
 
-:func:`build_definitions` assembles it from the stage modules; ``defs`` is its result.
+:func:`build_definitions` assembles it from the stage modules. Nothing is built at import:
+Dagster's loader calls :func:`load_definitions` (``@dg.definitions``, its documented lazy
+entry point), and ``from assets.definitions import defs`` builds (once per process) on first
+access. So importing this module reads neither the environment (``CURATION_HOME``: the
+resources' defaults) nor the recipe file (the recipe partitions read it on first use).
 """
 
 from __future__ import annotations
 
+import dagster as dg
 from dagster import Definitions
 
 from assets import embed, evaluate, ingest, jobs, schedules, select, sensors, train
@@ -45,4 +50,24 @@ def build_definitions(resources: dict | None = None) -> Definitions:
     )
 
 
-defs = build_definitions()
+_DEFS: Definitions | None = None
+
+
+def get_defs() -> Definitions:
+    """:func:`build_definitions` with the default resources, built once per process."""
+    global _DEFS
+    if _DEFS is None:
+        _DEFS = build_definitions()
+    return _DEFS
+
+
+@dg.definitions
+def load_definitions() -> Definitions:
+    """The entry point ``dagster dev -w workspace.yaml`` loads (lazily)."""
+    return get_defs()
+
+
+def __getattr__(name: str):  # PEP 562: ``from assets.definitions import defs`` builds lazily
+    if name == "defs":
+        return get_defs()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

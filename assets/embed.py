@@ -13,6 +13,7 @@ from collections import Counter
 import dagster as dg
 import numpy as np
 
+from assets import previews
 from assets.partitions import shard_partitions
 from curation.embed.shard_embedding import EMBED_STAGE, embed_shard, embeddings_frame, failures_frame
 from curation.ingest.shards import parse_shard_key, shard_path
@@ -70,7 +71,7 @@ def embeddings(
     t_load = time.perf_counter()
     enc = encoder.build(spec)
     load_s = time.perf_counter() - t_load
-    res = embed_shard(tar, samples_df, enc, spec, max_pixels=datasets.max_pixels)
+    res = embed_shard(tar, samples_df, enc, spec, max_pixels=datasets.max_pixels, progress=previews.dagster_progress(context, "embed"))
     t_write = time.perf_counter()
     rows = db.write("embeddings", embeddings_frame(key, res), partition=key)
     db.write("quarantine", failures_frame(dataset, key, res.failures), partition=key, where={"stage": EMBED_STAGE})
@@ -88,7 +89,7 @@ def embeddings(
         + [f"| delta write | {write_s:.3f} |", f"| asset total | {seconds:.3f} |"]
     )
     return dg.MaterializeResult(
-        metadata={
+        metadata=previews.rounded({
             "rows": rows,
             "samples_in": n_in,
             "failures": len(res.failures),
@@ -107,7 +108,7 @@ def embeddings(
             "end_to_end_samples_per_second": round(n_in / seconds, 2) if seconds > 0 else 0.0,
             "timings": dg.MetadataValue.md(timing_md),
             "preview": dg.MetadataValue.md(_preview(res.uids, res.image_emb, res.text_emb)),
-        }
+        })
     )
 
 

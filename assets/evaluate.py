@@ -16,6 +16,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
+from assets import previews
 from assets.metadata import md_table
 from assets.partitions import recipe_partitions
 from curation.storage.lake import Lake
@@ -32,12 +33,14 @@ ALL_RECIPES = dg.AllPartitionMapping()
 class EvalSetConfig(dg.Config):
     """One declared eval set: ``path`` absolute or relative to the eval root; ``layout`` is
     ``manifest`` (the platform's split: manifest.parquet + tasks.json + tars) or
-    ``clip_benchmark`` (its webdataset layout: test/nshards.txt, test/N.tar, classnames.txt ...)."""
+    ``clip_benchmark`` (its webdataset layout: test/nshards.txt, test/N.tar, classnames.txt ...).
+    ``templates``: zero-shot prompts for a set that ships none (``simple``: generic ImageNet-style;
+    a set's own ``templates`` in tasks.json or zeroshot_classification_templates.txt always win)."""
 
     name: str
     path: str
     layout: str = "manifest"
-    templates: str = "emoji"
+    templates: str = "simple"
 
 
 class EvalReportsConfig(dg.Config):
@@ -49,7 +52,7 @@ class EvalReportsConfig(dg.Config):
     tasks: list[str] = []
 
 
-DEFAULT_EVAL_SETS = ({"name": "emoji-heldout", "path": "emoji-heldout", "layout": "manifest", "templates": "emoji"},)
+DEFAULT_EVAL_SETS = ({"name": "emoji-heldout", "path": "emoji-heldout", "layout": "manifest", "templates": "simple"},)
 
 
 @dg.asset(
@@ -106,7 +109,7 @@ def eval_reports(
             summary.append({"seed": seed, "task": task, "metric": key, "value": float(m[key])})
     avg = [float(res[AVERAGE_TASK]["main"]) for _, res in per_seed]
     return dg.MaterializeResult(
-        metadata={
+        metadata=previews.rounded({
             "recipe": recipe,
             "checkpoints": len(per_seed),
             "tasks": int(per_seed[0][1][AVERAGE_TASK]["tasks"]),
@@ -116,7 +119,7 @@ def eval_reports(
             "rows": frame.height,
             "seconds": round(time.perf_counter() - t0, 2),
             "results": dg.MetadataValue.md(md_table(pl.DataFrame(summary), max_rows=None, max_chars=70, float_fmt=".4f")),
-        }
+        })
     )
 
 
@@ -138,7 +141,7 @@ def subset_sizes(db: Lake) -> tuple[dict[str, int], int | None]:
     "training time, each task's metric and their mean, difference from `full` and from `random` of the "
     "same size. HTML + markdown + PNG plots under artifacts/reports/.",
 )
-def curation_report(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
+def curation_report(context: dg.AssetExecutionContext, lake: LakeResource, datasets: DatasetsResource) -> dg.MaterializeResult:
     from curation.evaluate.report import build_comparison, write_report
 
     db = lake.lake()
@@ -167,10 +170,11 @@ def curation_report(context: dg.AssetExecutionContext, lake: LakeResource) -> dg
         "report_markdown": dg.MetadataValue.path(str(out["markdown"])),
         "plots": dg.MetadataValue.json([str(p) for p in out["plots"]]),
         "markdown": dg.MetadataValue.md(out["markdown_text"]),
+        **previews.report_plots(out["plots"]), **previews.waterfall(lake), **previews.explorer(lake, datasets),
     }
     if best is not None:
         meta["best_recipe"] = best["recipe"]
         meta["best_average"] = float(best["average"])
-    return dg.MaterializeResult(metadata=meta)
+    return dg.MaterializeResult(metadata=previews.rounded(meta))
 
 ASSETS = [eval_reports, curation_report]

@@ -15,6 +15,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
+from assets import previews
 from assets.metadata import md_table
 from assets.partitions import shard_partitions
 from curation.ingest.shards import INGEST_STAGE, parse_shard_key, read_shard, shard_path
@@ -130,7 +131,8 @@ def samples(
         metadata["quarantine_preview"] = dg.MetadataValue.md(md_table(qdf.select("key", "reason", "detail")))
     for reason, n in reasons.items():
         metadata[f"quarantine_{reason}"] = n
-    return dg.MaterializeResult(metadata=metadata)
+    metadata.update(previews.quarantine_preview(lake, datasets, shard=key) if qdf.height else {})
+    return dg.MaterializeResult(metadata=previews.rounded(metadata))
 
 
 ASSETS = [raw_shards, samples]

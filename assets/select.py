@@ -31,6 +31,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
+from assets import previews
 from assets.metadata import md_table
 from assets.partitions import recipe_partitions
 from curation.select.clustering import (
@@ -152,7 +153,7 @@ def concept_clusters(context: dg.AssetExecutionContext, config: ConceptClustersC
     n = up.n_rows
     context.log.info("concept_clusters: %s, k=%d, n=%d, newly assigned %d", "retrained" if retrain else up.mode, k, n, up.n_new)
     return dg.MaterializeResult(
-        metadata={
+        metadata=previews.rounded({
             "mode": "retrain" if retrain else "assign",
             "layout_update": up.mode,
             "k": k,
@@ -172,7 +173,7 @@ def concept_clusters(context: dg.AssetExecutionContext, config: ConceptClustersC
             "seconds": round(seconds, 3),
             "throughput_per_s": round(up.n_new / seconds, 1) if seconds > 0 else 0.0,
             "cluster_size_histogram": dg.MetadataValue.md(size_histogram(sizes)),
-        }
+        })
     )
 
 
@@ -187,7 +188,8 @@ def concept_clusters(context: dg.AssetExecutionContext, config: ConceptClustersC
     "of its cluster (`dedup_scores.max_sim_to_earlier`); any eps is then a filter M > 1 - eps.",
 )
 def dedup_scores(
-    context: dg.AssetExecutionContext, lake: LakeResource, distributed: DistributedResource, compute: ComputeResource
+    context: dg.AssetExecutionContext, lake: LakeResource, distributed: DistributedResource, compute: ComputeResource,
+    datasets: DatasetsResource,
 ) -> dg.MaterializeResult:
     t0 = time.perf_counter()
     db = lake.lake()
@@ -202,7 +204,7 @@ def dedup_scores(
     grid = pl.DataFrame({"eps": list(fr), "removed_fraction": list(fr.values()),
                          "removed": [int(round(v * len(m))) for v in fr.values()]})
     return dg.MaterializeResult(
-        metadata={
+        metadata=previews.rounded({
             "rows": len(m),
             "update": du.mode,
             "clusters_recomputed": du.recomputed_clusters,
@@ -210,9 +212,10 @@ def dedup_scores(
             "rows_scored": du.rows_scored,
             **{f"removed_fraction@eps={e}": v for e, v in fr.items()},
             "removed_by_eps": dg.MetadataValue.md(md_table(grid)),
+            **previews.dedup_preview(lake, datasets),
             "seconds": round(seconds, 3),
             "throughput_per_s": round(du.rows_scored / seconds, 1) if seconds > 0 else 0.0,
-        }
+        })
     )
 
 
@@ -249,7 +252,7 @@ def _examples(db: Lake, asg: pl.DataFrame, clusters: list[int], per: int) -> dic
     "centroids), complexity = d_intra * d_inter and weight = softmax(complexity / tau), written to "
     "the `clusters` table.",
 )
-def complexity_scores(context: dg.AssetExecutionContext, config: ComplexityConfig, lake: LakeResource) -> dg.MaterializeResult:
+def complexity_scores(context: dg.AssetExecutionContext, config: ComplexityConfig, lake: LakeResource, datasets: DatasetsResource) -> dg.MaterializeResult:
     t0 = time.perf_counter()
     db = lake.lake()
     cent = read_centroids(db)
@@ -268,7 +271,7 @@ def complexity_scores(context: dg.AssetExecutionContext, config: ComplexityConfi
         return df.with_columns(pl.col("cluster_id").map_elements(lambda c: ex.get(c, ""), return_dtype=pl.String).alias("examples"))
 
     return dg.MaterializeResult(
-        metadata={
+        metadata=previews.rounded({
             "k": int(cent.shape[0]),
             "tau": config.tau,
             "n_neighbors": comp.n_neighbors,
@@ -277,8 +280,9 @@ def complexity_scores(context: dg.AssetExecutionContext, config: ComplexityConfi
             "weight_max": float(comp.weight.max()),
             "most_complex": dg.MetadataValue.md(md_table(with_ex(most), max_chars=120)),
             "least_complex": dg.MetadataValue.md(md_table(with_ex(least), max_chars=120)),
+            **previews.cluster_gallery(lake, datasets),
             "seconds": round(time.perf_counter() - t0, 3),
-        }
+        })
     )
 
 
@@ -355,6 +359,7 @@ def pruned_subsets(
         "seconds": round(seconds, 3),
         "preview": dg.MetadataValue.md(md_table(preview)),
     }
+    meta.update({**previews.kept_removed(lake, datasets, recipe.name), **previews.cluster_gallery(lake, datasets, [recipe.name])})
     if aligned:
         meta["aligned_source"] = aligned
     if "budgets" in sel.stats:
@@ -364,7 +369,7 @@ def pruned_subsets(
         meta.update({"cluster_keep_fraction_min": float(frac.min()) if frac.size else 0.0,
                      "cluster_keep_fraction_max": float(frac.max()) if frac.size else 0.0,
                      "clusters_with_budget": int((b > 0).sum())})
-    return dg.MaterializeResult(metadata=meta)
+    return dg.MaterializeResult(metadata=previews.rounded(meta))
 
 
 ASSETS = [concept_clusters, dedup_scores, complexity_scores, pruned_subsets]

@@ -27,7 +27,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from assets import previews
 from assets.metadata import md_table
+from assets.settings import filter_model_needed
 from assets.partitions import recipe_partitions
 from curation.storage.lake import Lake, matrix_to_list_column
 from curation.train.config import TrainConfig
@@ -101,6 +103,8 @@ def filter_model(
     from curation.train.data import SelectedShardPairs, decode_image
     from curation.train.loop import run_training
 
+    if not config.pretrained and not (need := filter_model_needed())[0]:
+        return dg.MaterializeResult(metadata={"skipped": need[1]})
     t0 = time.perf_counter()
     db = lake.lake()
     spec = compute.spec()
@@ -120,7 +124,7 @@ def filter_model(
         pairs = SelectedShardPairs(
             [(p, list(zip(rows["member"].to_list(), rows["caption"].to_list()))) for p, rows in shards]
         )
-        result = run_training(pairs, cfg, spec)
+        result = run_training(pairs, cfg, spec, progress=previews.dagster_progress(context, "filter_model training"))
         ck_dir = lake.artifacts("filter_model")
         pretrained = str(save_checkpoint(result, ck_dir / f"{config.model_name}-full-seed{config.seed}.pt", extra={"role": "filter_model"}))
         source = "trained on the full pool"
@@ -197,7 +201,7 @@ def filter_model(
             "highest_and_lowest": dg.MetadataValue.md(md_table(preview, max_rows=None, max_chars=70, float_fmt=".4f")),
         }
     )
-    return dg.MaterializeResult(metadata=meta)
+    return dg.MaterializeResult(metadata=previews.rounded(meta))
 
 
 class TrainedCheckpointsConfig(dg.Config):
@@ -268,12 +272,14 @@ def trained_checkpoints(
             f"recipe {recipe!r}: got no webdataset shards in {shard_dir}; expected pruned_subsets exported with write_shards=True"
         )
     out_dir = lake.artifacts("checkpoints", recipe)
-    rows, history_md = [], []
+    rows, history_md, histories = [], [], {}
     t0 = time.perf_counter()
     for cfg in cfgs:
         path = out_dir / f"{cfg.model}-{cfg.strategy}-seed{cfg.seed}.pt"
-        summary, path = train_subset(tars, cfg, path, compute.spec(), extra={"recipe": recipe})
+        summary, path = train_subset(tars, cfg, path, compute.spec(), extra={"recipe": recipe},
+                                     progress=previews.dagster_progress(context, f"train seed {cfg.seed}"))
         rows.append(checkpoint_record(recipe, cfg, summary.backend, path, lake.artifacts_root, **summary.measures()))
+        histories[f"seed {cfg.seed}"] = summary.history
         hist = pl.DataFrame(summary.history)
         cols = [c for c in ("step", "samples_seen", "loss", "lr", "samples_per_s") if c in hist.columns]
         history_md.append(f"seed {cfg.seed} ({summary.backend})\n\n" + md_table(hist.select(cols).gather_every(max(1, hist.height // 8)), max_rows=None, max_chars=70, float_fmt=".4f"))
@@ -281,7 +287,7 @@ def trained_checkpoints(
     lake.lake().write("checkpoints", frame, partition=recipe)
     last = rows[-1]
     return dg.MaterializeResult(
-        metadata={
+        metadata=previews.rounded({
             "recipe": recipe,
             "strategy": cfgs[-1].strategy,
             "backend": last["backend"],
@@ -296,7 +302,8 @@ def trained_checkpoints(
             "checkpoint": dg.MetadataValue.path(str(Path(lake.artifacts_root) / last["path"])),
             "seconds": round(time.perf_counter() - t0, 2),
             "loss_curve": dg.MetadataValue.md("\n\n".join(history_md)),
-        }
+            **previews.loss_plot(histories),
+        })
     )
 
 ASSETS = [filter_model, trained_checkpoints]

@@ -122,3 +122,37 @@ def missing_from_graph(page, names) -> list[str]:
     """The names no label of the page shows (exactly or middle-truncated)."""
     labels = graph_labels(page)
     return [n for n in names if not any(label_matches(lb, n) for lb in labels)]
+
+
+IMAGES_JS = """(root) => Array.from((root || document).querySelectorAll('img')).map(i => ({
+    alt: i.alt, complete: i.complete, naturalWidth: i.naturalWidth, naturalHeight: i.naturalHeight,
+    width: i.getBoundingClientRect().width, height: i.getBoundingClientRect().height,
+    data: (i.currentSrc || i.src || '').startsWith('data:image/')}))"""
+
+
+def decoded_images(locator, minimum: int = 1, timeout_ms: int = 30_000) -> list[dict]:
+    """The ``<img>`` elements under ``locator`` once at least ``minimum`` of them are decoded
+    (``complete`` and ``naturalWidth > 0``); each as ``{alt, naturalWidth, width, height, ...}``.
+
+    Raises AssertionError when fewer than ``minimum`` decode within ``timeout_ms``.
+    """
+    deadline = time.monotonic() + timeout_ms / 1000
+    imgs: list[dict] = []
+    while time.monotonic() < deadline:
+        imgs = locator.evaluate(IMAGES_JS)
+        ok = [i for i in imgs if i["complete"] and i["naturalWidth"] > 0 and i["width"] > 0 and i["height"] > 0]
+        if len(ok) >= minimum:
+            return imgs
+        time.sleep(0.3)
+    raise AssertionError(f"expected >= {minimum} decoded images with a non-zero size; got {imgs[:5]} ...")
+
+
+def open_markdown_metadata(page, key: str):
+    """Open the ``[Show Markdown]`` dialog of metadata entry ``key`` on an asset page and
+    return the dialog locator."""
+    row = page.locator("tr").filter(has=page.get_by_text(key, exact=True)).first
+    row.scroll_into_view_if_needed()
+    row.get_by_text("[Show Markdown]").first.click()
+    dialog = page.get_by_role("dialog").last
+    dialog.wait_for(state="visible")
+    return dialog

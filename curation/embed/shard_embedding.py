@@ -135,6 +135,7 @@ def embed_shard(
     encoder: Encoder,
     compute: ComputeSpec | None = None,
     max_pixels: int = 40_000_000,
+    progress=None,
 ) -> ShardEmbeddings:
     """Embed the samples of one shard.
 
@@ -146,10 +147,12 @@ def embed_shard(
         compute: batch size and ``num_workers`` decode/preprocess processes (0: decode in
             this process, no overlap); the device/precision are the encoder's.
         max_pixels: images with more pixels are failures (``decompression_bomb``).
+        progress: optional callable of a :class:`curation.engine.progress.ProgressEvent`, called after every batch.
 
     Returns:
         :class:`ShardEmbeddings` (unpacks as ``uids, image_emb, text_emb, failures``).
     """
+    from curation.engine.progress import report
     from curation.ingest.shards import load_members
 
     compute = compute or ComputeSpec()
@@ -214,6 +217,7 @@ def embed_shard(
         image_emb[idx] = encoder.encode_image_batch(batch)
         timings["image_forward"] += time.perf_counter() - t
         ok[idx] = True
+        report(progress, "embed", int(ok.sum() + len(failures)), n, int(ok.sum() + len(failures)), time.perf_counter() - t0)
     del batches, loader
 
     if not ok.all():

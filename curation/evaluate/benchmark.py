@@ -70,13 +70,15 @@ class EvalSetSpec:
         path: its directory.
         layout: one of :data:`LAYOUTS`.
         templates: prompt templates for classification sets that ship none (a name for
-            :func:`curation.evaluate.evaluator.template_set` or a list).
+            :func:`curation.evaluate.evaluator.template_set` or a list); a set's own templates
+            (``templates`` in a manifest set's tasks.json, or clip_benchmark's
+            zeroshot_classification_templates.txt) always win.
     """
 
     name: str
     path: str
     layout: str = "manifest"
-    templates: str | tuple[str, ...] = "emoji"
+    templates: str | tuple[str, ...] = "simple"
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -90,8 +92,18 @@ class EvalSetSpec:
         unknown = sorted(set(d) - valid)
         if unknown:
             raise ValueError(f"eval set keys: got unknown {unknown}; expected a subset of {sorted(valid)}")
-        t = d.get("templates", "emoji")
+        t = d.get("templates", "simple")
         return cls(d["name"], str(d["path"]), d.get("layout", "manifest"), t if isinstance(t, str) else tuple(t))
+
+
+def shipped_templates(split_dir: str | Path) -> tuple[str, ...] | None:
+    """The zero-shot prompt templates a manifest set ships (``templates`` in its tasks.json), or
+    None when it ships none."""
+    f = Path(split_dir) / "tasks.json"
+    if not f.exists():
+        return None
+    t = json.loads(f.read_text(encoding="utf-8")).get("templates")
+    return tuple(t) if t else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,7 +276,7 @@ def resolve_eval_sets(specs: Sequence[EvalSetSpec]) -> dict[str, tuple[Path, Eva
     for spec in specs:
         check_layout(spec.path, spec.layout, spec.name)
         if spec.layout == "manifest":
-            for task, path in write_clip_benchmark_sets(spec.path, template_set(spec.templates)).items():
+            for task, path in write_clip_benchmark_sets(spec.path, shipped_templates(spec.path) or template_set(spec.templates)).items():
                 out[spec.name + task[task.index("/"):]] = (path, spec)
         else:
             kind = _dataset_type(Path(spec.path))

@@ -82,9 +82,28 @@ def cmd_datasets_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_datasets_split(args: argparse.Namespace) -> int:
+    """Hold out whole concepts (or a uniform slice) of a landing dataset as an eval set."""
+    from curation.ingest.split import split_dataset
+
+    home = Path(args.out) if args.out else data_home()
+    try:
+        stats = split_dataset(home, args.dataset, args.name or f"{args.dataset}-heldout", by=args.by,
+                              column=args.column, fraction=args.fraction, seed=args.seed)
+    except ValueError as e:
+        print(f"curation: error: {e}", file=sys.stderr)
+        return 2
+    what = f"{stats.eval_concepts} whole concepts ({stats.column})" if stats.by == "concept" else "a uniform slice"
+    print(f"held out {stats.eval_samples} samples, {what}, into {stats.eval_dir}")
+    print(f"the pool keeps {stats.pool_samples} samples in landing/{stats.dataset}/; the original shards are in {stats.original_dir}")
+    if args.json:
+        print(json.dumps(stats.as_dict(), indent=2))
+    return 0
+
+
 def add_library_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``datasets build|list`` to a ``curation`` sub-parser set."""
-    p = subparsers.add_parser("datasets", help="build or list datasets in the landing zone")
+    """Add ``datasets build|list|split`` to a ``curation`` sub-parser set."""
+    p = subparsers.add_parser("datasets", help="build, list or split datasets in the landing zone")
     sub = p.add_subparsers(dest="datasets_command", required=True)
 
     b = sub.add_parser(
@@ -108,6 +127,24 @@ def add_library_commands(subparsers: argparse._SubParsersAction) -> None:
     ls = sub.add_parser("list", help="list built-in datasets and the shards in the landing zone")
     ls.add_argument("--out", help="data home to look in (default: $CURATION_HOME or ./data)")
     ls.set_defaults(func=cmd_datasets_list)
+
+    sp = sub.add_parser(
+        "split",
+        help="hold out whole concepts (or a uniform slice) of a landing dataset as an eval set",
+        description="Write eval/<name>/ (shards, manifest.parquet, tasks.json) from landing/<dataset>/ and remove "
+        "those samples from the pool: the original shards move to original/<dataset>/, landing/<dataset>/ keeps "
+        "the rest member for member. --by concept holds out every sample of some values of a KEY.json field "
+        "(zero-shot on unseen concepts + retrieval); --by uniform a seeded slice (retrieval). Run it before ingesting.",
+    )
+    sp.add_argument("dataset", help="dataset folder under landing/")
+    sp.add_argument("--by", choices=["concept", "uniform"], default="concept", help="what to hold out (default: concept)")
+    sp.add_argument("--column", default="concept", help="KEY.json field naming the concept (default: concept)")
+    sp.add_argument("--fraction", type=_fraction, default=0.1, help="target fraction of samples held out (default: 0.1)")
+    sp.add_argument("--name", help="eval split name (default: <dataset>-heldout)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the choice (default: 0)")
+    sp.add_argument("--out", help="data home (default: $CURATION_HOME or ./data)")
+    sp.add_argument("--json", action="store_true", help="also print the statistics as JSON")
+    sp.set_defaults(func=cmd_datasets_split)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,6 +39,10 @@ from curation.ingest.shards import shard_key
 
 from curation.ingest.shard_writer import IMAGE_EXTS, Record, ShardInfo, remove_stale_shards, write_shards
 
+
+# Zero-shot prompt templates this set ships in its tasks.json (the evaluator uses a set's own
+# templates, and generic ones for sets that ship none).
+EMOJI_PROMPT_TEMPLATES = ("{c}", "{c} emoji", "an emoji of {c}", "{c} emoji icon", "a {c} emoji")
 log = logging.getLogger(__name__)
 
 DEFAULT_DATASET = "emoji"
@@ -543,6 +547,7 @@ def build_default_dataset(
             "subgroup": _ordered_classes(manifest["subgroup"].to_list(), sub_order),
         },
         "retrieval": {"caption_column": "caption", "image_column": "member"},
+        "templates": list(EMOJI_PROMPT_TEMPLATES),  # the set ships its prompts; other sets get generic ones
         "seed": seed,
         "eval_fraction": eval_fraction,
     }

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from curation.engine.compute import ComputeSpec
+from curation.engine.progress import report
 from curation.train.config import (
     TrainConfig,
     batch_sizes,
@@ -88,13 +89,17 @@ class TrainResult:
         return float(self.history[-1]["loss"]) if self.history else float("nan")
 
 
-def run_training(source: PairSource, config: TrainConfig, compute: ComputeSpec | None = None) -> TrainResult:
+def run_training(
+    source: PairSource, config: TrainConfig, compute: ComputeSpec | None = None, progress=None
+) -> TrainResult:
     """Train an open_clip model with ``config.strategy`` on ``source`` at matched samples seen.
 
     Args:
         source: the pairs (:class:`~curation.train.data.ShardPairs` streams them from shards).
         config: the run (model, strategy, samples seen, optimizer, seed, ...).
         compute: device and precision.
+        progress: optional callable of a :class:`curation.engine.progress.ProgressEvent`,
+            called every ``log_every`` steps.
 
     Returns:
         A :class:`TrainResult` (the model in eval mode, history, throughput).
@@ -173,6 +178,8 @@ def run_training(source: PairSource, config: TrainConfig, compute: ComputeSpec |
                 "elapsed_s": now - t_start,
             }
             history.append(rec)
+            report(progress, "train", rec["step"], steps, seen, rec["elapsed_s"], rec["samples_per_s"],
+                   loss=rec["loss"], lr=lr)  # fmt: skip
             log.info(
                 "step %d/%d  samples %d  loss %.4f  lr %.2e  scale %.1f  %.0f samples/s",
                 rec["step"], steps, rec["samples_seen"], rec["loss"], lr, rec["logit_scale"], rec["samples_per_s"],
@@ -191,10 +198,14 @@ def run_training(source: PairSource, config: TrainConfig, compute: ComputeSpec |
 
 
 def train_clip(
-    images: Sequence[object], captions: Sequence[str], config: TrainConfig, compute: ComputeSpec | None = None
+    images: Sequence[object],
+    captions: Sequence[str],
+    config: TrainConfig,
+    compute: ComputeSpec | None = None,
+    progress=None,
 ) -> TrainResult:
     """:func:`run_training` on pairs in memory (decoded images or encoded bytes)."""
-    return run_training(MemoryPairs(images, captions), config, compute)
+    return run_training(MemoryPairs(images, captions), config, compute, progress=progress)
 
 
 def train_from_shards(
@@ -204,6 +215,7 @@ def train_from_shards(
     compute: ComputeSpec | None = None,
     extra: dict[str, Any] | None = None,
     shuffle_buffer: int | None = None,
+    progress=None,
 ) -> tuple[TrainResult, Path]:
     """Stream a subset export's webdataset shards through :func:`run_training`, save the checkpoint.
 
@@ -214,6 +226,6 @@ def train_from_shards(
     from curation.train.data import DEFAULT_SHUFFLE_BUFFER
 
     source = ShardPairs(tar_paths, shuffle_buffer=shuffle_buffer or DEFAULT_SHUFFLE_BUFFER)
-    result = run_training(source, config, compute)
+    result = run_training(source, config, compute, progress=progress)
     path = save_checkpoint(result, checkpoint_path, extra={**(extra or {}), "backend": "platform"})
     return result, path

@@ -187,6 +187,27 @@ def parse_log(text: str) -> list[dict[str, float]]:
     return out
 
 
+class _LogFollower:
+    """Reports the new ``Train Epoch`` lines of a running open_clip_train to a progress callback."""
+
+    def __init__(self, out_log: Path, console: Path, config: TrainConfig, progress, t0: float):
+        self.paths, self.config, self.progress, self.t0, self.done = (out_log, console), config, progress, t0, 0
+
+    def poll(self) -> None:
+        if self.progress is None:
+            return
+        from curation.engine.progress import report
+
+        text = next((p.read_text(errors="replace") for p in self.paths if p.exists() and p.stat().st_size), "")
+        lines = parse_log(text)
+        total = max(1, self.config.samples_seen // self.config.batch_size)
+        for rec in lines[self.done :]:
+            step = max(1, rec["samples_seen"] // self.config.batch_size)
+            report(self.progress, "train", step, total, rec["samples_seen"], time.perf_counter() - self.t0,
+                   rec["samples_per_s"], loss=rec["loss"])  # fmt: skip
+        self.done = max(self.done, len(lines))
+
+
 def run_open_clip_train(
     tar_paths: Sequence[str | Path],
     config: TrainConfig,
@@ -194,6 +215,8 @@ def run_open_clip_train(
     compute: ComputeSpec | None = None,
     extra: dict[str, Any] | None = None,
     timeout_s: float | None = None,
+    progress=None,
+    poll_s: float = 2.0,
 ) -> tuple[OpenClipTrainRun, Path]:
     """Train with open_clip_train, check samples seen from its log, save a platform checkpoint.
 
@@ -203,6 +226,9 @@ def run_open_clip_train(
         checkpoint_path: where the platform checkpoint goes (``.pt`` + ``.json`` sidecar);
             open_clip_train's own logs and checkpoint go to ``<stem>.open_clip_train/``.
         compute: device, precision (``bf16`` -> ``--precision amp_bf16``), workers, GPU count.
+        progress: optional callable of a :class:`curation.engine.progress.ProgressEvent`: its
+            log is read every ``poll_s`` seconds while it runs and each new ``Train Epoch``
+            line is reported (step, samples seen, samples/s, loss).
 
     Returns:
         ``(run, checkpoint path)``.
@@ -229,10 +255,25 @@ def run_open_clip_train(
     t0 = time.perf_counter()
     (logs_dir / name).mkdir(parents=True, exist_ok=True)
     console = logs_dir / name / "subprocess.log"  # streamed, so a long run can be followed live
-    with open(console, "w") as f:
-        proc = subprocess.run(argv, env=env, stdout=f, stderr=subprocess.STDOUT, text=True, timeout=timeout_s, check=False)
-    seconds = time.perf_counter() - t0
     out_log = logs_dir / name / "out.log"
+    with open(console, "w") as f:
+        proc = subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+        follow = _LogFollower(out_log, console, config, progress, t0)
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=poll_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    follow.poll()
+                    if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
+                        raise subprocess.TimeoutExpired(argv, timeout_s)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        follow.poll()
+    seconds = time.perf_counter() - t0
     output = console.read_text(errors="replace")
     text = out_log.read_text() if out_log.exists() else ""
     if proc.returncode != 0:

@@ -97,8 +97,12 @@ def train_subset(
     checkpoint_path: str | Path,
     compute: ComputeSpec | None = None,
     extra: dict[str, Any] | None = None,
+    progress=None,
 ) -> tuple[TrainSummary, Path]:
     """Train on a subset's webdataset shards with the configured backend; save a platform checkpoint.
+
+    ``progress`` (optional callable of a :class:`curation.engine.progress.ProgressEvent`) hears
+    from either backend (open_clip_train's log is followed while it runs).
 
     Returns:
         ``(summary, checkpoint path)``; the checkpoint loads with
@@ -117,11 +121,11 @@ def train_subset(
                 f"backend open_clip_train: got a subset of {n} pairs for batch_size {config.batch_size}; expected "
                 f"at least one batch of distinct pairs (lower batch_size, or use backend 'platform', which caps it)"
             )
-        run, path = run_open_clip_train(tar_paths, config, checkpoint_path, compute, extra=extra)
+        run, path = run_open_clip_train(tar_paths, config, checkpoint_path, compute, extra=extra, progress=progress)
         summary = TrainSummary(backend, run.samples_seen, run.steps, run.batch_size, n,
                                run.seconds, run.samples_per_s, run.final_loss, run.history)  # fmt: skip
         return summary, path
-    res, path = train_from_shards(tar_paths, config, checkpoint_path, compute, extra=extra)
+    res, path = train_from_shards(tar_paths, config, checkpoint_path, compute, extra=extra, progress=progress)
     summary = TrainSummary(backend, res.samples_seen, res.steps, res.batch_size, res.n_train, res.seconds,
                            res.samples_per_s, res.final_loss, res.history)  # fmt: skip
     return summary, path
