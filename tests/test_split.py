@@ -53,10 +53,12 @@ def test_split_by_concept_holds_out_whole_concepts(home):
     assert len(orig) == 31  # nothing lost
     pq = pl.read_parquet(home / "landing" / "mine" / "00000.parquet")
     assert not set(pq["key"].to_list()) & set(man["key"].to_list())
-    from curation.evaluate.evaluator import load_eval_set
+    from curation.evaluate.benchmark import EvalSetSpec, resolve_eval_sets, shipped_templates
 
-    es = load_eval_set(home / "eval" / "mine-heldout")
-    assert len(es.images) == 10 and es.templates is None
+    split = home / "eval" / "mine-heldout"
+    sets = resolve_eval_sets([EvalSetSpec("mine", str(split), "manifest")])  # a valid manifest eval set
+    assert set(sets) == {"mine/zeroshot/concept", "mine/retrieval"}
+    assert shipped_templates(split) is None  # a user's split ships no prompts: generic ones are used
 
 
 def test_split_uniform_is_seeded_and_refuses_a_second_split(home, tmp_path):
@@ -78,10 +80,17 @@ def test_split_errors_name_the_valid_choices(home, capsys):
 
 
 def test_the_emoji_set_ships_its_templates_and_others_get_generic_ones(small_dataset, home):
-    from curation.evaluate.evaluator import load_eval_set
+    from assets.evaluate import DEFAULT_EVAL_SETS, EvalSetConfig
+    from curation.evaluate.benchmark import EvalSetSpec, resolve_eval_sets, shipped_templates
     from curation.ingest.emoji_dataset import EMOJI_PROMPT_TEMPLATES
 
-    assert load_eval_set(small_dataset / "eval" / "emoji-heldout").templates == EMOJI_PROMPT_TEMPLATES
-    from assets.evaluate import EvalReportsConfig
-
-    assert EvalReportsConfig().templates == "simple"  # for sets that ship none (like a user's split)
+    split = small_dataset / "eval" / "emoji-heldout"
+    assert shipped_templates(split) == tuple(EMOJI_PROMPT_TEMPLATES)
+    sets = resolve_eval_sets([EvalSetSpec("emoji", str(split), "manifest", templates="simple")])
+    for task, (path, _) in sets.items():  # the set's own prompts win over the declared fallback
+        f = path / "zeroshot_classification_templates.txt"
+        if "zeroshot" in task:
+            assert f.read_text(encoding="utf-8").splitlines() == list(EMOJI_PROMPT_TEMPLATES)
+    # for sets that ship none (like a user's split) the fallback is generic
+    assert EvalSetConfig(name="mine", path="mine").templates == "simple"
+    assert all(e["templates"] == "simple" for e in DEFAULT_EVAL_SETS)
