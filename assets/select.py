@@ -45,7 +45,8 @@ from curation.select.semdedup import EPS_GRID, removed_fraction
 from curation.select.export import export_subset
 from curation.storage.lake import Lake, list_column_to_matrix, matrix_to_list_column
 from curation.embed.pool_reader import read_pool
-from curation.select.recipes import Pool, apply_recipe, get_recipe, recipe_hash
+from curation.select.controls import finalize_control, needs_dedup_scores, resolve_recipe
+from curation.select.recipes import Pool, apply_recipe, recipe_hash
 from curation.select.semdedup import semdedup_scores_distributed
 from resources import ComputeResource, DatasetsResource, LakeResource
 from resources.distributed import DistributedResource
@@ -394,11 +395,11 @@ def pruned_subsets(
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
     t0 = time.perf_counter()
-    recipe = get_recipe(context.partition_key)
+    recipe = resolve_recipe(context.partition_key)  # a declared recipe or a derived control
     db = lake.lake()
     p = read_assigned_pool(db, with_embeddings=False)
     max_sim = None
-    if recipe.needs_dedup:
+    if needs_dedup_scores(context.partition_key):
         if not db.exists("dedup_scores"):
             raise ValueError(f"recipe {recipe.name!r} needs SemDeDup scores: got no dedup_scores table; expected it materialized")
         ds = db.read("dedup_scores", columns=["uid", "max_sim_to_earlier"])
@@ -412,6 +413,7 @@ def pruned_subsets(
         img, txt, aligned_source = read_aligned(db, p["uids"])
     pool = Pool(uids=p["uids"], cluster_ids=p["cluster_ids"], cos_to_centroid=p["cos"], centroids=p["centroids"],
                 max_sim=max_sim, image_aligned=img, text_aligned=txt)
+    recipe = finalize_control(recipe, pool, subset_size=lambda name: db.read("subsets", columns=["uid"], partitions=[name]).height)
     with distributed.executor(compute.spec()) as ex:  # per-class CLIPCov on Ray when configured
         sel = apply_recipe(recipe, pool, executor=ex)
     frame = sel.to_frame()
