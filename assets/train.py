@@ -28,6 +28,7 @@ import pyarrow as pa
 from assets.metadata import md_table
 from assets.partitions import recipe_partitions
 from curation.storage.lake import Lake, matrix_to_list_column
+from curation.train.determinism import determinism_record
 from curation.train.trainer import TrainConfig
 from resources import ComputeResource, DatasetsResource, LakeResource
 
@@ -200,13 +201,31 @@ class TrainedCheckpointsConfig(dg.Config):
     warmup_fraction: float = TrainConfig.warmup_fraction
     patch_dropout: float = TrainConfig.patch_dropout
     seeds: list[int] = [0]
+    # compute curves: besides the main run at ``samples_seen``, each seed also trains at
+    # round(m * pool size) samples seen for every multiple m (e.g. [0.25, 0.5, 1.0, 2.0])
+    samples_seen_multiples: list[float] = []
 
-    def train_config(self, seed: int) -> TrainConfig:
+    def train_config(self, seed: int, samples_seen: int | None = None) -> TrainConfig:
         return TrainConfig(
-            model=self.model_name, strategy=self.strategy, samples_seen=self.samples_seen,
+            model=self.model_name, strategy=self.strategy, samples_seen=samples_seen or self.samples_seen,
             batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
             warmup_fraction=self.warmup_fraction, patch_dropout=self.patch_dropout, seed=seed,
         )  # fmt: skip
+
+
+def curve_configs(config: TrainedCheckpointsConfig, db: Lake) -> list[TrainConfig]:
+    """The compute-curve runs: per seed, ``round(m * pool size)`` samples seen per multiple ``m``
+    (runs equal to the main ``samples_seen`` are not repeated)."""
+    if not config.samples_seen_multiples:
+        return []
+    bad = [m for m in config.samples_seen_multiples if not m > 0]
+    if bad:
+        raise ValueError(f"samples_seen_multiples: got {bad}; expected positive multiples of the pool size")
+    pool = db.read("embeddings", columns=["uid"]).height if db.exists("embeddings") else 0
+    if pool == 0:
+        raise ValueError("samples_seen_multiples: got an empty pool (no embeddings rows); expected the pool materialized")
+    budgets = sorted({max(1, round(m * pool)) for m in config.samples_seen_multiples} - {config.samples_seen})
+    return [config.train_config(s, b) for s in config.seeds for b in budgets]
 
 
 @dg.asset(
@@ -226,6 +245,7 @@ def trained_checkpoints(
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
         raise ValueError(f"seeds: got {config.seeds}; expected a non-empty list of distinct ints")
     cfgs = [config.train_config(s) for s in config.seeds]  # validates before any work
+    cfgs += curve_configs(config, lake.lake())  # compute-curve runs (samples_seen_multiples)
     shard_dir = Path(lake.artifacts_root) / "subsets" / recipe / "shards"
     tars = sorted(shard_dir.glob("*.tar"))
     if not tars:
@@ -236,10 +256,12 @@ def trained_checkpoints(
     rows, history_md = [], []
     t0 = time.perf_counter()
     for cfg in cfgs:
-        path = out_dir / f"{cfg.model}-{cfg.strategy}-seed{cfg.seed}.pt"
+        main = cfg.samples_seen == config.samples_seen
+        path = out_dir / (f"{cfg.model}-{cfg.strategy}-seed{cfg.seed}" + ("" if main else f"-seen{cfg.samples_seen}") + ".pt")
         res, path = train_from_shards(tars, cfg, path, compute.spec(), extra={"recipe": recipe})
         info = {**cfg.to_dict(), "steps": res.steps, "batch_size_used": res.batch_size, "n_train": res.n_train,
-                "samples_per_s": res.samples_per_s, "final_loss": res.final_loss}  # fmt: skip
+                "samples_per_s": res.samples_per_s, "final_loss": res.final_loss, "main_budget": main,
+                **determinism_record()}  # fmt: skip
         rows.append(
             {
                 "recipe": recipe,
