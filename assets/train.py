@@ -28,7 +28,7 @@ import pyarrow as pa
 from assets.metadata import md_table
 from assets.partitions import recipe_partitions
 from curation.storage.lake import Lake, matrix_to_list_column
-from curation.train.determinism import determinism_record
+from curation.train.determinism import determinism_record, set_deterministic
 from curation.train.trainer import TrainConfig
 from resources import ComputeResource, DatasetsResource, LakeResource
 
@@ -118,6 +118,7 @@ def filter_model(
     from curation.train.trainer import train_clip
 
     t0 = time.perf_counter()
+    set_deterministic()  # fixed torch threads + deterministic kernels (docs/evidence.md)
     db = lake.lake()
     spec = compute.spec()
     pool = read_pool_samples(db)
@@ -242,6 +243,7 @@ def trained_checkpoints(
     from curation.train.trainer import train_from_shards
 
     recipe = context.partition_key
+    set_deterministic()  # fixed torch threads + deterministic kernels (docs/evidence.md)
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
         raise ValueError(f"seeds: got {config.seeds}; expected a non-empty list of distinct ints")
     cfgs = [config.train_config(s) for s in config.seeds]  # validates before any work

@@ -598,8 +598,14 @@ def to_html(
     extra = ""
     for head, body in sections:
         t = _md_to_html_table(body)
-        rest = "".join(f"<p>{html.escape(ln)}</p>" for ln in body.splitlines() if ln.strip() and not ln.startswith("|"))
-        extra += f"<h2>{html.escape(head)}</h2>\n{rest}\n{t}\n"
+        rest, imgs_s = "", ""
+        for ln in body.splitlines():
+            im = re.fullmatch(r"!\[([^\]]*)\]\(([^)]+)\)", ln.strip())
+            if im:
+                imgs_s += f'<figure><img src="{html.escape(im.group(2))}" alt="{html.escape(im.group(1))}"></figure>'
+            elif ln.strip() and not ln.startswith("|"):
+                rest += f"<p>{html.escape(ln)}</p>"
+        extra += f"<h2>{html.escape(head)}</h2>\n{rest}\n{t}\n{imgs_s}\n"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>

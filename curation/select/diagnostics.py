@@ -155,4 +155,37 @@ def diagnostics_markdown(current: dict[str, float], sweep: pl.DataFrame, tau: fl
     return head + "\n\n" + "\n".join(lines)
 
 
-__all__ = ["DEFAULT_TAUS", "dbp_vs_ssp", "diagnostics_markdown", "plot_keep_vs_complexity", "tau_sweep"]
+__all__ = ["DEFAULT_TAUS", "dbp_vs_ssp", "diagnose_dbp", "diagnostics_markdown", "plot_keep_vs_complexity", "tau_sweep"]
+
+
+def diagnose_dbp(recipe, pool, taus: Sequence[float] = DEFAULT_TAUS) -> dict:
+    """Diagnostics of one ``dbp`` recipe on a pool (its SemDeDup chain applied first).
+
+    Args:
+        recipe: a :class:`curation.select.recipes.Recipe` with ``method == "dbp"``.
+        pool: a :class:`curation.select.recipes.Pool` (``max_sim`` when the recipe is chained).
+
+    Returns:
+        ``{"current": dbp_vs_ssp at the recipe's tau, "sweep": tau_sweep frame,
+        "complexity": (k,), "sizes": (k,), "dbp": (k,), "ssp": (k,) budgets}``.
+    """
+    from curation.select.budgets import n_keep_for
+    from curation.select.recipes import candidates
+
+    if recipe.method != "dbp":
+        raise ValueError(f"recipe {recipe.name!r}: got method {recipe.method!r}; expected 'dbp'")
+    cand = candidates(recipe, pool)
+    cid = np.asarray(pool.cluster_ids, dtype=np.int64)[cand]
+    cos = np.asarray(pool.cos_to_centroid)[cand]
+    sizes = np.bincount(cid, minlength=pool.k).astype(np.int64)
+    n_keep = n_keep_for(recipe.keep_fraction, cand.size)
+    comp = cluster_complexity(cid, cos, pool.centroids, n_neighbors=recipe.n_neighbors, tau=recipe.tau)
+    taus = sorted(set(taus) | {recipe.tau})
+    return {
+        "current": dbp_vs_ssp(sizes, comp.weight, n_keep, recipe.balance),
+        "sweep": tau_sweep(cid, cos, pool.centroids, n_keep, taus, recipe.balance, recipe.n_neighbors),
+        "complexity": np.asarray(comp.complexity),
+        "sizes": sizes,
+        "dbp": dbp_budgets(sizes, comp.weight, n_keep, balance=recipe.balance),
+        "ssp": ssp_budgets(sizes, n_keep),
+    }
