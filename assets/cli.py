@@ -28,6 +28,7 @@ def _default_env() -> None:
     os.environ.setdefault("CURATION_HOME", str(Path.cwd() / "data"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("CURATION_TORCH_THREADS", "2")  # pinned + recorded (docs/evidence.md)
     Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
 
 

@@ -54,7 +54,7 @@ def test_plant_noise_writes_labelled_noise(tmp_path):
             a = np.asarray(Image.open(io.BytesIO(g["jpg"])).convert("RGB"), dtype=float)
             assert a.shape == (16, 16, 3)
         elif r["kind"] == "corrupt":
-            with pytest.raises(Exception):
+            with pytest.raises(OSError):
                 Image.open(io.BytesIO(g["png"])).load()
         elif r["kind"] == "swapped":
             concept = json.loads(g["json"])["concept"]

@@ -7,7 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from curation.select.diagnostics import dbp_vs_ssp, diagnostics_markdown, plot_keep_vs_complexity, tau_sweep
+from curation.select.diagnostics import (
+    dbp_vs_ssp,
+    diagnostics_markdown,
+    plot_keep_vs_complexity,
+    tau_sweep,
+)
 
 
 def test_flat_weights_make_dbp_equal_ssp():

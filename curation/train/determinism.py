@@ -7,7 +7,8 @@ when every source of variation is pinned (see docs/evidence.md for what was meas
   so a different count adds the same numbers in a different order and the float result
   differs in the last bits, which training amplifies. torch's default is "every core", so a
   run on a box with another free-core count (or another ``OMP_NUM_THREADS``) differs.
-  :func:`set_deterministic` fixes it (``CURATION_TORCH_THREADS``, default 2) and
+  :func:`set_deterministic` pins it to ``CURATION_TORCH_THREADS`` (``curation demo`` sets 2
+  when unset; without the variable the current count is kept, e.g. a test's one thread) and
   :func:`determinism_record` writes it beside every checkpoint.
 * nondeterministic kernels (CUDA atomics, cuDNN autotuning):
   ``torch.use_deterministic_algorithms(True, warn_only=True)``, ``cudnn.benchmark = False``,
@@ -28,11 +29,11 @@ THREADS_ENV = "CURATION_TORCH_THREADS"
 DEFAULT_THREADS = 2
 
 
-def default_threads() -> int:
-    """``$CURATION_TORCH_THREADS`` or :data:`DEFAULT_THREADS` (a fixed number, not "every core")."""
+def default_threads() -> int | None:
+    """``$CURATION_TORCH_THREADS`` as an int, or None when unset (keep the current count)."""
     v = os.environ.get(THREADS_ENV)
     if v is None:
-        return DEFAULT_THREADS
+        return None
     try:
         n = int(v)
     except ValueError:
@@ -46,7 +47,7 @@ def set_deterministic(threads: int | None = None) -> dict:
     """Pin torch to deterministic kernels and a fixed intra-op thread count.
 
     Args:
-        threads: intra-op threads (default :func:`default_threads`).
+        threads: intra-op threads (default :func:`default_threads`; None keeps the current count).
 
     Returns:
         :func:`determinism_record` after the change.
@@ -54,10 +55,10 @@ def set_deterministic(threads: int | None = None) -> dict:
     import torch
 
     n = default_threads() if threads is None else int(threads)
-    if n < 1:
+    if n is not None and n < 1:
         raise ValueError(f"threads: got {n}; expected >= 1")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if torch.get_num_threads() != n:
+    if n is not None and torch.get_num_threads() != n:
         torch.set_num_threads(n)
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
