@@ -188,3 +188,14 @@ def test_markdown_html_and_plots(tmp_path):
     assert pl.read_parquet(out["table"]).height == len(RECIPES)
     doc = out["markdown"].read_text()
     assert doc.startswith("# Curation report\n\n## Verdict") and out["verdict"][0] in doc
+
+
+def test_a_difference_below_the_resolution_is_no_difference():
+    # identical runs at chance: differences of 1e-4 with zero spread give p = 0 but are not a result
+    tiny = {k: (v[0], 0.1 + (1e-4 if k[0] == "dbp@0.3" else 0.0)) for k, v in SCORES.items() if k[0] in ("full", "dbp@0.3")}
+    tiny = {k: (0.2, v[1]) for k, v in tiny.items()}
+    cmp = build_comparison(eval_frame(tiny), ckpt_frame(tiny), {"full": 1000, "dbp@0.3": 240})
+    r = cmp.filter(pl.col("recipe") == "dbp@0.3").row(0, named=True)
+    assert r["p_full"] == 0.0 and r["delta_full"] == pytest.approx(5e-5)
+    assert "+0.000 ~" in to_markdown(cmp)
+    assert any(line.startswith("No subset is significantly better") for line in verdict(cmp))

@@ -57,6 +57,10 @@ METHOD_COLORS = {
 }
 _EXTRA_COLORS = ["#8c564b", "#e377c2", "#17becf", "#bcbd22", "#393b79", "#637939", "#843c39", "#7b4173"]
 
+# Differences smaller than this (half the table's last digit) are "no difference" whatever the
+# p-value: identical runs at chance level differ by 1e-4 with zero spread, a "significant" nothing.
+MIN_EFFECT = 0.0005
+
 FIXED_COLUMNS = (
     "recipe", "method", "kept", "fraction", "candidates", "fraction_candidates", "seeds", "samples_seen",
     "train_seconds", "strategy", "model", "delta_full", "p_full", "control", "delta_control", "p_control",
@@ -317,6 +321,11 @@ def reach_full(curves: pl.DataFrame, target: float | None) -> dict[str, float | 
 # ------------------------------------------------------------------------------------------
 
 
+def significant(d: float | None, p: float | None) -> bool:
+    """True when the paired test says p < 0.05 AND the difference is at least :data:`MIN_EFFECT`."""
+    return d is not None and p is not None and p < 0.05 and abs(d) >= MIN_EFFECT
+
+
 def _p(p: float | None) -> str:
     return "no test" if p is None else (f"p={p:.3f}" if p >= 0.001 else "p<0.001")
 
@@ -339,9 +348,9 @@ def verdict(
     if seeds < 2:
         lines.append("Only one seed per recipe: no difference can be told from seed noise; train with seeds: [0, 1, 2].")
     if "full" in rows:
-        better = [r for r in rows.values() if r["recipe"] != "full" and r["p_full"] is not None and r["p_full"] < 0.05 and r["delta_full"] > 0]
-        worse = [r for r in rows.values() if r["recipe"] != "full" and r["p_full"] is not None and r["p_full"] < 0.05 and r["delta_full"] < 0]
-        noise = [r for r in rows.values() if r["recipe"] != "full" and r["delta_full"] is not None and not (r["p_full"] is not None and r["p_full"] < 0.05)]
+        better = [r for r in rows.values() if r["recipe"] != "full" and significant(r["delta_full"], r["p_full"]) and r["delta_full"] > 0]
+        worse = [r for r in rows.values() if r["recipe"] != "full" and significant(r["delta_full"], r["p_full"]) and r["delta_full"] < 0]
+        noise = [r for r in rows.values() if r["recipe"] != "full" and r["delta_full"] is not None and not significant(r["delta_full"], r["p_full"])]
         if better:
             lines.append("Significantly better than full at the same compute: " + ", ".join(f"{r['recipe']} ({r['delta_full']:+.3f}, {_p(r['p_full'])})" for r in better) + ".")
         else:
@@ -353,7 +362,7 @@ def verdict(
     for r in rows.values():
         if r["control"] is None or r["delta_control"] is None:
             continue
-        sig = r["p_control"] is not None and r["p_control"] < 0.05
+        sig = significant(r["delta_control"], r["p_control"])
         if sig:
             word = "beats" if r["delta_control"] > 0 else "loses to"
             lines.append(f"{r['recipe']} {word} its size-matched random control {r['control']} ({r['delta_control']:+.3f}, {_p(r['p_control'])}).")
@@ -388,7 +397,7 @@ def _fmt_delta(d, p) -> str:
 
     if d is None or (isinstance(d, float) and math.isnan(d)):
         return "-"
-    return f"{d:+.3f} {significance_mark(p)}"
+    return f"{d:+.3f} {significance_mark(p) if abs(d) >= MIN_EFFECT or p is None else '~'}"
 
 
 def _table_cells(comparison: pl.DataFrame) -> tuple[list[str], list[list[str]], list[list[bool]]]:
@@ -657,7 +666,8 @@ def write_report(
     full_target = rows.get("full", {}).get(AVERAGE_COL)
     reach: dict[str, float | None] = {}
     extra_sections = list(sections)
-    test_note = f"Significance: {TEST_NAME}; ** p<0.01, * p<0.05, ~ within seed noise, n/a fewer than 2 shared seeds."
+    test_note = (f"Significance: {TEST_NAME}; ** p<0.01, * p<0.05, ~ within seed noise (or a difference below "
+                 f"{MIN_EFFECT}), n/a fewer than 2 shared seeds.")  # fmt: skip
     if curves is not None and curves.height and curves["samples_seen"].n_unique() > 1:
         reach = reach_full(curves, full_target)
         plots.append(plot_compute_curves(curves, out / "compute_curves.png", full_target))
@@ -705,6 +715,7 @@ __all__ = [
     "plot_metric_grid",
     "plot_metric_vs_fraction",
     "reach_full",
+    "significant",
     "to_html",
     "to_markdown",
     "verdict",
