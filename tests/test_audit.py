@@ -102,3 +102,26 @@ def test_score_audit_by_hand():
     assert kept["recipe"] == "clipscore@0.75" and kept["swapped"] == 0.5 and kept["clean"] == pytest.approx(3 / 4)
     md = audit_markdown(res, pl.DataFrame({"recipe": ["full"], "average": [0.1]}))
     assert "| quarantine | corrupt | 0.500 | 1.000 |" in md and "noisy pool" in md
+
+
+@pytest.mark.e2e
+def test_curation_audit_end_to_end(tmp_path, monkeypatch, capsys, one_torch_thread):
+    """`curation audit` on a tiny built dataset: plants noise, curates the copy in its own home, scores."""
+    from assets.cli import main
+
+    monkeypatch.setenv("CURATION_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.setenv("CURATION_TORCH_THREADS", "1")
+    assert main(["datasets", "build", "default", "--limit", "60", "--samples-per-shard", "100"]) == 0
+    rc = main(["audit", "--shards", "1", "--samples-seen", "128", "--recipes", "full", "semdedup@eps=0.05"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    audit = tmp_path / "data" / "artifacts" / "audit"
+    md = (audit / "audit.md").read_text()
+    assert "| quarantine | corrupt |" in md and "semdedup@eps=0.05" in md and "noisy pool" in md
+    filters = pl.read_parquet(audit / "filters.parquet")
+    q = filters.filter(pl.col("filter") == "quarantine").row(0, named=True)
+    assert q["planted"] >= 1 and q["recall"] == 1.0  # a truncated PNG never passes ingest
+    labels = pl.read_parquet(audit / "labels.parquet")
+    assert set(labels["kind"].unique()) <= {"exact_dup", "near_dup", "swapped", "blank", "corrupt"}
+    assert main(["audit", "--dataset", "nope"]) == 2
