@@ -280,7 +280,8 @@ def trained_checkpoints(
     frame = pl.DataFrame(rows, schema={"recipe": pl.String, "strategy": pl.String, "model": pl.String, "path": pl.String,
                                        "samples_seen": pl.Int64, "seconds": pl.Float64, "config_json": pl.String})  # fmt: skip
     lake.lake().write("checkpoints", frame, partition=recipe)
-    last = json.loads(rows[-1]["config_json"])
+    rows_main = [r for r in rows if json.loads(r["config_json"]).get("main_budget", True)] or rows
+    last = json.loads(rows_main[-1]["config_json"])
     return dg.MaterializeResult(
         metadata={
             "recipe": recipe,
@@ -288,8 +289,9 @@ def trained_checkpoints(
             "model": config.model_name,
             "seeds": dg.MetadataValue.json(list(config.seeds)),
             "n_train": last["n_train"],
-            "samples_seen": rows[-1]["samples_seen"],
-            "epochs": round(rows[-1]["samples_seen"] / max(1, last["n_train"]), 2),
+            "samples_seen": rows_main[-1]["samples_seen"],
+            "epochs": round(rows_main[-1]["samples_seen"] / max(1, last["n_train"]), 2),
+            "curve_runs": len(rows) - len(rows_main),
             "train_seconds": round(float(np.mean([r["seconds"] for r in rows])), 2),
             "samples_per_s": round(float(np.mean([json.loads(r["config_json"])["samples_per_s"] for r in rows])), 1),
             "final_loss": round(last["final_loss"], 4),
