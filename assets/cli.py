@@ -276,6 +276,16 @@ def run_audit(args: argparse.Namespace) -> int:
     header = (f"Dataset `{dataset}`: {args.shards or 'all'} shard(s) copied to `{name}` with planted noise {counts} "
               f"({res.n_clean} clean samples; seed {args.seed}). Recipes: {', '.join(recipes)}.\n")  # fmt: skip
     md = audit_markdown(result, models, header)
+    from curation.evaluate.audit import plot_examples
+
+    q = db.read("quarantine", columns=["shard", "key"]) if db.exists("quarantine") else None
+    subs = db.read("subsets", columns=["recipe", "uid"]) if db.exists("subsets") else None
+    kept_sets = {r: set(g["uid"].to_list()) for (r,), g in subs.group_by("recipe")} if subs is not None else {}
+    (home / "artifacts" / "audit").mkdir(parents=True, exist_ok=True)
+    png = plot_examples(res.labels, res.out_dir, db.read("samples", columns=["uid", "shard", "key"]),
+                        set(zip(q["shard"].to_list(), q["key"].to_list())) if q is not None else set(), kept_sets,
+                        home / "artifacts" / "audit" / "audit_examples.png")  # fmt: skip
+    md += f"\n\n![{png.stem}]({png.name})"
     for out in (home / "artifacts" / "audit", audit_home / "artifacts" / "audit"):
         out.mkdir(parents=True, exist_ok=True)
         (out / "audit.md").write_text(md + "\n", encoding="utf-8")

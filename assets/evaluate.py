@@ -206,6 +206,11 @@ def evidence_sections(db: Lake, out_dir, artifacts_root: str) -> list[tuple[str,
                                           title=f"{r.name}: kept fraction of each cluster against its complexity (DBP vs SSP)")  # fmt: skip
             sections.append((f"DBP diagnostics: {r.name}", diagnostics_markdown(d["current"], d["sweep"], r.tau) + f"\n\n![{png.stem}]({png.name})"))
     audit_md = Path(artifacts_root) / "audit" / "audit.md"
+    examples = audit_md.parent / "audit_examples.png"
+    if examples.exists():  # the report references images by name beside it
+        import shutil
+
+        shutil.copy(examples, Path(out_dir) / examples.name)
     if audit_md.exists():
         sections.append(("Filter audit on planted noise (`curation audit`)", audit_md.read_text()))
     return sections

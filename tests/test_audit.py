@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from curation.evaluate.audit import audit_markdown, plant_noise, roc_auc, score_audit
+from curation.evaluate.audit import audit_markdown, plant_noise, plot_examples, roc_auc, score_audit
 from curation.ingest.shards import iter_samples, shard_key
 
 
@@ -63,6 +63,10 @@ def test_plant_noise_writes_labelled_noise(tmp_path):
             assert len(np.unique(np.asarray(Image.open(io.BytesIO(g["png"]))).reshape(-1, 3), axis=0)) == 1
     with pytest.raises(ValueError, match="expected any of"):
         plant_noise(src, tmp_path / "x", "x", rates={"typo": 0.1})
+    # the images: planted samples per kind with each recipe's decision
+    samples = pl.DataFrame({"uid": ["u1"], "shard": [shard_key("toy_audit", "00000")], "key": [res.labels["key"][0]]})
+    png = plot_examples(res.labels, res.out_dir, samples, set(), {"full": {"u1"}, "clipscore@0.5": set()}, tmp_path / "ex.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_roc_auc_by_hand():
@@ -119,6 +123,7 @@ def test_curation_audit_end_to_end(tmp_path, monkeypatch, capsys, one_torch_thre
     audit = tmp_path / "data" / "artifacts" / "audit"
     md = (audit / "audit.md").read_text()
     assert "| quarantine | corrupt |" in md and "semdedup@eps=0.05" in md and "noisy pool" in md
+    assert "![audit_examples](audit_examples.png)" in md and (audit / "audit_examples.png").exists()
     filters = pl.read_parquet(audit / "filters.parquet")
     q = filters.filter(pl.col("filter") == "quarantine").row(0, named=True)
     assert q["planted"] >= 1 and q["recall"] == 1.0  # a truncated PNG never passes ingest

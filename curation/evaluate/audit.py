@@ -381,4 +381,80 @@ def audit_markdown(result: Mapping[str, pl.DataFrame], models: pl.DataFrame | No
     return "\n".join(out)
 
 
-__all__ = ["DEFAULT_RATES", "KINDS", "PlantResult", "audit_markdown", "blank_image", "near_duplicate", "plant_noise", "roc_auc", "score_audit"]
+def plot_examples(
+    labels: pl.DataFrame,
+    landing_dir: str | os.PathLike,
+    samples: pl.DataFrame,
+    quarantine_keys: set[tuple[str, str]],
+    kept: Mapping[str, set[str]],
+    path: str | os.PathLike,
+    per_kind: int = 4,
+) -> Path:
+    """PNG: planted samples per kind (rows) with their caption and what each recipe decided.
+
+    Args:
+        labels: :func:`plant_noise` labels.
+        landing_dir: the noisy copy's landing directory (its ``NNNNN.tar`` shards).
+        samples: ``samples`` rows (uid, shard, key) of the audited lake.
+        quarantine_keys: ``(shard, key)`` pairs in ``quarantine``.
+        kept: recipe -> uids it kept.
+        path: output PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from curation.ingest.shards import shard_key
+
+    kinds = [k for k in KINDS if k in set(labels["kind"].to_list())]
+    picks = {k: labels.filter(pl.col("kind") == k).head(per_kind) for k in kinds}
+    want = {(r["stem"], r["key"]) for g in picks.values() for r in g.iter_rows(named=True)}
+    data: dict[tuple[str, str], dict[str, bytes]] = {}
+    for stem in sorted({s for s, _ in want}):
+        for key, m in _read_groups_any(Path(landing_dir) / f"{stem}.tar"):
+            if (stem, key) in want:
+                data[(stem, key)] = m
+    uid_of = dict(zip(zip(samples["shard"].to_list(), samples["key"].to_list(), strict=True), samples["uid"].to_list(), strict=True))
+    fig, axes = plt.subplots(max(1, len(kinds)), per_kind, figsize=(2.6 * per_kind, 2.9 * max(1, len(kinds))), dpi=90, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for row, kind in enumerate(kinds):
+        for col, r in enumerate(picks[kind].iter_rows(named=True)):
+            ax = axes[row][col]
+            m = data.get((r["stem"], r["key"]), {})
+            img_ext = next((e for e in _IMG_EXTS if e in m), None)
+            try:
+                im = None
+                if img_ext:
+                    rgba = Image.open(io.BytesIO(m[img_ext])).convert("RGBA")
+                    im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+            except Exception:  # noqa: BLE001 - a corrupt image is drawn as a grey tile
+                im = None
+            ax.imshow(np.asarray(im) if im is not None else np.full((8, 8, 3), 200, np.uint8))
+            sk = shard_key(r["dataset"], r["stem"])
+            uid = uid_of.get((sk, r["key"]))
+            if (sk, r["key"]) in quarantine_keys:
+                verdict = "quarantined"
+            elif uid is None:
+                verdict = "not in pool"
+            else:
+                verdict = ", ".join(f"{name}: {'kept' if uid in u else 'dropped'}" for name, u in sorted(kept.items()) if name != "full")
+            cap = m.get("txt", b"").decode("utf-8", "replace")[:32]
+            ax.set_title(f"{kind}\n{cap}\n{verdict}", fontsize=6)
+    fig.suptitle("Filter audit: planted samples and what each recipe did with them", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    path = Path(path)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+def _read_groups_any(tar: Path) -> list[tuple[str, dict[str, bytes]]]:
+    """Key groups of a shard, corrupt images included (``iter_samples`` keeps every member)."""
+    from curation.ingest.shards import iter_samples
+
+    return list(iter_samples(tar)) if tar.exists() else []
+
+
+__all__ = ["DEFAULT_RATES", "KINDS", "PlantResult", "audit_markdown", "blank_image", "near_duplicate", "plant_noise", "plot_examples", "roc_auc", "score_audit"]
