@@ -72,6 +72,7 @@ def _default_env() -> None:
     os.environ.setdefault("CURATION_HOME", str(Path.cwd() / "data"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("CURATION_TORCH_THREADS", "2")  # pinned + recorded (docs/evidence.md)
 
 
 def _quiet_dagster() -> None:
@@ -162,9 +163,21 @@ def check_assets(assets: list[str]) -> None:
         raise CliError(f"unknown asset{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; expected some of {', '.join(ALL_ASSETS)}")
 
 
+def recipe_partition_keys() -> list[str]:
+    """Every per-recipe partition: the recipe file's names, then the size-matched random controls
+    derived for the pruning recipes (curation.select.controls)."""
+    from curation.select.controls import partition_names
+
+    recipe_names()  # a missing or broken recipe file is one clear line
+    return partition_names()
+
+
 def check_recipes(recipes: list[str]) -> list[str]:
     valid = recipe_names()
     unknown = [r for r in recipes if r not in valid]
+    if unknown:  # derived controls are partitions too
+        valid = recipe_partition_keys()
+        unknown = [r for r in recipes if r not in valid]
     if unknown:
         raise CliError(f"unknown recipes {unknown}; expected any of {valid}")
     return recipes
@@ -191,6 +204,8 @@ def plan_runs(assets: list[str], partition: str | None) -> list[tuple[str, list[
             raise CliError(f"--partition: got {partition!r} but {', '.join(assets)} {'is' if len(assets) == 1 else 'are'} not partitioned; drop --partition")
         return [(job, a, None) for job, a, _ in runs]
     keys = landing_shard_keys() if kind == "shard" else recipe_names()
+    if kind == "recipe" and partition not in keys:
+        keys = recipe_partition_keys()
     partitioned = [a for _, al, k in runs if k for a in al]
     if partition is None:
         where = f" (landing zone {_landing()})" if kind == "shard" else ""
@@ -297,7 +312,7 @@ class RunFailed(Exception):
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Build the default dataset if missing, then run the whole lineage as the named jobs."""
-    recipes = check_recipes(args.recipes) if args.recipes else recipe_names()
+    recipes = check_recipes(args.recipes) if args.recipes else recipe_partition_keys()
     run_config = load_run_config(args.config)
     if args.samples_seen is not None:
         for asset in ("filter_model", "trained_checkpoints"):
@@ -329,7 +344,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from curation.select.recipes import load_recipes
 
     known = load_recipes()
-    pool_assets = [a for a in POOL_ASSETS if a != "filter_model" or any(known[r].needs_aligned for r in recipes)]
+    pool_assets = [a for a in POOL_ASSETS if a != "filter_model" or any(r in known and known[r].needs_aligned for r in recipes)]
     t = time.perf_counter()
     print(f"[pool] pool_curation_job: {', '.join(pool_assets)}"
           + ("" if "filter_model" in pool_assets else " (no chosen recipe needs filter_model)"), flush=True)
@@ -339,8 +354,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     for i, recipe in enumerate(recipes, 1):
         print(f"[recipes {i}/{len(recipes)}] {recipe}: recipe_job (pruned_subsets -> trained_checkpoints -> eval_reports)", flush=True)
-        run_job(defs, instance, "recipe_job", list(RECIPE_ASSETS), recipe, run_config)
+        run_job(defs, instance, "recipe_job", list(RECIPE_ASSETS), recipe, with_evidence(run_config, args, recipe))
     timings.append(("subsets + training + eval", time.perf_counter() - t))
+
+    if getattr(args, "audit", False):
+        t = time.perf_counter()
+        print("[audit] planting labelled noise in a copy of the pool and curating it", flush=True)
+        run_audit(argparse.Namespace(dataset=None, shards=args.audit_shards, seed=0, recipes=args.audit_recipes,
+                                     samples_seen=args.audit_samples_seen, home=None))  # fmt: skip
+        timings.append(("filter audit", time.perf_counter() - t))
 
     t = time.perf_counter()
     result = run_job(defs, instance, "report_job", list(REPORT_ASSETS), None, run_config)
@@ -492,6 +514,143 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+# --------------------------------------------------------------------------- evidence (demo, audit)
+
+
+# The demo's evidence settings (docs/evidence.md: 3 seeds, compute curves, the audit; timed to fit
+# `make demo` in 15 minutes on 2 idle cores).
+DEMO_SEEDS = [0, 1, 2]
+DEMO_SAMPLES_SEEN = 4096
+DEMO_SAMPLES_SEEN_MULTIPLES = [0.25, 1.0]
+DEMO_CURVE_RECIPES = ["full", "dbp@0.5", "random@0.5+semdedup"]
+DEMO_AUDIT_SHARDS = 3
+DEMO_AUDIT_RECIPES = ["full", "semdedup@eps=0.05", "clipscore@0.5"]
+DEMO_AUDIT_SAMPLES_SEEN = 4096
+
+
+def evidence_training_config(args: argparse.Namespace, recipe: str | None = None) -> dict:
+    """trained_checkpoints config keys from the demo's evidence options: seeds for every recipe,
+    compute-curve budgets for the ``--curve-recipes`` (all recipes when that list is empty)."""
+    cfg: dict = {}
+    if getattr(args, "samples_seen", None) is None:
+        cfg["samples_seen"] = DEMO_SAMPLES_SEEN
+    if getattr(args, "seeds", None):
+        cfg["seeds"] = [int(x) for x in args.seeds]
+    curve = getattr(args, "curve_recipes", None)
+    if getattr(args, "samples_seen_multiples", None) and (not curve or recipe in curve):
+        cfg["samples_seen_multiples"] = [float(x) for x in args.samples_seen_multiples]
+    return cfg
+
+
+def with_evidence(run_config: dict, args: argparse.Namespace, recipe: str) -> dict:
+    """``run_config`` with the demo's evidence settings merged into trained_checkpoints' config
+    (a value the YAML config sets explicitly wins)."""
+    import copy
+
+    out = copy.deepcopy(run_config)
+    cfg = out.setdefault("ops", {}).setdefault("trained_checkpoints", {}).setdefault("config", {})
+    for k, v in evidence_training_config(args, recipe).items():
+        cfg.setdefault(k, v)
+    return out
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    """`curation audit`: plant labelled noise in a copy of a landing dataset, curate it in its own
+    data home (``$CURATION_HOME/audit``), score every filter, write ``artifacts/audit/audit.md``."""
+    import shutil
+    import subprocess
+
+    import polars as pl
+
+    from curation.evaluate.audit import audit_markdown, plant_noise, score_audit
+    from curation.evaluate.report import build_comparison
+    from curation.select.controls import resolve_recipe
+    from curation.select.recipes import recipe_names
+    from curation.storage.data_home import data_home
+    from curation.storage.lake import Lake
+
+    home = data_home()
+    landing = home / "landing"
+    datasets = sorted(p.name for p in landing.iterdir() if p.is_dir() and any(p.glob("*.tar"))) if landing.exists() else []
+    if not datasets:
+        print(f"no landing datasets with shards under {landing}; build one with: curation datasets build default", file=sys.stderr)
+        return 1
+    dataset = args.dataset or datasets[0]
+    if dataset not in datasets:
+        print(f"unknown dataset {dataset!r}; expected one of {datasets}", file=sys.stderr)
+        return 2
+    recipes = args.recipes or recipe_names()
+    valid = recipe_names()
+    unknown = [r for r in recipes if r not in valid]
+    if unknown:
+        print(f"unknown recipes {unknown}; expected any of {valid}", file=sys.stderr)
+        return 2
+    audit_home = Path(args.home) if args.home else home / "audit"
+    name = f"{dataset}_audit"
+    if (audit_home / "lake").exists():
+        shutil.rmtree(audit_home / "lake")  # a fresh audit every time: labels and lake must match
+    for sub in ("artifacts", "dagster_home"):
+        shutil.rmtree(audit_home / sub, ignore_errors=True)
+    res = plant_noise(landing / dataset, audit_home / "landing" / name, name, seed=args.seed, max_shards=args.shards)
+    if (home / "eval").exists():
+        shutil.copytree(home / "eval", audit_home / "eval", dirs_exist_ok=True)
+    dh = audit_home / "dagster_home"
+    dh.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO_ROOT / "dagster_home" / "dagster.yaml", dh / "dagster.yaml")
+    env = {**os.environ, "CURATION_HOME": str(audit_home), "DAGSTER_HOME": str(dh), "CURATION_AUTOMATION": "off", "CURATION_CONTROLS": "off"}
+    cmd = [sys.executable, "-m", "assets.cli", "demo", "--recipes", *recipes, "--seeds", "0", "--samples-seen-multiples", "--no-audit"]
+    if args.samples_seen:
+        cmd += ["--samples-seen", str(args.samples_seen)]
+    print(f"[audit] curating {name} ({res.labels.height} planted/modified, {res.n_clean} clean) in {audit_home}", flush=True)
+    subprocess.run(cmd, env=env, check=True, cwd=str(REPO_ROOT), stdout=subprocess.DEVNULL)
+    db = Lake(str(audit_home / "lake"))
+    eps = sorted({r.eps if r.method == "semdedup" else r.after_semdedup_eps for r in map(resolve_recipe, recipes)} - {None})
+    clipscore = [r for r in recipes if resolve_recipe(r).method == "clipscore"]
+    result = score_audit(
+        res.labels,
+        db.read("samples", columns=["uid", "dataset", "shard", "key"]),
+        db.read("quarantine") if db.exists("quarantine") else pl.DataFrame(schema={"dataset": pl.String, "shard": pl.String, "key": pl.String}),
+        db.read("dedup_scores", columns=["uid", "max_sim_to_earlier"]) if db.exists("dedup_scores") else None,
+        db.read("filter_embeddings", columns=["uid", "clip_score"]) if db.exists("filter_embeddings") else None,
+        db.read("subsets", columns=["recipe", "uid"]) if db.exists("subsets") else None,
+        dedup_eps=eps or [0.05],
+        clipscore_recipes=clipscore,
+    )  # fmt: skip
+    models = None
+    if db.exists("eval_results"):
+        kept = dict(db.read("subsets", columns=["recipe", "uid"]).group_by("recipe").len().iter_rows())
+        cmp = build_comparison(db.read("eval_results"), db.read("checkpoints"), kept)
+        models = cmp.select("recipe", "kept", "seeds", "average", "delta_full")
+    counts = dict(res.labels.group_by("kind").len().sort("kind").iter_rows())
+    header = (f"Dataset `{dataset}`: {args.shards or 'all'} shard(s) copied to `{name}` with planted noise {counts} "
+              f"({res.n_clean} clean samples; seed {args.seed}). Recipes: {', '.join(recipes)}.\n")  # fmt: skip
+    md = audit_markdown(result, models, header)
+    from curation.evaluate.audit import plot_examples
+
+    q = db.read("quarantine", columns=["shard", "key"]) if db.exists("quarantine") else None
+    subs = db.read("subsets", columns=["recipe", "uid"]) if db.exists("subsets") else None
+    kept_sets = {r: set(g["uid"].to_list()) for (r,), g in subs.group_by("recipe")} if subs is not None else {}
+    (home / "artifacts" / "audit").mkdir(parents=True, exist_ok=True)
+    png = plot_examples(res.labels, res.out_dir, db.read("samples", columns=["uid", "shard", "key"]),
+                        set(zip(q["shard"].to_list(), q["key"].to_list())) if q is not None else set(), kept_sets,
+                        home / "artifacts" / "audit" / "audit_examples.png")  # fmt: skip
+    md += f"\n\n![{png.stem}]({png.name})"
+    for out in (home / "artifacts" / "audit", audit_home / "artifacts" / "audit"):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "audit.md").write_text(md + "\n", encoding="utf-8")
+        result["filters"].write_parquet(out / "filters.parquet")
+        result["kept"].write_parquet(out / "kept.parquet")
+        res.labels.write_parquet(out / "labels.parquet")
+    print(md)
+    print(f"\nAudit: {home / 'artifacts' / 'audit' / 'audit.md'} (the next curation_report includes it)")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Plant labelled noise in a copy of a landing dataset and score each filter on it."""
+    return run_audit(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from curation.ingest.datasets_cli import add_library_commands
 
@@ -512,10 +671,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="build the dataset from at most N concepts")
     p.add_argument("--rebuild", action="store_true", help="rebuild the dataset even if shards exist")
     p.add_argument("--samples-seen", type=int, default=None,
-                   help="samples seen per training run (filter model and every recipe; default: the training config's)")
+                   help=f"samples seen per training run (filter model and every recipe; default: {DEMO_SAMPLES_SEEN} per "
+                   "recipe, the training config's for the filter model)")
     p.add_argument("--config", help="run config YAML (ops: {asset: {config: ...}}), e.g. seeds and training settings")
     p.add_argument("--print-table", action="store_true", help="print the report's markdown table")
+    p.add_argument("--seeds", nargs="+", type=int, default=DEMO_SEEDS, help=f"training seeds per recipe (default: {DEMO_SEEDS})")
+    p.add_argument(
+        "--samples-seen-multiples", nargs="*", type=float, default=DEMO_SAMPLES_SEEN_MULTIPLES,
+        help=f"extra compute-curve budgets as multiples of the pool size (default: {DEMO_SAMPLES_SEEN_MULTIPLES}; none: no curves)",
+    )
+    p.add_argument("--curve-recipes", nargs="*", default=DEMO_CURVE_RECIPES,
+                   help=f"recipes trained at the compute-curve budgets (default: {DEMO_CURVE_RECIPES}; empty: all)")
+    p.add_argument("--no-audit", dest="audit", action="store_false", help="skip the filter audit")
+    p.add_argument("--audit-shards", type=int, default=DEMO_AUDIT_SHARDS, help=f"shards the audit copies (default: {DEMO_AUDIT_SHARDS})")
+    p.add_argument("--audit-recipes", nargs="*", default=DEMO_AUDIT_RECIPES, help=f"recipes the audit runs (default: {DEMO_AUDIT_RECIPES})")
+    p.add_argument("--audit-samples-seen", type=int, default=DEMO_AUDIT_SAMPLES_SEEN, help="samples seen per audit model")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("audit", help="plant labelled noise in a copy of a landing dataset, curate it, score every filter",
+                       epilog=ENV_HELP, formatter_class=fmt)
+    p.add_argument("--dataset", help="landing dataset to copy (default: the first one)")
+    p.add_argument("--shards", type=int, default=None, help="copy only the first N shards (default: all)")
+    p.add_argument("--recipes", nargs="*", help="recipes to run on the noisy copy (default: all in the recipe config)")
+    p.add_argument("--samples-seen", type=int, default=None, help="samples seen per model (default: the training config's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the planted noise")
+    p.add_argument("--home", help="data home of the audit copy (default: $CURATION_HOME/audit)")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser(
         "materialize", help="materialize assets in process (as the named stage jobs)", epilog=ENV_HELP, formatter_class=fmt,

@@ -8,6 +8,7 @@
 """
 
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -75,6 +76,9 @@ def eval_reports(
     from curation.evaluate.evaluator import AVERAGE_TASK, EvalTask, main_metric, results_to_rows
     from curation.train.checkpoints import resolve_artifact_path
 
+    from curation.train.determinism import set_deterministic
+
+    set_deterministic()  # the same thread count as training (docs/evidence.md)
     recipe = context.partition_key
     declared = [e.model_dump() for e in config.eval_sets] or list(DEFAULT_EVAL_SETS)
     specs = [
@@ -142,7 +146,8 @@ def subset_sizes(db: Lake) -> tuple[dict[str, int], int | None]:
     "same size. HTML + markdown + PNG plots under artifacts/reports/.",
 )
 def curation_report(context: dg.AssetExecutionContext, lake: LakeResource, datasets: DatasetsResource) -> dg.MaterializeResult:
-    from curation.evaluate.report import build_comparison, write_report
+    from curation.evaluate.report import build_comparison, compute_curves, write_report
+    from curation.select.controls import control_map
 
     db = lake.lake()
     if not db.exists("eval_results"):
@@ -151,17 +156,24 @@ def curation_report(context: dg.AssetExecutionContext, lake: LakeResource, datas
     cks = db.read("checkpoints") if db.exists("checkpoints") else pl.DataFrame()
     ev = ev.join(cks.select(pl.col("path").alias("checkpoint")), on="checkpoint", how="semi") if cks.height else ev
     kept, pool = subset_sizes(db)
-    comparison = build_comparison(ev, cks, kept, pool_size=pool)
+    out_dir = lake.artifacts("reports")
+    cands = candidate_counts(lake.artifacts_root, kept)
+    comparison = build_comparison(ev, cks, kept, pool_size=pool, candidates=cands, controls=control_map())
+    curves = compute_curves(ev, cks) if cks.height else None
     expected = list(recipe_partitions.get_partition_keys())
     missing = sorted(set(expected) - set(comparison["recipe"].to_list()))
     notes = [
         f"pool: {pool} samples; recipes: {comparison.height}" + (f" (not evaluated yet: {', '.join(missing)})" if missing else ""),
         "metrics: zero-shot mean per-class recall per label task (chance = 1 / classes), mean of "
         "image->text and text->image recall@1, and their average (DataComp style); all recipes train "
-        "for the same number of samples seen.",
-        "Δ random compares with the random recipe of the nearest size (named in parentheses).",
+        "for the same number of samples seen (the main budget); mean ± std over training seeds.",
+        "Δ control compares each pruning recipe with a seeded random subset of exactly its size drawn "
+        "from the same candidate pool after the same SemDeDup chain (made automatically; named in parentheses). "
+        "'of pool' / 'of candidates': kept fraction of the pool and of the post-dedup candidates.",
+        "Best value per metric in bold.",
     ]
-    out = write_report(comparison, lake.artifacts("reports"), notes=notes)
+    sections = evidence_sections(db, out_dir, lake.artifacts_root)
+    out = write_report(comparison, out_dir, notes=notes, curves=curves, sections=sections)
     best = comparison.sort("average", descending=True, nulls_last=True).row(0, named=True) if "average" in comparison.columns else None
     meta = {
         "recipes": comparison.height,
@@ -169,6 +181,7 @@ def curation_report(context: dg.AssetExecutionContext, lake: LakeResource, datas
         "report_html": dg.MetadataValue.path(str(out["html"])),
         "report_markdown": dg.MetadataValue.path(str(out["markdown"])),
         "plots": dg.MetadataValue.json([str(p) for p in out["plots"]]),
+        "verdict": dg.MetadataValue.md("\n".join(f"- {v}" for v in out["verdict"])),
         "markdown": dg.MetadataValue.md(out["markdown_text"]),
         **previews.report_plots(out["plots"]), **previews.waterfall(lake), **previews.explorer(lake, datasets),
     }
@@ -176,5 +189,57 @@ def curation_report(context: dg.AssetExecutionContext, lake: LakeResource, datas
         meta["best_recipe"] = best["recipe"]
         meta["best_average"] = float(best["average"])
     return dg.MaterializeResult(metadata=previews.rounded(meta))
+
+
+def candidate_counts(artifacts_root: str, recipes) -> dict[str, int]:
+    """recipe -> candidates after its SemDeDup chain, from ``artifacts/subsets/<recipe>/recipe.json``."""
+    from pathlib import Path
+
+    out = {}
+    for r in recipes:
+        p = Path(artifacts_root) / "subsets" / r / "recipe.json"
+        if p.exists():
+            n = json.loads(p.read_text()).get("n_candidates")
+            if n:
+                out[r] = int(n)
+    return out
+
+
+def evidence_sections(db: Lake, out_dir, artifacts_root: str) -> list[tuple[str, str]]:
+    """Report sections beyond the table: DBP diagnostics per dbp recipe, and the latest filter audit."""
+    from pathlib import Path
+
+    from assets.select import read_assigned_pool
+    from curation.select.controls import partition_names, resolve_recipe
+    from curation.select.diagnostics import diagnose_dbp, diagnostics_markdown, plot_keep_vs_complexity
+    from curation.select.recipes import Pool
+
+    sections: list[tuple[str, str]] = []
+    dbps = [r for r in (resolve_recipe(n) for n in partition_names()) if r.method == "dbp"]
+    if dbps and db.exists("assignments") and db.exists("clusters"):
+        p = read_assigned_pool(db, with_embeddings=False)
+        max_sim = None
+        if db.exists("dedup_scores"):
+            ds = db.read("dedup_scores", columns=["uid", "max_sim_to_earlier"])
+            j = pl.DataFrame({"uid": pl.Series(p["uids"], dtype=pl.String)}).join(ds, on="uid", how="left", maintain_order="left")
+            max_sim = j["max_sim_to_earlier"].fill_null(0.0).to_numpy().astype(np.float32)
+        pool = Pool(uids=p["uids"], cluster_ids=p["cluster_ids"], cos_to_centroid=p["cos"], centroids=p["centroids"], max_sim=max_sim)
+        for r in dbps:
+            if r.needs_dedup and max_sim is None:
+                continue
+            d = diagnose_dbp(r, pool)
+            png = plot_keep_vs_complexity(d["complexity"], d["sizes"], d["dbp"], d["ssp"], Path(out_dir) / f"dbp_diagnostics_{r.name.replace('@', '_').replace('=', '_')}.png",
+                                          title=f"{r.name}: kept fraction of each cluster against its complexity (DBP vs SSP)")  # fmt: skip
+            sections.append((f"DBP diagnostics: {r.name}", diagnostics_markdown(d["current"], d["sweep"], r.tau) + f"\n\n![{png.stem}]({png.name})"))
+    audit_md = Path(artifacts_root) / "audit" / "audit.md"
+    examples = audit_md.parent / "audit_examples.png"
+    if examples.exists():  # the report references images by name beside it
+        import shutil
+
+        shutil.copy(examples, Path(out_dir) / examples.name)
+    if audit_md.exists():
+        sections.append(("Filter audit on planted noise (`curation audit`)", audit_md.read_text()))
+    return sections
+
 
 ASSETS = [eval_reports, curation_report]

@@ -19,6 +19,7 @@ class RecipePartitionsDefinition(StaticPartitionsDefinition):
     from the recipe file on first use and then kept for the life of the process.
 
     Adding a recipe to the config file adds a partition: a config change plus a backfill.
+    Every pruning recipe also gets its size-matched random control (curation.select.controls).
     """
 
     def __init__(self, path: str | None = None):
@@ -28,9 +29,9 @@ class RecipePartitionsDefinition(StaticPartitionsDefinition):
     @property
     def _partition_keys(self) -> list[str]:  # what StaticPartitionsDefinition reads everywhere
         if self._keys is None:
-            from curation.select.recipes import recipe_names
+            from curation.select.controls import partition_names
 
-            self._keys = list(recipe_names(self._path))
+            self._keys = list(partition_names(self._path))
         return self._keys
 
     # Dagster formats partitions definitions into messages while building assets: say what

@@ -55,7 +55,8 @@ from curation.select.layout import (
     update_layout,
 )
 from curation.select.pool_tables import ALIGNED_ENCODER_PREFIX, aligned_source, centroids_frame, clusters_frame, read_centroids, read_recipe_pool
-from curation.select.recipes import apply_recipe, get_recipe, recipe_hash
+from curation.select.controls import finalize_control, needs_dedup_scores, resolve_recipe
+from curation.select.recipes import apply_recipe, recipe_hash
 from curation.select.semdedup import EPS_GRID, removed_fraction
 from curation.storage.lake import Lake
 from resources import ComputeResource, DatasetsResource, LakeResource
@@ -320,10 +321,13 @@ def pruned_subsets(
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
     t0 = time.perf_counter()
-    recipe = get_recipe(context.partition_key)
+    recipe = resolve_recipe(context.partition_key)  # a declared recipe or a derived control
     db = lake.lake()
-    pool = read_recipe_pool(db, recipe)  # what the recipe needs; DBP reuses complexity_scores' d_inter
+    # what the recipe needs (a control also reads what its target's chain needs); DBP reuses
+    # complexity_scores' d_inter
+    pool = read_recipe_pool(db, recipe, needs_dedup=needs_dedup_scores(context.partition_key))
     aligned = aligned_source(db) if recipe.needs_aligned else ""
+    recipe = finalize_control(recipe, pool, subset_size=lambda name: db.read("subsets", columns=["uid"], partitions=[name]).height)
     with distributed.executor(compute.spec()) as ex:  # per-class CLIPCov on Ray when configured
         sel = apply_recipe(recipe, pool, executor=ex)
     frame = sel.to_frame()

@@ -33,6 +33,7 @@ from assets.settings import filter_model_needed
 from assets.partitions import recipe_partitions
 from curation.storage.lake import Lake, matrix_to_list_column
 from curation.train.config import TrainConfig
+from curation.train.determinism import determinism_record, set_deterministic
 from resources import ComputeResource, DatasetsResource, LakeResource
 
 
@@ -106,6 +107,7 @@ def filter_model(
     if not config.pretrained and not (need := filter_model_needed())[0]:
         return dg.MaterializeResult(metadata={"skipped": need[1]})
     t0 = time.perf_counter()
+    set_deterministic()  # fixed torch threads + deterministic kernels (docs/evidence.md)
     db = lake.lake()
     spec = compute.spec()
     pool = read_pool_samples(db)
@@ -225,12 +227,15 @@ class TrainedCheckpointsConfig(dg.Config):
     warmup_fraction: float = TrainConfig.warmup_fraction
     patch_dropout: float = TrainConfig.patch_dropout
     seeds: list[int] = [0]
+    # compute curves: besides the main run at ``samples_seen``, each seed also trains at
+    # round(m * pool size) samples seen for every multiple m (e.g. [0.25, 0.5, 1.0, 2.0])
+    samples_seen_multiples: list[float] = []
 
-    def train_config(self, seed: int) -> TrainConfig:
+    def train_config(self, seed: int, samples_seen: int | None = None) -> TrainConfig:
         from curation.train.config import NAMED_CONFIGS
 
         values = dict(
-            model=self.model_name, strategy=self.strategy, samples_seen=self.samples_seen,
+            model=self.model_name, strategy=self.strategy, samples_seen=samples_seen or self.samples_seen,
             batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
             warmup_fraction=self.warmup_fraction, patch_dropout=self.patch_dropout, seed=seed, backend=self.backend,
         )  # fmt: skip
@@ -244,6 +249,25 @@ class TrainedCheckpointsConfig(dg.Config):
                 if field_name not in explicit:
                     values[k] = v
         return TrainConfig(**values)
+
+
+def curve_configs(config: TrainedCheckpointsConfig, db: Lake, workers: int = 0) -> list[TrainConfig]:
+    """The compute-curve runs: per seed, ``m * pool size`` samples seen per multiple ``m``, rounded
+    to whole steps of all loader workers (``batch_size x max(1, workers)``: what open_clip_train
+    needs to see exactly that many, whatever the GPU count); runs equal to the main
+    ``samples_seen`` are not repeated."""
+    if not config.samples_seen_multiples:
+        return []
+    bad = [m for m in config.samples_seen_multiples if not m > 0]
+    if bad:
+        raise ValueError(f"samples_seen_multiples: got {bad}; expected positive multiples of the pool size")
+    pool = db.read("embeddings", columns=["uid"]).height if db.exists("embeddings") else 0
+    if pool == 0:
+        raise ValueError("samples_seen_multiples: got an empty pool (no embeddings rows); expected the pool materialized")
+    # every recipe's curve point is the same compute, and open_clip_train sees exactly that many
+    unit = config.batch_size * max(1, workers)
+    budgets = sorted({max(1, round(m * pool / unit)) * unit for m in config.samples_seen_multiples} - {config.samples_seen})
+    return [config.train_config(s, b) for s in config.seeds for b in budgets]
 
 
 @dg.asset(
@@ -262,9 +286,11 @@ def trained_checkpoints(
     from curation.train.trainer import train_subset
 
     recipe = context.partition_key
+    set_deterministic()  # fixed torch threads + deterministic kernels (docs/evidence.md)
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
         raise ValueError(f"seeds: got {config.seeds}; expected a non-empty list of distinct ints")
     cfgs = [config.train_config(s) for s in config.seeds]  # validates before any work
+    cfgs += curve_configs(config, lake.lake(), compute.spec().num_workers)  # compute-curve runs
     shard_dir = Path(lake.artifacts_root) / "subsets" / recipe / "shards"
     tars = sorted(shard_dir.glob("*.tar"))
     if not tars:
@@ -275,17 +301,22 @@ def trained_checkpoints(
     rows, history_md, histories = [], [], {}
     t0 = time.perf_counter()
     for cfg in cfgs:
-        path = out_dir / f"{cfg.model}-{cfg.strategy}-seed{cfg.seed}.pt"
-        summary, path = train_subset(tars, cfg, path, compute.spec(), extra={"recipe": recipe},
+        main = cfg.samples_seen == config.samples_seen
+        path = out_dir / (f"{cfg.model}-{cfg.strategy}-seed{cfg.seed}" + ("" if main else f"-seen{cfg.samples_seen}") + ".pt")
+        summary, path = train_subset(tars, cfg, path, compute.spec(), extra={"recipe": recipe, "main_budget": main},
                                      progress=previews.dagster_progress(context, f"train seed {cfg.seed}"))
-        rows.append(checkpoint_record(recipe, cfg, summary.backend, path, lake.artifacts_root, **summary.measures()))
-        histories[f"seed {cfg.seed}"] = summary.history
+        rows.append(checkpoint_record(recipe, cfg, summary.backend, path, lake.artifacts_root, main_budget=main,
+                                      torch_threads=determinism_record()["torch_threads"], **summary.measures()))
+        if main:
+            histories[f"seed {cfg.seed}"] = summary.history
         hist = pl.DataFrame(summary.history)
         cols = [c for c in ("step", "samples_seen", "loss", "lr", "samples_per_s") if c in hist.columns]
-        history_md.append(f"seed {cfg.seed} ({summary.backend})\n\n" + md_table(hist.select(cols).gather_every(max(1, hist.height // 8)), max_rows=None, max_chars=70, float_fmt=".4f"))
+        label = f"seed {cfg.seed} ({summary.backend})" + ("" if main else f", {cfg.samples_seen} samples seen")
+        history_md.append(label + "\n\n" + md_table(hist.select(cols).gather_every(max(1, hist.height // 8)), max_rows=None, max_chars=70, float_fmt=".4f"))
     frame = pl.DataFrame(rows, schema=checkpoint_schema())
     lake.lake().write("checkpoints", frame, partition=recipe)
-    last = rows[-1]
+    rows_main = [r for r in rows if r["main_budget"]] or rows
+    last = rows_main[-1]
     return dg.MaterializeResult(
         metadata=previews.rounded({
             "recipe": recipe,
@@ -296,6 +327,7 @@ def trained_checkpoints(
             "n_train": last["n_train"],
             "samples_seen": last["samples_seen"],
             "epochs": round(last["samples_seen"] / max(1, last["n_train"]), 2),
+            "curve_runs": len(rows) - len(rows_main),
             "train_seconds": round(float(np.mean([r["seconds"] for r in rows])), 2),
             "samples_per_s": round(float(np.mean([r["samples_per_s"] for r in rows])), 1),
             "final_loss": round(last["final_loss"], 4),

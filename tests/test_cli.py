@@ -30,7 +30,8 @@ def homes(tmp_path, monkeypatch):
 
 @pytest.mark.e2e
 def test_demo_runs_the_whole_lineage_and_prints_the_report(homes, capsys, one_torch_thread):
-    rc = main(["demo", "--limit", "40", "--samples-seen", "256", "--recipes", "full", "dbp@0.5"])
+    rc = main(["demo", "--limit", "40", "--samples-seen", "256", "--recipes", "full", "dbp@0.5",
+               "--seeds", "0", "--samples-seen-multiples", "--no-audit"])
     out = capsys.readouterr().out
     assert rc == 0, out
     report = homes / "data" / "artifacts" / "reports" / "curation_report.html"

@@ -21,7 +21,8 @@ from assets.select import complexity_scores, concept_clusters, pruned_subsets
 from curation.select.pool_tables import read_centroids
 from curation.select.semdedup import is_duplicate
 from curation.storage.lake import Lake, list_column_to_matrix
-from curation.select.recipes import expected_keep, get_recipe
+from curation.select.controls import control_size, control_targets, is_control
+from curation.select.recipes import Pool, expected_keep, get_recipe
 from resources import DatasetsResource, LakeResource
 
 
@@ -39,6 +40,8 @@ def budgets_sum_to_n_keep(context: dg.AssetCheckExecutionContext, lake: LakeReso
 
 def budget_result(db: Lake, recipe_name: str) -> dg.AssetCheckResult:
     """Subset size of ``recipe_name`` vs the N_keep recomputed from assignments and dedup_scores."""
+    if is_control(recipe_name):
+        return control_budget_result(db, recipe_name)
     recipe = get_recipe(recipe_name)
     observed = _subset(db, recipe.name).height
     n_pool = db.table("assignments").to_pyarrow_dataset().count_rows()
@@ -53,6 +56,22 @@ def budget_result(db: Lake, recipe_name: str) -> dg.AssetCheckResult:
     if expected is None:  # threshold recipe: no budget, only an upper bound
         return dg.AssetCheckResult(passed=observed <= n_cand, metadata={**meta, "threshold": f"<= {n_cand} (threshold recipe)"})
     return dg.AssetCheckResult(passed=observed == expected, metadata={**meta, "threshold": f"== {expected}"})
+
+
+def control_budget_result(db: Lake, name: str) -> dg.AssetCheckResult:
+    """A size-matched control holds exactly as many samples as its target recipe keeps."""
+    observed = _subset(db, name).height
+    a = db.read("assignments", columns=["uid"])
+    m = None
+    if db.exists("dedup_scores"):
+        ds = db.read("dedup_scores", columns=["uid", "max_sim_to_earlier"])
+        m = a.join(ds, on="uid", how="left", maintain_order="left")["max_sim_to_earlier"].fill_null(0.0).to_numpy().astype(np.float32)
+    n = a.height
+    pool = Pool(uids=a["uid"].to_numpy(), cluster_ids=np.zeros(n, np.int32), cos_to_centroid=np.zeros(n, np.float32),
+                centroids=np.zeros((1, 1), np.float32), max_sim=m)  # fmt: skip
+    expected = control_size(name, pool, subset_size=lambda r: _subset(db, r).height)
+    meta = {"observed": observed, "n_pool": n, "targets": ", ".join(control_targets(name)), "threshold": f"== {expected}"}
+    return dg.AssetCheckResult(passed=observed == expected, metadata=meta)
 
 
 @dg.asset_check(asset=pruned_subsets, partitions_def=recipe_partitions, blocking=True,

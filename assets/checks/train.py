@@ -63,12 +63,16 @@ def checkpoints_load_with_finite_weights(context: dg.AssetCheckExecutionContext,
 @dg.asset_check(
     asset=trained_checkpoints,
     partitions_def=recipe_partitions,
-    description="Compute is matched: this recipe's checkpoints saw the same number of samples as every "
-    "other recipe's in the `checkpoints` table.",
+    description="Compute is matched: this recipe's main-budget checkpoints saw the same number of samples as "
+    "every other recipe's in the `checkpoints` table (compute-curve runs excluded).",
 )
 def samples_seen_matched(context: dg.AssetCheckExecutionContext, lake: LakeResource) -> dg.AssetCheckResult:
     db = lake.lake()
-    allrows = db.read("checkpoints", columns=["recipe", "samples_seen"]) if db.exists("checkpoints") else pl.DataFrame()
+    allrows = db.read("checkpoints", columns=["recipe", "samples_seen", "main_budget"]) if db.exists("checkpoints") else pl.DataFrame()
+    if allrows.height:  # compute-curve runs (main_budget false) are extra budgets, not the matched one
+        from curation.evaluate.report import main_budget_checkpoints
+
+        allrows = main_budget_checkpoints(allrows).select("recipe", "samples_seen")
     mine = allrows.filter(pl.col("recipe") == context.partition_key) if allrows.height else allrows
     values = sorted(set(allrows["samples_seen"].to_list())) if allrows.height else []
     per_recipe = (

@@ -111,8 +111,11 @@ def read_aligned(db: Lake, uids) -> tuple[np.ndarray, np.ndarray, str]:
     return pe.image[src], pe.text[src], f"embeddings:{pe.encoder}"
 
 
-def read_recipe_pool(db: Lake, recipe: Recipe) -> Pool:
+def read_recipe_pool(db: Lake, recipe: Recipe, needs_dedup: bool | None = None) -> Pool:
     """Everything ``recipe`` needs from the lake, as a :class:`Pool` sorted by uid.
+
+    ``needs_dedup`` overrides ``recipe.needs_dedup`` (a size-matched control reads the SemDeDup
+    scores its target's chain needs, :func:`curation.select.controls.needs_dedup_scores`).
 
     Reads ``assignments`` (uid, cluster_id, cos_to_centroid) and the centroids; for recipes
     that dedup, ``max_sim_to_earlier`` of ``dedup_scores``; for ``dbp``, the stored
@@ -127,7 +130,7 @@ def read_recipe_pool(db: Lake, recipe: Recipe) -> Pool:
     uids = asg["uid"]
     cent = read_centroids(db)
     max_sim = None
-    if recipe.needs_dedup:
+    if recipe.needs_dedup if needs_dedup is None else needs_dedup:
         if not db.exists("dedup_scores"):
             raise ValueError(f"recipe {recipe.name!r} needs SemDeDup scores: got no dedup_scores table; expected it materialized")
         ds = db.read("dedup_scores", columns=["uid", "max_sim_to_earlier"])

@@ -102,6 +102,8 @@ CHECKPOINT_COLUMNS: dict[str, str] = {
     "seconds": "Float64",
     "samples_per_s": "Float64",
     "final_loss": "Float64",
+    "main_budget": "Boolean",  # False for the extra compute-curve budgets of a recipe
+    "torch_threads": "Int64",  # the intra-op thread count the run used (results depend on it)
 }
 
 
@@ -139,8 +141,11 @@ def checkpoint_record(
     Args:
         cfg: the :class:`~curation.train.config.TrainConfig` of the run.
         backend: ``open_clip_train`` or ``platform``.
-        measured: ``samples_seen, steps, batch_size, n_train, seconds, samples_per_s, final_loss``.
+        measured: ``samples_seen, steps, batch_size, n_train, seconds, samples_per_s, final_loss``;
+            optional ``main_budget`` (default True) and ``torch_threads`` (default: this process's).
     """
+    import torch
+
     row = {
         "recipe": recipe, "backend": backend, "strategy": cfg.strategy, "model": cfg.model, "seed": int(cfg.seed),
         "path": relative_artifact_path(path, artifacts_root), "lr": float(cfg.lr),
@@ -151,6 +156,8 @@ def checkpoint_record(
         row[k] = int(measured[k])
     for k in ("seconds", "samples_per_s", "final_loss"):
         row[k] = float(measured[k])
+    row["main_budget"] = bool(measured.get("main_budget", True))
+    row["torch_threads"] = int(measured.get("torch_threads") or torch.get_num_threads())
     missing = sorted(set(CHECKPOINT_COLUMNS) - set(row))
     if missing:
         raise ValueError(f"checkpoint record: got no {missing}; expected all of {list(CHECKPOINT_COLUMNS)}")
