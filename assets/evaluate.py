@@ -209,23 +209,18 @@ def evidence_sections(db: Lake, out_dir, artifacts_root: str) -> list[tuple[str,
     """Report sections beyond the table: DBP diagnostics per dbp recipe, and the latest filter audit."""
     from pathlib import Path
 
-    from assets.select import read_assigned_pool
     from curation.select.controls import partition_names, resolve_recipe
     from curation.select.diagnostics import diagnose_dbp, diagnostics_markdown, plot_keep_vs_complexity
-    from curation.select.recipes import Pool
+    from curation.select.pool_tables import read_recipe_pool
 
     sections: list[tuple[str, str]] = []
     dbps = [r for r in (resolve_recipe(n) for n in partition_names()) if r.method == "dbp"]
     if dbps and db.exists("assignments") and db.exists("clusters"):
-        p = read_assigned_pool(db, with_embeddings=False)
-        max_sim = None
-        if db.exists("dedup_scores"):
-            ds = db.read("dedup_scores", columns=["uid", "max_sim_to_earlier"])
-            j = pl.DataFrame({"uid": pl.Series(p["uids"], dtype=pl.String)}).join(ds, on="uid", how="left", maintain_order="left")
-            max_sim = j["max_sim_to_earlier"].fill_null(0.0).to_numpy().astype(np.float32)
-        pool = Pool(uids=p["uids"], cluster_ids=p["cluster_ids"], cos_to_centroid=p["cos"], centroids=p["centroids"], max_sim=max_sim)
         for r in dbps:
-            if r.needs_dedup and max_sim is None:
+            try:
+                pool = read_recipe_pool(db, r)  # what the recipe itself reads (dedup scores, d_inter)
+            except ValueError as e:  # e.g. dedup_scores not materialized yet: no diagnostics for it
+                log.info("DBP diagnostics of %s skipped: %s", r.name, e)
                 continue
             d = diagnose_dbp(r, pool)
             png = plot_keep_vs_complexity(d["complexity"], d["sizes"], d["dbp"], d["ssp"], Path(out_dir) / f"dbp_diagnostics_{r.name.replace('@', '_').replace('=', '_')}.png",
