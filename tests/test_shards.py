@@ -322,8 +322,8 @@ def test_everything_at_once_loses_nothing(tmp_path):
     assert [r["key"] for r in res.samples] == ["ok2"]
     check_invariant(res, p)
     assert res.reasons() == {
-        "corrupt_image": 1, "duplicate_key": 1, "empty_member": 1,
-        "missing_caption": 1, "truncated_tar": 1, "unsafe_member_name": 1,
+        "duplicate_key": 1, "empty_member": 1,
+        "missing_caption": 1, "truncated_tar": 1, "unsafe_member_name": 1, "unsupported_format": 1,
     }
 
 
