@@ -5,7 +5,9 @@ One small abstraction covers every embarrassingly parallel stage of the platform
 
 * ``address=None``    -> :class:`InProcessExecutor`, a plain loop. Ray is not imported.
 * ``address="local"`` -> :class:`RayExecutor` on a local Ray instance started here
-  (``ray.init(num_cpus=..., include_dashboard=False, log_to_driver=False)``).
+  (``ray.init(num_cpus=..., include_dashboard=False, log_to_driver=False,
+  _node_ip_address="127.0.0.1")`` with Ray token authentication on: a random token per
+  instance, so no other process, local or remote, can submit work to it).
 * anything else       -> :class:`RayExecutor` connected to that cluster address
   (``"auto"``, ``"ray://head:10001"``, ``"10.0.0.1:6379"``).
 
@@ -29,6 +31,8 @@ merely joined (``ray.is_initialized()`` already true) is left running.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -233,7 +237,14 @@ class RayExecutor(Executor):
                     "num_cpus": cfg.num_cpus,
                     "include_dashboard": False,
                     "log_to_driver": False,
+                    # advertise (and use) loopback only: nothing outside this machine is told
+                    # where the instance is ...
+                    "_node_ip_address": "127.0.0.1",
                 }
+                # ... and, since Ray's gRPC servers listen on every interface whatever the
+                # node address, a random per-instance token is required on every RPC
+                # (Ray token authentication): a process without it is refused.
+                self._set_auth = _enable_token_auth()
                 if cfg.object_store_memory is not None:
                     kwargs["object_store_memory"] = int(cfg.object_store_memory)
                 log.info("starting a local Ray instance (num_cpus=%s)", cfg.num_cpus)
@@ -246,6 +257,9 @@ class RayExecutor(Executor):
         return ray
 
     def shutdown(self) -> None:
+        for var in getattr(self, "_set_auth", ()):
+            os.environ.pop(var, None)
+        self._set_auth = ()
         if self._ray is not None and self._owns_ray:
             log.info("shutting down the Ray instance this executor started")
             self._ray.shutdown()
@@ -312,6 +326,20 @@ class RayExecutor(Executor):
 
     def __repr__(self) -> str:
         return f"RayExecutor({self.config})"
+
+
+def _enable_token_auth() -> tuple[str, ...]:
+    """Turn on Ray token authentication for a local instance unless the user configured auth.
+
+    Returns the environment variables set here (removed again on shutdown).
+    """
+    if os.environ.get("RAY_AUTH_MODE"):
+        return ()
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return ("RAY_AUTH_MODE",)
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    return ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
 
 
 def make_executor(config: DistributedConfig | None = None) -> Executor:
