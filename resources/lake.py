@@ -9,6 +9,7 @@ from pydantic import Field
 
 from curation.storage.lake import Lake
 from curation.storage.data_home import (
+    safe_child,
     default_artifacts_root,
     default_eval_root,
     default_lake_root,
