@@ -162,7 +162,7 @@ def test_sigkill_during_samples_and_embeddings_then_rerun_equals_a_clean_run(tin
     assert rec.dagster_run.status == DagsterRunStatus.STARTED, "a SIGKILLed run stays STARTED by itself"
     assert run_worker_dead(instance, rec.dagster_run)
     monitor_started_run(instance, None, rec, logging.getLogger("run_monitoring"))
-    assert instance.get_run_by_id(run1).status == DagsterRunStatus.FAILED
+    assert instance.get_run_by_id(run1).status == DagsterRunStatus.FAILURE
 
     # 2. the re-run is killed while embedding, and left STARTED (no daemon here)
     run2 = _kill_when_step_starts(_launch(home, dagster_home), instance, "embeddings", 2.0, known)
