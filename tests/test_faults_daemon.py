@@ -96,6 +96,11 @@ def _kill_when_step_starts(proc: subprocess.Popen, instance: DagsterInstance, st
                 time.sleep(after_s)
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=60)
+                done = [
+                    e for e in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_SUCCESS)
+                    if e.dagster_event.step_key == step
+                ]
+                assert not done, f"{step} finished before the kill: the fault was not injected during it"
                 return run.run_id
         time.sleep(0.2)
     raise AssertionError(f"{step} never started")
