@@ -5,9 +5,9 @@ One small abstraction covers every embarrassingly parallel stage of the platform
 
 * ``address=None``    -> :class:`InProcessExecutor`, a plain loop. Ray is not imported.
 * ``address="local"`` -> :class:`RayExecutor` on a local Ray instance started here
-  (``ray.init(num_cpus=..., include_dashboard=False, log_to_driver=False,
-  _node_ip_address="127.0.0.1")`` with Ray token authentication on: a random token per
-  instance, so no other process, local or remote, can submit work to it).
+  (``ray.init(num_cpus=..., include_dashboard=False, log_to_driver=False)``) with Ray token
+  authentication on: a random token per instance, so no other process, local or remote, can
+  submit work to it (Ray's ports still listen on all interfaces; Ray has no bind option).
 * anything else       -> :class:`RayExecutor` connected to that cluster address
   (``"auto"``, ``"ray://head:10001"``, ``"10.0.0.1:6379"``).
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -237,13 +238,11 @@ class RayExecutor(Executor):
                     "num_cpus": cfg.num_cpus,
                     "include_dashboard": False,
                     "log_to_driver": False,
-                    # advertise (and use) loopback only: nothing outside this machine is told
-                    # where the instance is ...
-                    "_node_ip_address": "127.0.0.1",
                 }
-                # ... and, since Ray's gRPC servers listen on every interface whatever the
-                # node address, a random per-instance token is required on every RPC
-                # (Ray token authentication): a process without it is refused.
+                # Ray 2.60's gRPC servers listen on every interface and offer no bind option
+                # (``_node_ip_address="127.0.0.1"`` is not honoured for the head), so a random
+                # per-instance token is required on every RPC instead (Ray token
+                # authentication): a process without it is refused.
                 self._set_auth = _enable_token_auth()
                 if cfg.object_store_memory is not None:
                     kwargs["object_store_memory"] = int(cfg.object_store_memory)
@@ -334,6 +333,12 @@ def _enable_token_auth() -> tuple[str, ...]:
     Returns the environment variables set here (removed again on shutdown).
     """
     if os.environ.get("RAY_AUTH_MODE"):
+        return ()
+    if "ray" in sys.modules and "ray._raylet" in sys.modules:
+        # Ray reads the auth mode once, when it is imported: switching it on now would give
+        # the GCS a token mode its own driver does not use. Dagster step processes import Ray
+        # here, lazily, so this only happens where something imported Ray earlier.
+        log.warning("Ray was imported before the local instance started; starting it without token auth")
         return ()
     os.environ["RAY_AUTH_MODE"] = "token"
     if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
