@@ -8,6 +8,7 @@ partition of the ``samples`` table and its stage-``ingest`` rows of the ``quaran
 
 
 import hashlib
+import logging
 import tarfile
 import time
 from pathlib import Path
@@ -18,7 +19,15 @@ import polars as pl
 from assets import previews
 from assets.metadata import md_table
 from assets.partitions import shard_partitions
-from curation.ingest.shards import INGEST_STAGE, parse_shard_key, read_shard, shard_path
+from curation.ingest.shards import (
+    DEFAULT_MAX_CAPTION_BYTES,
+    INGEST_STAGE,
+    QUARANTINE_SCHEMA,
+    SAMPLES_SCHEMA,
+    parse_shard_key,
+    read_shard,
+    shard_path,
+)
 from resources import DatasetsResource, LakeResource
 
 GROUP = "ingest"
@@ -56,9 +65,11 @@ def raw_shards(context: dg.AssetExecutionContext, datasets: DatasetsResource) ->
     key = context.partition_key
     path = shard_path(datasets.landing, key)
     if not path.is_file():
-        raise dg.Failure(
-            description=f"shard {key!r}: {path} does not exist (was it removed from the landing zone?)",
-            metadata={"path": dg.MetadataValue.path(str(path))},
+        # deleted after it landed: materialize the absence, so `samples` tombstones the rows
+        context.log.warning("shard %s: %s is gone from the landing zone; its rows will be tombstoned", key, path)
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion("deleted"),
+            metadata={"path": dg.MetadataValue.path(str(path)), "status": "deleted", "bytes": 0, "sha256": ""},
         )
     t0 = time.perf_counter()
     sha = _file_sha256(path)
@@ -90,7 +101,8 @@ def raw_shards(context: dg.AssetExecutionContext, datasets: DatasetsResource) ->
     group_name=GROUP,
     kinds={"delta", "polars"},
     description="One row per readable sample of the shard (`samples` Delta table); every other "
-    "key goes to `quarantine` with stage `ingest` and a reason code. Nothing is dropped.",
+    "key goes to `quarantine` with stage `ingest` and a reason code. Nothing is dropped. A shard "
+    "deleted from the landing zone is tombstoned: no samples rows, every key `shard_deleted`.",
 )
 def samples(
     context: dg.AssetExecutionContext, lake: LakeResource, datasets: DatasetsResource
@@ -98,12 +110,14 @@ def samples(
     key = context.partition_key
     dataset, _ = parse_shard_key(key)
     path = shard_path(datasets.landing, key)
+    db = lake.lake()
     t0 = time.perf_counter()
+    if not path.is_file():
+        return _tombstone(context, db, dataset, key, path)
     res = read_shard(path, dataset, key, max_pixels=datasets.max_pixels)
     read_s = time.perf_counter() - t0
     sdf = res.samples_frame()
     qdf = res.quarantine_frame()
-    db = lake.lake()
     db.write("samples", sdf, partition=key)
     db.write("quarantine", qdf, partition=key, where={"stage": INGEST_STAGE})
     seconds = time.perf_counter() - t0
@@ -126,6 +140,10 @@ def samples(
         "preview": dg.MetadataValue.md(
             md_table(sdf.select("key", "caption", "width", "height", "format", "uid"))
         ),
+        "max_caption_bytes": DEFAULT_MAX_CAPTION_BYTES,
+        "caption_policy": "longer captions are quarantined (caption_too_long), never truncated",
+        "image_policy": "formats png/jpeg/webp/gif by content; animations: first frame; EXIF orientation applied",
+        "orphaned_files_vacuumed": len(_vacuum(db)),
     }
     if qdf.height:
         metadata["quarantine_preview"] = dg.MetadataValue.md(md_table(qdf.select("key", "reason", "detail")))
@@ -133,6 +151,58 @@ def samples(
         metadata[f"quarantine_{reason}"] = n
     metadata.update(previews.quarantine_preview(lake, datasets, shard=key) if qdf.height else {})
     return dg.MaterializeResult(metadata=previews.rounded(metadata))
+
+
+def _vacuum(db) -> list[str]:
+    """Remove files no commit references and older than the retention (killed writes' orphans)."""
+    removed: list[str] = []
+    for table in ("samples", "quarantine"):
+        try:
+            removed += db.vacuum(table)
+        except Exception as e:  # noqa: BLE001 - maintenance must not fail an ingest
+            logging.getLogger(__name__).warning("vacuum of %s failed: %s", table, e)
+    return removed
+
+
+def _tombstone(context, db, dataset: str, key: str, path: Path) -> dg.MaterializeResult:
+    """The shard file is gone: empty its samples partition, record every key it had as
+    ``shard_deleted`` (ingest quarantine), so nothing downstream uses rows whose bytes are gone."""
+    old = (
+        db.read("samples", columns=["key", "image_sha256"], partitions=[key])
+        if db.exists("samples")
+        else pl.DataFrame(schema={"key": pl.String, "image_sha256": pl.String})
+    )
+    keys = old["key"].to_list() or [""]
+    shas = dict(zip(old["key"].to_list(), old["image_sha256"].to_list()))
+    qdf = pl.DataFrame(
+        [
+            {
+                "dataset": dataset,
+                "shard": key,
+                "key": k,
+                "stage": INGEST_STAGE,
+                "reason": "shard_deleted",
+                "detail": f"{path.name} was deleted from the landing zone"
+                + (f"; image sha256 was {shas[k]}" if k in shas else ""),
+            }
+            for k in keys
+        ],
+        schema=QUARANTINE_SCHEMA,
+    )
+    db.write("samples", pl.DataFrame(schema=SAMPLES_SCHEMA), partition=key)
+    db.write("quarantine", qdf, partition=key, where={"stage": INGEST_STAGE})
+    context.log.warning("shard %s deleted: tombstoned %d sample rows", key, old.height)
+    return dg.MaterializeResult(
+        metadata={
+            "dataset": dataset,
+            "rows": 0,
+            "quarantined": qdf.height,
+            "keys_seen": qdf.height,
+            "tombstoned": old.height,
+            "deleted_policy": "tombstone: rows leave `samples`, every key is quarantined as shard_deleted",
+            "quarantine_shard_deleted": qdf.height,
+        }
+    )
 
 
 ASSETS = [raw_shards, samples]

@@ -334,7 +334,7 @@ def pruned_subsets(
     db.write("subsets", frame, partition=recipe.name)
     select_s = time.perf_counter() - t0
 
-    samples = db.read("samples", columns=["uid", "dataset", "shard", "key", "caption", "member"])
+    samples = db.read("samples", columns=["uid", "dataset", "shard", "key", "caption", "member", "image_sha256"])
     kept_samples = samples.join(frame.select("uid"), on="uid", how="semi")
     extra = {"recipe_hash": recipe_hash(recipe), "aligned_source": aligned,
              **{k: v for k, v in sel.stats.items() if k not in ("budgets", "sizes")}}

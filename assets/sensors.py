@@ -1,11 +1,13 @@
 """The landing-zone sensor: new shards become partitions and runs of ``shard_ingest_job``.
 
 Each tick scans ``landing/<dataset>/<stem>.tar`` (:func:`curation.ingest.shards.find_shards`) and
-compares every file's ``(size, mtime_ns)`` with the cursor (a JSON map ``{shard_key:
-"size:mtime_ns"}``). A shard key the instance does not know yet is added to the ``shards``
-dynamic partitions; every new or changed file gets a run request whose ``run_key`` is
-``"<shard_key>:<size>:<mtime_ns>"``, so the same file state is never ingested twice and a
-replaced file is. A shard whose ``samples`` partition is already materialized when the sensor
+detects changes by CONTENT: the cursor holds each file's sha256 (cached under its size, mtime,
+ctime and inode, and re-verified by a rolling scrub whatever the stat says; see
+:func:`landing_sensor`). A shard key the instance does not know yet is added to the ``shards``
+dynamic partitions; every new file and every file whose bytes changed gets a run request whose
+``run_key`` is ``"<shard_key>:<sha256>:<generation>"``, so the same bytes are never ingested
+twice and replaced bytes are, even at the same size and mtime. A shard deleted after ingest gets
+a run that tombstones its rows (docs/reliability.md). A shard whose ``samples`` partition is already materialized when the sensor
 first meets it (e.g. by ``curation demo``) is recorded without a run. Ticks that find nothing
 say why (``SkipReason``).
 
@@ -26,6 +28,7 @@ The automation chain after ingest (every ``RunRequest`` has a deterministic ``ru
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from datetime import datetime, timezone
@@ -45,6 +48,7 @@ from dagster import (
 from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
 
 from assets.jobs import pool_curation_job, pool_run_request, recipe_job, recipe_run_requests, report_job, shard_ingest_job
+from assets.run_health import run_worker_dead
 from assets.partitions import SHARDS, recipe_partitions, shard_partitions
 from assets.settings import automation_status
 from assets.stages import BACKFILL_TAG, PARTITION_TAG, TRIGGER_TAG, WAVE_TAG
@@ -56,22 +60,64 @@ log = logging.getLogger(__name__)
 INGEST_JOB = shard_ingest_job.name  # the landing sensor's per-shard job
 
 
-def _file_state(path) -> str:
-    st = path.stat()
-    return f"{st.st_size}:{st.st_mtime_ns}"
+#: bytes of unchanged-looking shards re-hashed per tick (the scrub): a file rewritten in place
+#: with its size and mtime restored is caught within ``total bytes / SCRUB_BYTES`` ticks even
+#: where ctime cannot be trusted (some network file systems, restored backups)
+SCRUB_BYTES = 1 << 30
+CURSOR_VERSION = 2
+
+
+def file_sha256(path, block: int = 1 << 20) -> str:
+    """sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_sig(st) -> str:
+    """What the stat says: size, mtime, ctime, inode. A cache key for the hash, not a verdict."""
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+
+
+def _load_cursor(raw: str | None) -> tuple[dict[str, dict], int]:
+    """``({shard_key: {"sig", "sha", "at", "gen"}}, tick)`` from the cursor (v1 cursors migrate)."""
+    if not raw:
+        return {}, 0
+    data = json.loads(raw)
+    if isinstance(data, dict) and data.get("v") == CURSOR_VERSION:
+        return data["files"], int(data["tick"])
+    # v1: {key: "size:mtime_ns"}: no hash known; adopt the current hash if the file looks the same
+    return {k: {"sig": None, "v1": v, "sha": None, "at": 0, "gen": 0} for k, v in data.items()}, 0
 
 
 @dg.sensor(
     job=shard_ingest_job,
     minimum_interval_seconds=30,
     default_status=automation_status(),
-    description="Watches the landing zone; adds a `shards` partition per new shard and "
-    "requests one shard_ingest_job run per new or changed shard file.",
+    description="Watches the landing zone; adds a `shards` partition per new shard and requests one "
+    "shard_ingest_job run per new shard, per shard whose CONTENT changed (sha256), and per shard "
+    "deleted after ingest (its rows are tombstoned).",
 )
 def landing_sensor(context: dg.SensorEvaluationContext, datasets: DatasetsResource):
-    known: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    """Content-addressed change detection.
+
+    The cursor keeps, per shard, the sha256 of its bytes, the stat signature (size, mtime,
+    ctime, inode) it was computed under, and the tick it was last verified. A file is
+    re-hashed when its signature changed, and, whatever the signature says, the least
+    recently verified files are re-hashed up to :data:`SCRUB_BYTES` per tick. A run is
+    requested only when the hash differs from the last ingested one (run_key
+    ``<shard>:<sha256>:<generation>``): touching a file re-ingests nothing, replacing its
+    bytes (even at the same size and mtime) re-ingests it. A shard that disappears after it
+    was ingested gets a run that tombstones its rows (``samples`` empties the partition and
+    records every key as ``shard_deleted`` in ``quarantine``); the generation counter lets a
+    shard that comes back with the same bytes be ingested again.
+    """
+    files, tick = _load_cursor(context.cursor)
+    tick += 1
     shards = find_shards(datasets.landing)
-    if not shards:
+    if not shards and not any(e.get("sha") for e in files.values()):
         return dg.SkipReason(f"no shards in the landing zone {datasets.landing} (expected <dataset>/<stem>.tar)")
 
     registered = set(context.instance.get_dynamic_partitions(SHARDS))
@@ -79,39 +125,83 @@ def landing_sensor(context: dg.SensorEvaluationContext, datasets: DatasetsResour
     new_keys: list[str] = []
     requests: list[dg.RunRequest] = []
     already_ingested: list[str] = []
-    cursor = dict(known)
+    scrub: list[tuple[int, str]] = []
+    stats = {}
     for key, path in shards.items():
         try:
-            state = _file_state(path)
+            st = path.stat()
         except FileNotFoundError:  # removed between the scan and the stat
             continue
-        if known.get(key) == state:
+        stats[key] = st
+        entry = files.get(key)
+        if entry is not None and entry.get("sha") and entry.get("sig") == _file_sig(st):
+            scrub.append((int(entry.get("at", 0)), key))
+    # the scrub: the least recently verified unchanged-looking files, within the byte budget
+    verify = set()
+    budget = SCRUB_BYTES
+    for _, key in sorted(scrub):
+        size = stats[key].st_size
+        if size > budget and verify:
+            break
+        verify.add(key)
+        budget -= size
+    for key, st in stats.items():
+        path = shards[key]
+        entry = files.get(key) or {"sig": None, "sha": None, "at": 0, "gen": 0}
+        sig = _file_sig(st)
+        if entry.get("sig") == sig and entry.get("sha") and key not in verify:
             continue
-        cursor[key] = state
+        try:
+            sha = file_sha256(path)
+        except FileNotFoundError:
+            continue
+        old_sha = entry.get("sha")
+        if old_sha is None and entry.get("v1") == f"{st.st_size}:{st.st_mtime_ns}":
+            old_sha = sha  # migrated v1 entry, file unchanged since: nothing to do
+        files[key] = {"sig": sig, "sha": sha, "at": tick, "gen": int(entry.get("gen", 0))}
+        if old_sha == sha:
+            continue
+        if old_sha is not None and entry.get("sig") == sig:
+            context.log.warning(
+                "shard %s: content changed (sha256 %s -> %s) although size, mtime, ctime and inode did not",
+                key, old_sha[:12], sha[:12],
+            )
         if key not in registered:
             new_keys.append(key)
-        elif key not in known and key in materialized:
+        elif old_sha is None and not entry.get("deleted") and key in materialized:
             already_ingested.append(key)
             continue
         requests.append(
             dg.RunRequest(
-                run_key=f"{key}:{state}",
+                run_key=f"{key}:{sha}:{files[key]['gen']}",
                 partition_key=key,
                 tags={"curation/shard": key, "curation/trigger": "landing_sensor"},
             )
         )
-    gone = sorted(set(known) - set(shards))
+    # shards that were ingested and are gone now: one tombstone run each
+    gone = sorted(k for k, e in files.items() if k not in shards and e.get("sha"))
     for key in gone:
-        cursor.pop(key, None)
+        entry = files[key]
+        gen = int(entry.get("gen", 0)) + 1
+        files[key] = {"sig": None, "sha": None, "at": tick, "gen": gen, "deleted": True}
+        if key in registered:
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"{key}:deleted:{gen}",
+                    partition_key=key,
+                    tags={"curation/shard": key, "curation/trigger": "landing_sensor_deleted"},
+                )
+            )
     if gone:
-        context.log.info("shards no longer in the landing zone (partitions kept): %s", gone)
+        context.log.warning("shards deleted from the landing zone (their rows will be tombstoned): %s", gone)
     if already_ingested:
         context.log.info("%d shards were already ingested before the sensor saw them", len(already_ingested))
-    new_cursor = json.dumps(cursor, sort_keys=True, separators=(",", ":"))
+    new_cursor = json.dumps({"v": CURSOR_VERSION, "tick": tick, "files": files}, sort_keys=True, separators=(",", ":"))
     if not requests:
         return dg.SensorResult(
             skip_reason=dg.SkipReason(
                 f"no new or changed shards among {len(shards)} in {datasets.landing}"
+                f" ({len(verify)} re-verified by content)"
                 + (f" ({len(already_ingested)} already ingested)" if already_ingested else "")
             ),
             cursor=new_cursor,
@@ -148,7 +238,13 @@ def curate_after_ingest(context: SensorEvaluationContext):
     new = [r for r in records if r.update_timestamp.timestamp() > after]
     if not new:
         return SkipReason(f"no {INGEST_JOB} run succeeded since the cursor ({after:.3f})")
-    busy = instance.get_runs_count(RunsFilter(job_name=INGEST_JOB, statuses=list(IN_PROGRESS_RUN_STATUSES)))
+    in_progress = instance.get_runs(RunsFilter(job_name=INGEST_JOB, statuses=list(IN_PROGRESS_RUN_STATUSES)))
+    # never wait on a run whose worker was killed (run monitoring marks it FAILED; this guard
+    # holds even where the daemon's monitoring is off)
+    dead = [r.run_id for r in in_progress if run_worker_dead(instance, r)]
+    if dead:
+        context.log.warning("ingest run(s) %s are STARTED but their worker process is gone; not waiting on them", dead)
+    busy = len(in_progress) - len(dead)
     if busy:
         return SkipReason(f"{len(new)} ingest run(s) succeeded; waiting for {busy} ingest run(s) still queued or running")
     last = new[-1]

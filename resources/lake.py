@@ -9,6 +9,7 @@ from pydantic import Field
 
 from curation.storage.lake import Lake
 from curation.storage.data_home import (
+    safe_child,
     default_artifacts_root,
     default_eval_root,
     default_lake_root,
@@ -35,7 +36,7 @@ class LakeResource(ConfigurableResource):
         return Lake(root=self.root, storage_options=dict(self.storage_options))
 
     def artifacts(self, *parts: str) -> Path:
-        p = Path(self.artifacts_root, *parts)
+        p = safe_child(self.artifacts_root, *parts)  # names from config never escape the root
         p.mkdir(parents=True, exist_ok=True)
         return p
 

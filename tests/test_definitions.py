@@ -22,6 +22,7 @@ LINEAGE = {
 CHECKS = {
     ("samples", "every_key_accounted_for"),
     ("samples", "uids_unique"),
+    ("samples", "captions_within_policy"),
     ("embeddings", "embeddings_finite"),
     ("embeddings", "embeddings_unit_norm"),
     ("embeddings", "embeddings_one_row_per_sample"),

@@ -58,7 +58,7 @@ def test_raw_shards_and_samples_on_the_small_dataset(small_dataset, lake_resourc
     assert "| key | caption |" in sm["preview"].value
 
     checks = _check_results(result)
-    assert set(checks) == {"every_key_accounted_for", "uids_unique"}
+    assert set(checks) == {"every_key_accounted_for", "uids_unique", "captions_within_policy"}
     assert all(c.passed for c in checks.values())
 
     lake = Lake(res["lake"].root)
@@ -133,14 +133,14 @@ def test_bad_shards_are_reported_not_crashed(lake_resources, tmp_path):
     r1 = _run(res, instance, "web-00001")
     md = {e.materialization.asset_key.path[-1]: e.materialization.metadata for e in r1.get_asset_materialization_events()}
     assert md["samples"]["quarantine_reasons"].value == {
-        "corrupt_image": 1, "invalid_utf8_caption": 1, "missing_image": 1
+        "invalid_utf8_caption": 1, "missing_image": 1, "unsupported_format": 1
     }
     assert md["samples"]["rows"].value == 1 and md["samples"]["quarantine_fraction"].value == 0.75
     checks = _check_results(r1)
     assert checks["every_key_accounted_for"].passed
     assert checks["every_key_accounted_for"].metadata["keys_seen"].value == 4
     q = Lake(res["lake"].root).read("quarantine")
-    assert sorted(q["reason"]) == ["corrupt_image", "invalid_utf8_caption", "missing_image", "not_a_tar"]
+    assert sorted(q["reason"]) == ["invalid_utf8_caption", "missing_image", "not_a_tar", "unsupported_format"]
 
 
 def test_accounting_check_fails_when_rows_are_lost(small_dataset, lake_resources, tmp_path):
@@ -201,6 +201,9 @@ def test_landing_sensor_adds_partitions_and_requests_runs(small_dataset, lake_re
     p1 = landing / "emoji" / "00001.tar"
     st = p1.stat()
     os.utime(p1, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    touched = tick(out2.cursor)  # a touch changes no byte: content-addressed, nothing to ingest
+    assert sorted(r.partition_key for r in touched.run_requests) == ["emoji-00099"]
+    shutil.copy(landing / "emoji" / "00002.tar", p1)
     out3 = tick(out2.cursor)
     assert sorted(r.partition_key for r in out3.run_requests) == ["emoji-00001", "emoji-00099"]
     assert list(out3.dynamic_partitions_requests[0].partition_keys) == ["emoji-00099"]

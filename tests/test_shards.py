@@ -197,7 +197,7 @@ def test_corrupt_image_bytes(tmp_path):
     full = png((32, 32))
     data = make_tar(good("a", image=b"not an image at all") + good("b", image=full[: len(full) // 2]) + good("c"))
     res, p = read_bytes(tmp_path, data)
-    assert reasons(res) == {"a": "corrupt_image", "b": "corrupt_image"}
+    assert reasons(res) == {"a": "unsupported_format", "b": "corrupt_image"}
     assert [r["key"] for r in res.samples] == ["c"]
     check_invariant(res, p)
 
@@ -314,7 +314,7 @@ def test_everything_at_once_loses_nothing(tmp_path):
     assert reasons(res) == {
         "ok1": "duplicate_key",
         "e": "empty_member",
-        "bad": "corrupt_image",
+        "bad": "unsupported_format",
         "nocap": "missing_caption",
         "../up": "unsafe_member_name",
         "tail": "truncated_tar",
@@ -322,8 +322,8 @@ def test_everything_at_once_loses_nothing(tmp_path):
     assert [r["key"] for r in res.samples] == ["ok2"]
     check_invariant(res, p)
     assert res.reasons() == {
-        "corrupt_image": 1, "duplicate_key": 1, "empty_member": 1,
-        "missing_caption": 1, "truncated_tar": 1, "unsafe_member_name": 1,
+        "duplicate_key": 1, "empty_member": 1,
+        "missing_caption": 1, "truncated_tar": 1, "unsafe_member_name": 1, "unsupported_format": 1,
     }
 
 

@@ -11,7 +11,7 @@ import polars as pl
 
 from assets.ingest import samples
 from assets.partitions import shard_partitions
-from curation.ingest.shards import INGEST_STAGE, list_keys, shard_path
+from curation.ingest.shards import DEFAULT_MAX_CAPTION_BYTES, INGEST_STAGE, list_keys, shard_path
 from resources import DatasetsResource, LakeResource
 
 
@@ -38,8 +38,27 @@ def every_key_accounted_for(
 
 
 def key_accounting(lake: LakeResource, datasets: DatasetsResource, key: str) -> dg.AssetCheckResult:
-    """The accounting property of shard ``key``: keys seen == samples + ingest quarantine."""
-    seen = list_keys(shard_path(datasets.landing, key))
+    """The accounting property of shard ``key``: keys seen == samples + ingest quarantine.
+
+    A shard deleted from the landing zone is accounted for by its tombstone: no samples rows
+    and every quarantined key ``shard_deleted``.
+    """
+    path = shard_path(datasets.landing, key)
+    if not path.is_file():
+        s_n = _partition_rows(lake, "samples", key, ["key"]).height
+        q = _partition_rows(lake, "quarantine", key, ["key", "stage", "reason"])
+        q = q.filter(pl.col("stage") == INGEST_STAGE)
+        bad = q.filter(pl.col("reason") != "shard_deleted").height
+        return dg.AssetCheckResult(
+            passed=s_n == 0 and q.height > 0 and bad == 0,
+            metadata={
+                "shard_file": "deleted",
+                "samples": s_n,
+                "tombstoned_keys": q.height - bad,
+                "threshold": "a deleted shard: 0 samples rows, every ingest quarantine row shard_deleted",
+            },
+        )
+    seen = list_keys(path)
     s_keys = _partition_rows(lake, "samples", key, ["key"])["key"].to_list()
     q = _partition_rows(lake, "quarantine", key, ["key", "stage"])
     q_keys = q.filter(pl.col("stage") == INGEST_STAGE)["key"].to_list()
@@ -80,4 +99,37 @@ def uids_unique(context: dg.AssetCheckExecutionContext, lake: LakeResource) -> d
     )
 
 
-CHECKS = [every_key_accounted_for, uids_unique]
+@dg.asset_check(
+    asset=samples,
+    partitions_def=shard_partitions,
+    description="Every stored caption is clean text within the caption limit: at most "
+    "max_caption_bytes UTF-8 bytes (longer ones are quarantined as caption_too_long, never "
+    "truncated), no control characters but tab/newline, not empty.",
+)
+def captions_within_policy(context: dg.AssetCheckExecutionContext, lake: LakeResource) -> dg.AssetCheckResult:
+    return caption_policy(lake, context.partition_key)
+
+
+def caption_policy(lake: LakeResource, key: str) -> dg.AssetCheckResult:
+    caps = _partition_rows(lake, "samples", key, ["caption"])["caption"]
+    nbytes = caps.str.len_bytes()
+    too_long = int((nbytes > DEFAULT_MAX_CAPTION_BYTES).sum()) if caps.len() else 0
+    control = int(caps.str.contains(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]").sum()) if caps.len() else 0
+    empty = int((caps.str.strip_chars().str.len_chars() == 0).sum()) if caps.len() else 0
+    q = _partition_rows(lake, "quarantine", key, ["reason"])
+    quarantined = int((q["reason"] == "caption_too_long").sum()) if q.height else 0
+    return dg.AssetCheckResult(
+        passed=too_long == 0 and control == 0 and empty == 0,
+        metadata={
+            "captions": caps.len(),
+            "max_caption_bytes_observed": int(nbytes.max() or 0) if caps.len() else 0,
+            "threshold": f"<= {DEFAULT_MAX_CAPTION_BYTES} bytes, no control chars, not empty",
+            "over_limit": too_long,
+            "with_control_chars": control,
+            "empty": empty,
+            "quarantined_caption_too_long": quarantined,
+        },
+    )
+
+
+CHECKS = [every_key_accounted_for, uids_unique, captions_within_policy]

@@ -87,6 +87,9 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
     """
     if img.mode == "RGB":
         return img
+    from curation.ingest.images import to_8bit
+
+    img = to_8bit(img)  # 16-bit greyscale scaled, not saturated to white
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

@@ -10,7 +10,6 @@ stage ``"embed"``); nothing is dropped silently.
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 import time
@@ -21,9 +20,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import torch
-from PIL import Image
 
 from curation.engine.compute import ComputeSpec
+from curation.ingest.images import ImageRejected, open_image
 from curation.embed.encoders import Encoder
 
 log = logging.getLogger(__name__)
@@ -89,13 +88,11 @@ class _ImageBlobs(torch.utils.data.Dataset):
         if data is None:
             return i, None, ("missing_member", f"{self.names[i]!r} not found in the tar")
         try:
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > self.max_pixels:
-                return i, None, ("decompression_bomb", f"{w}x{h} = {w * h} pixels > max_pixels {self.max_pixels}")
-            img.load()
-        except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad bytes
-            return i, None, ("decode_error", _describe(e))
+            # the platform's one image-opening function: allowlist, bounds, EXIF, bit depth
+            img = open_image(data, self.names[i].rsplit(".", 1)[-1], max_pixels=self.max_pixels).image
+        except ImageRejected as e:
+            reason = e.reason if e.reason in ("decompression_bomb", "extreme_aspect_ratio") else "decode_error"
+            return i, None, (reason, e.detail if reason != "decode_error" else f"{e.reason}: {e.detail}")
         try:
             x = self.preprocess(img)
             if not isinstance(x, torch.Tensor) or x.ndim != 3:

@@ -5,7 +5,9 @@ One small abstraction covers every embarrassingly parallel stage of the platform
 
 * ``address=None``    -> :class:`InProcessExecutor`, a plain loop. Ray is not imported.
 * ``address="local"`` -> :class:`RayExecutor` on a local Ray instance started here
-  (``ray.init(num_cpus=..., include_dashboard=False, log_to_driver=False)``).
+  (``ray.init(num_cpus=..., include_dashboard=False, log_to_driver=False)``) with Ray token
+  authentication on: a random token per instance, so no other process, local or remote, can
+  submit work to it (Ray's ports still listen on all interfaces; Ray has no bind option).
 * anything else       -> :class:`RayExecutor` connected to that cluster address
   (``"auto"``, ``"ray://head:10001"``, ``"10.0.0.1:6379"``).
 
@@ -29,6 +31,9 @@ merely joined (``ray.is_initialized()`` already true) is left running.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -234,6 +239,11 @@ class RayExecutor(Executor):
                     "include_dashboard": False,
                     "log_to_driver": False,
                 }
+                # Ray 2.60's gRPC servers listen on every interface and offer no bind option
+                # (``_node_ip_address="127.0.0.1"`` is not honoured for the head), so a random
+                # per-instance token is required on every RPC instead (Ray token
+                # authentication): a process without it is refused.
+                self._set_auth = _enable_token_auth()
                 if cfg.object_store_memory is not None:
                     kwargs["object_store_memory"] = int(cfg.object_store_memory)
                 log.info("starting a local Ray instance (num_cpus=%s)", cfg.num_cpus)
@@ -246,6 +256,9 @@ class RayExecutor(Executor):
         return ray
 
     def shutdown(self) -> None:
+        for var in getattr(self, "_set_auth", ()):
+            os.environ.pop(var, None)
+        self._set_auth = ()
         if self._ray is not None and self._owns_ray:
             log.info("shutting down the Ray instance this executor started")
             self._ray.shutdown()
@@ -312,6 +325,26 @@ class RayExecutor(Executor):
 
     def __repr__(self) -> str:
         return f"RayExecutor({self.config})"
+
+
+def _enable_token_auth() -> tuple[str, ...]:
+    """Turn on Ray token authentication for a local instance unless the user configured auth.
+
+    Returns the environment variables set here (removed again on shutdown).
+    """
+    if os.environ.get("RAY_AUTH_MODE"):
+        return ()
+    if "ray" in sys.modules and "ray._raylet" in sys.modules:
+        # Ray reads the auth mode once, when it is imported: switching it on now would give
+        # the GCS a token mode its own driver does not use. Dagster step processes import Ray
+        # here, lazily, so this only happens where something imported Ray earlier.
+        log.warning("Ray was imported before the local instance started; starting it without token auth")
+        return ()
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return ("RAY_AUTH_MODE",)
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    return ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
 
 
 def make_executor(config: DistributedConfig | None = None) -> Executor:

@@ -9,23 +9,21 @@ source is one small class.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import re
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import polars as pl
-from PIL import Image
 
+from curation.ingest.images import IMAGE_EXTS, ImageRejected, open_image
+from curation.ingest.shards import AtomicTarWriter
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_]+$")
 _SHARD_FILE_RE = re.compile(r"^\d{5}\.(tar|parquet)$")
 # tar headers carry this mtime so identical inputs give byte-identical shards
@@ -72,18 +70,10 @@ class ShardInfo:
     samples: int
 
 
-def _tar_add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    ti = tarfile.TarInfo(name)
-    ti.size = len(data)
-    ti.mtime = _FIXED_MTIME
-    ti.mode = 0o644
-    ti.uname = ti.gname = ""
-    tf.addfile(ti, io.BytesIO(data))
-
-
-def _image_size(data: bytes) -> tuple[int, int]:
-    with Image.open(io.BytesIO(data)) as img:
-        return img.size
+def _image_size(data: bytes, ext: str) -> tuple[int, int]:
+    """Upright size from the header, under the platform's image rules (raises ImageRejected)."""
+    im = open_image(data, ext, max_pixels=1 << 62, max_aspect_ratio=float("inf"), decode=False)
+    return im.width, im.height
 
 
 def write_shards(
@@ -126,8 +116,10 @@ def write_shards(
         idx = start_index + len(shards)
         stem = f"{idx:05d}"
         rows = []
-        tar_tmp, pq_tmp = out / f".{stem}.tar.tmp", out / f".{stem}.parquet.tmp"
-        with tarfile.open(tar_tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+        pq_tmp = out / f".{stem}.parquet.{os.getpid()}.tmp"
+        pq, tar = out / f"{stem}.parquet", out / f"{stem}.tar"
+        tf = AtomicTarWriter(tar, mtime=_FIXED_MTIME)
+        try:
             for i, rec in enumerate(batch):
                 ext = rec.ext.lower()
                 if ext not in IMAGE_EXTS:
@@ -135,17 +127,25 @@ def write_shards(
                 if not _KEY_RE.match(rec.key):
                     raise ValueError(f"record key: got {rec.key!r}; expected [A-Za-z0-9_]+")
                 key = f"{idx:05d}{i:04d}" if rekey else rec.key
-                w, h = _image_size(rec.image)
+                try:
+                    w, h = _image_size(rec.image, ext)
+                except ImageRejected as e:
+                    raise ValueError(
+                        f"record {rec.key!r}: {e.reason}: {e.detail}; expected one of {IMAGE_EXTS} with matching content"
+                    ) from None
                 meta = {"key": key, "caption": rec.caption, "source_key": rec.key, "width": w, "height": h}
                 meta.update(rec.metadata)
-                _tar_add(tf, f"{key}.{ext}", rec.image)
-                _tar_add(tf, f"{key}.txt", rec.caption.encode("utf-8"))
-                _tar_add(tf, f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+                tf.add(f"{key}.{ext}", rec.image)
+                tf.add(f"{key}.txt", rec.caption.encode("utf-8"))
+                tf.add(f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"))
                 rows.append({**meta, "status": "success"})
-        pl.DataFrame(rows).write_parquet(pq_tmp, statistics=False)
-        pq, tar = out / f"{stem}.parquet", out / f"{stem}.tar"
-        os.replace(pq_tmp, pq)
-        os.replace(tar_tmp, tar)
+            pl.DataFrame(rows).write_parquet(pq_tmp, statistics=False)
+            os.replace(pq_tmp, pq)  # parquet first: a watcher of *.tar never sees a tar without it
+            tf.commit()
+        except BaseException:
+            tf.abort()
+            pq_tmp.unlink(missing_ok=True)
+            raise
         shards.append(ShardInfo(tar=tar, parquet=pq, samples=len(batch)))
         batch.clear()
 

@@ -28,6 +28,7 @@ The reader is deterministic: the same bytes give the same rows in the same order
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -36,7 +37,7 @@ import lzma
 import os
 import re
 import tarfile
-import warnings
+import unicodedata
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -44,14 +45,23 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator
 
 import polars as pl
-from PIL import Image
 
 from curation.ingest.ids import make_uid
+from curation.ingest.images import (
+    DEFAULT_MAX_ASPECT_RATIO,
+    IMAGE_EXTS,
+    ImageRejected,
+    describe_error,
+    open_image,
+)
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXT = "txt"
+#: captions longer than this many UTF-8 bytes are quarantined (``caption_too_long``), not
+#: truncated: a multi-kilobyte "caption" is a scraped page body, not alt text, and silently
+#: cutting it would store a text nobody wrote. 16 KiB is ~50x the longest LAION alt texts.
+DEFAULT_MAX_CAPTION_BYTES = 16_384
 METADATA_EXT = "json"
 INGEST_STAGE = "ingest"
 
@@ -70,6 +80,13 @@ REASONS = (
     "unsafe_member_name",
     "duplicate_key",
     "missing_from_tar",
+    "unsupported_format",
+    "format_mismatch",
+    "extreme_aspect_ratio",
+    "caption_too_long",
+    "unreadable_manifest",
+    "empty_shard",
+    "shard_deleted",
 )
 
 SAMPLES_SCHEMA: dict[str, pl.DataType] = {
@@ -155,16 +172,29 @@ def find_shards(landing: str | os.PathLike) -> dict[str, Path]:
 # --------------------------------------------------------------------------- members
 
 
+def normalize_member_name(name: str) -> str:
+    """The canonical form of a member name: ``\\`` -> ``/``, ``.`` and empty segments dropped,
+    Unicode NFC. ``"./a/./b.png"`` and ``"a/b.png"`` (or a decomposed and a composed ``é``) are
+    the same name, so they give the same key (and collide as ``duplicate_key``)."""
+    n = unicodedata.normalize("NFC", name.replace("\\", "/"))
+    lead = "/" if n.startswith("/") else ""  # an absolute name stays visibly absolute
+    return lead + "/".join(p for p in n.split("/") if p not in ("", "."))
+
+
 def split_member_name(name: str) -> tuple[str, str]:
-    """Webdataset split of a member name into ``(key, ext)``: ``"a/b.seg.png"`` -> ``("a/b", "seg.png")``."""
-    head, _, base = name.rpartition("/")
+    """Webdataset split of a (normalized) member name into ``(key, ext)``: ``"./a/b.seg.png"`` -> ``("a/b", "seg.png")``."""
+    head, _, base = normalize_member_name(name).rpartition("/")
     stem, dot, ext = base.partition(".")
     key = f"{head}/{stem}" if head else stem
     return key, (ext.lower() if dot else "")
 
 
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def unsafe_reason(info: tarfile.TarInfo) -> str | None:
-    """Why a member must not be used (absolute path, ``..``, link, device), else ``None``."""
+    """Why a member must not be used (absolute path, ``..``, control characters, link,
+    device), else ``None``."""
     name = info.name
     if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
         return "absolute path"
@@ -173,6 +203,8 @@ def unsafe_reason(info: tarfile.TarInfo) -> str | None:
         return "path contains '..'"
     if "\x00" in name:
         return "NUL in name"
+    if _CONTROL_RE.search(name):
+        return "control character in name"
     if info.issym() or info.islnk():
         return f"link member -> {info.linkname!r}"
     if not (info.isfile() or info.isdir()):
@@ -180,20 +212,50 @@ def unsafe_reason(info: tarfile.TarInfo) -> str | None:
     return None
 
 
-def _read_manifest_keys(parquet: Path) -> list[str] | None:
-    """Keys an img2dataset-style ``<stem>.parquet`` says the tar holds (status success), or None."""
+@dataclass
+class _Manifest:
+    """What a ``<stem>.parquet`` side-car says: the expected keys, or why it could not be used."""
+
+    keys: list[str] | None = None  # None: no usable manifest
+    int_keys: bool = False  # the key column is integer-typed (matched to tar keys by value)
+    error: str | None = None  # the side-car exists but is unusable
+
+
+def _read_manifest(parquet: Path) -> _Manifest:
+    """Keys an img2dataset-style ``<stem>.parquet`` says the tar holds (status success).
+
+    An integer ``key`` column (some writers store ``000000123`` as 123) is kept as integers'
+    decimal strings and matched to tar keys by numeric value (:func:`_match_int_keys`). A
+    side-car that exists but cannot be read or has no ``key`` column is reported in ``error``
+    (the reader turns it into an ``unreadable_manifest`` quarantine row, key ``""``).
+    """
     if not parquet.is_file():
-        return None
+        return _Manifest()
     try:
         df = pl.read_parquet(parquet)
-    except Exception as e:  # a broken side-car must not stop ingestion of the tar itself
-        log.warning("ignoring unreadable shard manifest %s: %s", parquet, e)
-        return None
+    except Exception as e:  # noqa: BLE001 - a broken side-car must not stop ingestion of the tar itself
+        return _Manifest(error=f"{parquet.name} is unreadable: {describe_error(e)}")
     if "key" not in df.columns:
-        return None
+        return _Manifest(error=f"{parquet.name} has no 'key' column (columns: {df.columns[:10]})")
     if "status" in df.columns:
         df = df.filter(pl.col("status") == "success")
-    return [str(k) for k in df["key"].to_list()]
+    int_keys = df.schema["key"].is_integer()
+    keys = [str(k) for k in df["key"].to_list() if k is not None]
+    return _Manifest(keys=keys, int_keys=int_keys)
+
+
+def _match_int_keys(manifest_keys: Iterable[str], tar_keys: Iterable[str]) -> list[str]:
+    """Map integer manifest keys (``"123"``) to the zero-padded tar key with that value (``"000000123"``)."""
+    by_value: dict[int, str] = {}
+    for k in tar_keys:
+        if k.isdigit():
+            by_value.setdefault(int(k), k)
+    return [by_value.get(int(k), k) for k in manifest_keys]
+
+
+def _read_manifest_keys(parquet: Path) -> list[str] | None:
+    """Keys of a usable side-car, else None (see :func:`_read_manifest`)."""
+    return _read_manifest(parquet).keys
 
 
 # --------------------------------------------------------------------------- reader
@@ -295,35 +357,39 @@ def _has_end_marker(tf: tarfile.TarFile, path: Path) -> bool:
     return len(block) == 512 and block == b"\x00" * 512
 
 
-def _image_info(data: bytes, max_pixels: int) -> tuple[int, int, str] | tuple[str, str]:
-    """``(width, height, format)`` of a decodable image, or ``(reason, detail)``.
+def _image_info(
+    data: bytes, ext: str, max_pixels: int, max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+) -> tuple[int, int, str, int] | tuple[str, str]:
+    """``(width, height, format, frames)`` of an acceptable image, or ``(reason, detail)``.
 
-    The pixel count is checked from the header before any pixel data is decoded.
+    Delegates to :func:`curation.ingest.images.open_image` (allowlist, bounds from the header,
+    full decode, EXIF orientation): the ingest stage and the embed stage agree on what an image is.
     """
-    saved = Image.MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = None  # our own limit below, checked before decoding
-            with Image.open(io.BytesIO(data)) as img:
-                w, h = img.size
-                fmt = (img.format or "").lower()
-                if w * h > max_pixels:
-                    return "decompression_bomb", f"{w}x{h} = {w * h} pixels > max_pixels {max_pixels}"
-                if w <= 0 or h <= 0:
-                    return "corrupt_image", f"invalid size {w}x{h}"
-                img.load()
-        return w, h, fmt
-    except Image.DecompressionBombError as e:
-        return "decompression_bomb", str(e)
-    except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad bytes
-        return "corrupt_image", f"{type(e).__name__}: {e}"
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
+        im = open_image(data, ext, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
+    except ImageRejected as e:
+        return e.reason, e.detail
+    return im.width, im.height, im.format, im.frames
+
+
+_CAPTION_JUNK_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def clean_caption(raw: bytes) -> str:
+    """Decode a caption (UTF-8, raises ``UnicodeDecodeError``), drop control characters other
+    than tab/newline (NUL, bell, ...), normalize to NFC and strip surrounding whitespace."""
+    text = raw.decode("utf-8")
+    text = _CAPTION_JUNK_RE.sub("", text)
+    return unicodedata.normalize("NFC", text).strip()
 
 
 def _finish_group(
-    g: _Group, dataset: str, shard: str, max_pixels: int
+    g: _Group,
+    dataset: str,
+    shard: str,
+    max_pixels: int,
+    max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
 ) -> tuple[str, dict]:
     """Turn a complete key group into ``("sample", row)`` or ``("quarantine", row)``."""
 
@@ -353,16 +419,18 @@ def _finish_group(
     raw_caption = g.members[CAPTION_EXT]
     if len(raw_caption) == 0:
         return q("empty_member", f"{g.names[CAPTION_EXT]} has 0 bytes")
+    if len(raw_caption) > max_caption_bytes:
+        return q("caption_too_long", f"{len(raw_caption)} bytes > max_caption_bytes {max_caption_bytes}")
     try:
-        caption = raw_caption.decode("utf-8").strip()
+        caption = clean_caption(raw_caption)
     except UnicodeDecodeError as e:
         return q("invalid_utf8_caption", str(e))
     if not caption:
-        return q("empty_caption", "caption is whitespace only")
-    info = _image_info(img, max_pixels)
+        return q("empty_caption", "caption is empty after removing whitespace and control characters")
+    info = _image_info(img, img_ext, max_pixels, max_aspect_ratio)
     if len(info) == 2:
         return q(*info)
-    w, h, fmt = info
+    w, h, fmt, _frames = info
     return "sample", {
         "uid": make_uid(dataset, shard, g.key),
         "dataset": dataset,
@@ -384,6 +452,8 @@ def read_shard(
     shard_key: str,
     max_pixels: int = 40_000_000,
     manifest: str | os.PathLike | None | bool = True,
+    max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
 ) -> ShardReadResult:
     """Read one raw shard into sample rows and ingest-quarantine rows (never raises on bad data).
 
@@ -395,6 +465,8 @@ def read_shard(
             (checked from the header, before decoding).
         manifest: ``True`` uses ``<stem>.parquet`` beside the tar when present, ``False``
             ignores it, a path names it explicitly.
+        max_caption_bytes: longer captions are ``caption_too_long`` (quarantined, not truncated).
+        max_aspect_ratio: images with ``max(w, h) / min(w, h)`` above this are ``extreme_aspect_ratio``.
 
     Returns:
         A :class:`ShardReadResult`; every distinct key seen is in exactly one of
@@ -408,11 +480,15 @@ def read_shard(
         raise FileNotFoundError(f"shard {shard_key!r}: {path} does not exist")
     res = ShardReadResult()
     if manifest is True:
-        manifest_keys = _read_manifest_keys(path.with_suffix(".parquet"))
+        man = _read_manifest(path.with_suffix(".parquet"))
     elif manifest:
-        manifest_keys = _read_manifest_keys(Path(manifest))
+        man = _read_manifest(Path(manifest))
     else:
-        manifest_keys = None
+        man = _Manifest()
+    manifest_keys = man.keys
+
+    def finish(g: _Group) -> tuple[str, dict]:
+        return _finish_group(g, dataset, shard_key, max_pixels, max_caption_bytes, max_aspect_ratio)
 
     # key -> ("sample"|"quarantine", index into that list); used to detect repeats.
     placed: dict[str, tuple[str, int]] = {}
@@ -447,6 +523,8 @@ def read_shard(
         for key in manifest_keys if manifest_keys else [""]:
             if key not in placed:
                 place("quarantine", quarantine_row(key, "not_a_tar", detail))
+        if man.error is not None and "" not in placed:
+            place("quarantine", quarantine_row("", "unreadable_manifest", man.error))
         res.keys_seen = len(placed)
         return res
 
@@ -460,7 +538,7 @@ def read_shard(
                 if bad is not None:
                     # never use the name as a path; record the key as written
                     if current is not None and current.key != key:
-                        place(*_finish_group(current, dataset, shard_key, max_pixels))
+                        place(*finish(current))
                         current = None
                     if current is None:
                         current = _Group(key)
@@ -468,7 +546,7 @@ def read_shard(
                         current.problem = ("unsafe_member_name", f"{info.name!r}: {bad}")
                     continue
                 if current is not None and current.key != key:
-                    place(*_finish_group(current, dataset, shard_key, max_pixels))
+                    place(*finish(current))
                     current = None
                 if current is None:
                     current = _Group(key)
@@ -483,7 +561,7 @@ def read_shard(
             if not _has_end_marker(tf, path):
                 raise _Truncated(f"no end-of-archive block after byte {tf.offset}")
             if current is not None:
-                place(*_finish_group(current, dataset, shard_key, max_pixels))
+                place(*finish(current))
                 current = None
         except _Truncated as e:
             res.truncated = True
@@ -496,7 +574,7 @@ def read_shard(
                     CAPTION_EXT in current.members and any(x in IMAGE_EXTS for x in current.members)
                 )
                 if usable:
-                    place(*_finish_group(current, dataset, shard_key, max_pixels))
+                    place(*finish(current))
                 else:
                     place("quarantine", quarantine_row(current.key, "truncated_tar", f"incomplete key group: {e}"))
                 current = None
@@ -520,29 +598,40 @@ def read_shard(
             res.quarantine[idx] = row
     res.samples = [r for r in res.samples if r is not None]
 
+    if man.int_keys and manifest_keys:
+        manifest_keys = _match_int_keys(manifest_keys, placed)
     for key in manifest_keys or []:
         if key not in placed:
             reason = "truncated_tar" if res.truncated else "missing_from_tar"
             detail = trunc_detail if res.truncated else "listed in the shard parquet but not in the tar"
             place("quarantine", quarantine_row(key, reason, detail))
+    # whole-file problems are one row with key "" (no sample key can be empty)
+    if man.error is not None:
+        log.warning("shard %s: %s", shard_key, man.error)
+        place("quarantine", quarantine_row("", "unreadable_manifest", man.error))
+    if not placed:
+        place("quarantine", quarantine_row("", "empty_shard", f"{path.name} holds no members"))
     res.keys_seen = len(placed)
     return res
 
 
 def list_keys(path: str | os.PathLike, manifest: bool = True) -> set[str]:
     """Distinct keys a shard holds, from member names only (no decoding): tar keys plus
-    manifest keys; ``{""}`` for a file that is not a tar and has no manifest.
+    manifest keys, plus ``""`` standing for a whole-file row (a file that is not a tar and
+    has no manifest, an empty tar, an unreadable side-car).
 
     An independent count for the ingest check (samples + quarantine == keys seen).
     """
     path = Path(path)
     keys: set[str] = set()
-    if manifest:
-        keys.update(_read_manifest_keys(path.with_suffix(".parquet")) or [])
+    man = _read_manifest(path.with_suffix(".parquet")) if manifest else _Manifest()
+    if man.error is not None:
+        keys.add("")
+    tar_keys: set[str] = set()
     try:
         tf = tarfile.open(path, mode="r|*")
     except _STREAM_ERRORS:
-        return keys or {""}
+        return keys | set(man.keys or []) or {""}
     with tf:
         try:
             while True:
@@ -551,10 +640,14 @@ def list_keys(path: str | os.PathLike, manifest: bool = True) -> set[str]:
                     break
                 if info.isdir() and unsafe_reason(info) is None:
                     continue
-                keys.add(split_member_name(info.name)[0])
+                tar_keys.add(split_member_name(info.name)[0])
         except _STREAM_ERRORS:
             pass
-    return keys
+    mkeys = man.keys or []
+    if man.int_keys:
+        mkeys = _match_int_keys(mkeys, tar_keys)
+    keys |= tar_keys | set(mkeys)
+    return keys or {""}
 
 
 def load_members(path: str | os.PathLike, names: Iterable[str]) -> dict[str, bytes]:
@@ -584,22 +677,106 @@ def load_members(path: str | os.PathLike, names: Iterable[str]) -> dict[str, byt
     return out
 
 
-def iter_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield ``(key, {ext: bytes})`` key groups of a well-formed tar in order (writer tests, exports)."""
-    tf = tarfile.open(path, mode="r|*")
+def iter_samples(path: str | os.PathLike, strict: bool = False) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {ext: bytes})`` key groups of a tar in order: the public reader of
+    webdataset shards for every consumer (exports, training, evaluation).
+
+    Member names are validated as in :func:`read_shard`: absolute names, ``..``, control
+    characters, links and special files are skipped (with a warning) and never used as
+    paths; keys are normalized (:func:`normalize_member_name`). A truncated or unreadable tar
+    ends the iteration with a warning after the last complete group (``strict=True``
+    raises ``ValueError`` instead).
+    """
     current_key, group = None, {}
+    try:
+        tf = tarfile.open(path, mode="r|*")
+    except _STREAM_ERRORS as e:
+        if strict:
+            raise ValueError(f"{path}: not a readable tar: {e}") from e
+        log.warning("cannot open %s as a tar: %s", path, e)
+        return
     with tf:
-        for info, data, bad in _iter_members(tf):
-            if bad is not None:
-                continue
-            key, ext = split_member_name(info.name)
-            if current_key is not None and key != current_key:
-                yield current_key, group
-                group = {}
-            current_key = key
-            group[ext] = data  # type: ignore[assignment]
+        try:
+            for info, data, bad in _iter_members(tf):
+                if bad is not None:
+                    log.warning("%s: skipping member %r (%s)", path, info.name, bad)
+                    continue
+                key, ext = split_member_name(info.name)
+                if current_key is not None and key != current_key:
+                    yield current_key, group
+                    group = {}
+                current_key = key
+                group[ext] = data  # type: ignore[assignment]
+        except _Truncated as e:
+            if strict:
+                raise ValueError(f"{path}: truncated: {e}") from e
+            log.warning("%s is truncated: %s (the incomplete last group is dropped)", path, e)
+            return
     if current_key is not None:
         yield current_key, group
+
+
+# --------------------------------------------------------------------------- the atomic writer
+
+#: tar headers carry this mtime so identical inputs give byte-identical shards
+FIXED_MTIME = 0
+
+
+class AtomicTarWriter:
+    """Write a tar under a hidden temporary name beside ``path``; rename on success.
+
+    Readers (and the landing sensor, which ignores names starting with ``.``) never see a
+    partial file: :meth:`commit` (or leaving the ``with`` block normally) fsyncs and
+    ``os.replace``-s it into place; an exception (or :meth:`abort`) deletes the temp file.
+    Members get fixed metadata (``mtime``, mode 0644, no owner), so the same inputs give
+    byte-identical tars.
+    """
+
+    def __init__(self, path: str | os.PathLike, mtime: int = FIXED_MTIME):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.mtime = mtime
+        self._f = open(self.tmp, "wb")
+        self._tf = tarfile.open(fileobj=self._f, mode="w", format=tarfile.USTAR_FORMAT)
+        self.n_members = 0
+
+    def add(self, name: str, data: bytes) -> None:
+        """Add one member ``name`` (a relative, normalized name; validated) with ``data``."""
+        if normalize_member_name(name) != name or name.startswith("/") or ".." in name.split("/") or _CONTROL_RE.search(name):
+            raise ValueError(f"member name: got {name!r}; expected a relative name without '..', './' or control characters")
+        ti = tarfile.TarInfo(name)
+        ti.size = len(data)
+        ti.mtime = self.mtime
+        ti.mode = 0o644
+        ti.uname = ti.gname = ""
+        self._tf.addfile(ti, io.BytesIO(data))
+        self.n_members += 1
+
+    def commit(self) -> Path:
+        self._tf.close()
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._tf.close()
+        with contextlib.suppress(Exception):
+            self._f.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+    def __enter__(self) -> "AtomicTarWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
 
 
 def read_json_member(data: bytes) -> dict:

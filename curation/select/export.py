@@ -10,17 +10,23 @@
   and ``webdataset`` read them as-is;
 * ``recipe.json``: the resolved recipe, its hash, and the counts.
 
-Source shards are streamed once each (:func:`curation.ingest.shards.load_members`); output tar
-members carry fixed metadata (mtime 0, mode 0644) so an export is byte-reproducible. A
-re-export replaces the previous files of the same directory.
+Source shards are streamed once each (:func:`curation.ingest.shards.load_members`); output tars
+are written by the platform's one atomic writer (:class:`curation.ingest.shards.AtomicTarWriter`:
+hidden temp name, rename on success, fixed member metadata), so an export is byte-reproducible
+and a killed export never leaves a partial ``NNNNN.tar``. Every copied image is checked against
+the ``image_sha256`` recorded at ingest (when the samples carry it): bytes that changed since
+ingest are not exported (``changed_uids`` in recipe.json), like bytes that are gone
+(``missing_uids``). Paths stay inside ``out_dir`` (:func:`curation.storage.data_home.safe_child`).
+A re-export replaces the previous files of the same directory; stale shards are removed only
+after the new ones are in place.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 import logging
-import tarfile
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +34,8 @@ import numpy as np
 import polars as pl
 
 from curation.ingest.ids import sorted_uid_array
-from curation.ingest.shards import load_members, shard_path
+from curation.ingest.shards import AtomicTarWriter, load_members, shard_path
+from curation.storage.data_home import safe_child
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +43,14 @@ SAMPLE_COLUMNS = ("uid", "dataset", "shard", "key", "caption", "member")
 MANIFEST_COLUMNS = ("uid", "shard", "key", "caption", "rank", "score")
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
+def _write_atomic(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename onto ``path`` (readers never see a partial file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def export_subset(
@@ -69,8 +77,9 @@ def export_subset(
 
     Returns:
         Stats: ``n`` (kept samples), ``n_shards``, ``n_missing`` (kept samples whose image
-        or caption could not be read back from the source shard; listed in recipe.json),
-        ``bytes`` (image bytes copied), ``paths`` (the files written).
+        could not be read back from the source shard, or whose bytes no longer match the
+        ``image_sha256`` of ingest; listed in recipe.json as ``missing_uids`` and
+        ``changed_uids``), ``n_changed``, ``bytes`` (image bytes copied), ``paths``.
 
     Raises:
         ValueError: if a selected uid has no ``samples`` row.
@@ -88,18 +97,24 @@ def export_subset(
     if unknown:
         raise ValueError(f"selection: got {len(unknown)} uids without a samples row (e.g. {unknown[:3]}); expected all kept uids in samples")
 
-    np.save(out / "uids.npy", sorted_uid_array(man["uid"].to_list()))
-    man.select(MANIFEST_COLUMNS).write_parquet(out / "manifest.parquet")
+    uids = sorted_uid_array(man["uid"].to_list())
 
-    shards_dir = out / "shards"
+    def save_uids(p: Path) -> None:
+        with open(p, "wb") as f:
+            np.save(f, uids)
+
+    _write_atomic(out / "uids.npy", save_uids)
+    _write_atomic(out / "manifest.parquet", lambda p: man.select(MANIFEST_COLUMNS).write_parquet(p))
+
+    shards_dir = safe_child(out, "shards")
     shards_dir.mkdir(exist_ok=True)
-    for old in shards_dir.glob("*.tar"):
-        old.unlink()
-    n_shards, n_bytes, missing = 0, 0, []
+    has_sha = "image_sha256" in samples.columns
+    sha_of = dict(zip(samples["uid"].to_list(), samples["image_sha256"].to_list())) if has_sha else {}
+    n_shards, n_bytes, missing, changed = 0, 0, [], []
     if write_shards and man.height:
         # Stream each source shard once: output order is (source shard, key).
         ordered = man.sort(["shard", "key"])
-        writer: tarfile.TarFile | None = None
+        writer: AtomicTarWriter | None = None
         in_shard = 0
         for (shard,), group in ordered.group_by(["shard"], maintain_order=True):
             members = group["member"].to_list()
@@ -109,10 +124,14 @@ def export_subset(
                 if data is None:
                     missing.append(row["uid"])
                     continue
+                want = sha_of.get(row["uid"])
+                if want and hashlib.sha256(data).hexdigest() != want:
+                    changed.append(row["uid"])  # replaced since ingest: not the sample we scored
+                    continue
                 if writer is None or in_shard >= shard_size:
                     if writer is not None:
-                        writer.close()
-                    writer = tarfile.open(shards_dir / f"{n_shards:05d}.tar", "w", format=tarfile.USTAR_FORMAT)
+                        writer.commit()
+                    writer = AtomicTarWriter(shards_dir / f"{n_shards:05d}.tar")
                     n_shards += 1
                     in_shard = 0
                 ext = row["member"].rsplit(".", 1)[-1].lower()
@@ -125,25 +144,43 @@ def export_subset(
                     "rank": int(row["rank"]),
                     "score": float(row["score"]),
                 }
-                _add(writer, f"{uid}.{ext}", data)
-                _add(writer, f"{uid}.txt", (row["caption"] or "").encode("utf-8"))
-                _add(writer, f"{uid}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
+                writer.add(f"{uid}.{ext}", data)
+                writer.add(f"{uid}.txt", (row["caption"] or "").encode("utf-8"))
+                writer.add(f"{uid}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
                 in_shard += 1
                 n_bytes += len(data)
         if writer is not None:
-            writer.close()
+            writer.commit()
+    keep = {f"{i:05d}.tar" for i in range(n_shards)}
+    for old in shards_dir.glob("*.tar"):
+        if old.name not in keep:
+            old.unlink()
     if missing:
         log.warning("export %s: %d kept samples could not be read from their source shards", out, len(missing))
+    if changed:
+        log.warning(
+            "export %s: %d kept samples changed since ingest (sha256 differs); not exported: re-ingest the shards",
+            out, len(changed),
+        )
     info = {
         **(extra or {}),
         "recipe": recipe or {},
         "n": man.height,
         "n_shards": n_shards,
-        "n_missing": len(missing),
+        "n_missing": len(missing) + len(changed),
         "missing_uids": missing,
+        "changed_uids": changed,
         "shard_size": shard_size,
     }
-    (out / "recipe.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+    text = json.dumps(info, indent=2, sort_keys=True, default=str)
+    _write_atomic(out / "recipe.json", lambda p: p.write_text(text))
     paths = [str(out / "uids.npy"), str(out / "manifest.parquet"), str(out / "recipe.json")]
     paths += [str(shards_dir / f"{i:05d}.tar") for i in range(n_shards)]
-    return {"n": man.height, "n_shards": n_shards, "n_missing": len(missing), "bytes": n_bytes, "paths": paths}
+    return {
+        "n": man.height,
+        "n_shards": n_shards,
+        "n_missing": len(missing) + len(changed),
+        "n_changed": len(changed),
+        "bytes": n_bytes,
+        "paths": paths,
+    }

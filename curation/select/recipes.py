@@ -41,6 +41,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import os
 from dataclasses import dataclass, field
 from importlib import resources as ir
@@ -63,6 +64,9 @@ from curation.select.clustering import DEFAULT_NEIGHBORS, DEFAULT_TAU, cluster_c
 from curation.select.semdedup import is_duplicate, semdedup_scores
 
 log = logging.getLogger(__name__)
+
+#: a recipe name is a partition key and a directory name: no separators, no '..', no spaces
+_RECIPE_NAME_RE = re.compile(r"^(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9_.@+=-]{0,127}$")
 
 METHODS = ("full", "random", "semdedup", "ssp", "dbp", "clipscore", "clipcov")
 CLASS_SOURCES = ("clusters",)
@@ -127,6 +131,12 @@ class Recipe:
     factorized: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.name, str) or not _RECIPE_NAME_RE.match(self.name):
+            # the name becomes a directory (artifacts/subsets/<name>, checkpoints) and a partition key
+            raise ValueError(
+                f"recipe name: got {self.name!r}; expected letters, digits and '_', '.', '@', '+', '=', '-' "
+                "(starting with a letter, digit or '_'; no '/', '..' or spaces)"
+            )
         m = self.method
         if m not in METHODS:
             raise ValueError(f"recipe {self.name!r}: method: got {m!r}; expected one of {METHODS}")

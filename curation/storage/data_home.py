@@ -13,6 +13,7 @@ Layout under the data home (all paths overridable through the Dagster resources)
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -34,3 +35,41 @@ def default_lake_root() -> str:
 
 def default_artifacts_root() -> str:
     return str(data_home() / "artifacts")
+
+
+_UNSAFE_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Validate one path component that comes from data or config (a recipe, dataset, shard).
+
+    Returns ``name`` unchanged if it is safe as a single directory or file name; otherwise
+    raises ``ValueError``: empty, ``.``/``..``, starting with ``.`` or ``-``, containing a path
+    separator (``/``, ``\\``), a control character, or a Windows drive prefix.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what}: got {name!r}; expected a non-empty name")
+    if name in (".", "..") or name.startswith((".", "-")):
+        raise ValueError(f"{what}: got {name!r}; expected a name that does not start with '.' or '-'")
+    if _UNSAFE_NAME.search(name) or re.match(r"^[A-Za-z]:", name):
+        raise ValueError(f"{what}: got {name!r}; expected no '/', '\\', ':' drive prefix or control characters")
+    return name
+
+
+def safe_child(root: str | os.PathLike, *names: str) -> Path:
+    """``root / names[0] / names[1] ...`` after checking every name (:func:`check_name`) and
+    that the resolved result (symlinks followed) stays inside ``root``.
+
+    The one way a name from data or config becomes a path: a recipe called
+    ``../../../x@0.5`` or a symlink planted under the data home raises ``ValueError`` instead
+    of writing (or deleting) outside it.
+    """
+    base = Path(root).absolute()
+    for n in names:
+        check_name(n)
+    p = base.joinpath(*names)
+    real_base = base.resolve()
+    real = p.resolve()
+    if real != real_base and real_base not in real.parents:
+        raise ValueError(f"path {p}: resolves to {real}, outside {real_base}; expected a path inside the data home")
+    return p

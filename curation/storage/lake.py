@@ -3,7 +3,16 @@
 All tables live under one root URI (a local path by default; ``s3://``, ``gs://`` or
 ``abfs://`` with deltalake storage options). Writes that name a partition replace
 exactly that partition (``mode="overwrite"`` with a predicate), so re-materializing a
-partition never duplicates rows. Embedding columns are ``List(Float32)`` because Delta
+partition never duplicates rows.
+
+Concurrency (two runs writing their first partitions at the same moment): a table is created
+once, with the schema of the data, by :meth:`Lake.ensure_table` (``DeltaTable.create`` in
+``ignore`` mode; a creator that loses the race finds the winner's table). Every partition
+write is then an overwrite *with a predicate* on its own partition, never a whole-table
+overwrite, and a commit that conflicts with a concurrent one is retried against the new
+table version (:data:`COMMIT_RETRIES` times, jittered backoff); the predicate makes the
+retry idempotent. :meth:`Lake.vacuum` removes data files no commit references (what a
+killed writer leaves behind) once they are older than the retention. Embedding columns are ``List(Float32)`` because Delta
 has no fixed-size array type; :func:`list_column_to_matrix` casts them back to a
 contiguous ``(n, d) float32`` matrix without going through Python lists.
 """
@@ -12,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
+import random
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
@@ -19,7 +30,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +51,12 @@ TABLES: dict[str, str | None] = {
     "checkpoints": "recipe",
     "eval_results": "recipe",
 }
+
+
+#: how often a partition write is retried after a commit conflict with a concurrent writer
+COMMIT_RETRIES = 20
+#: default retention of :meth:`Lake.vacuum` (Delta's own default, one week)
+VACUUM_RETENTION_HOURS = 168
 
 
 def _sql_literal(value: str) -> str:
@@ -103,28 +120,91 @@ class Lake:
             os.makedirs(self.root, exist_ok=True)
         arrow = data.to_arrow() if isinstance(data, pl.DataFrame) else data
         part_col = TABLES[table]
-        kwargs: dict = {"storage_options": self._opts()}
-        if part_col is not None:
-            kwargs["partition_by"] = [part_col]
-        if partition is not None:
-            if part_col is None:
-                raise ValueError(f"table {table!r} is not partitioned")
-            col = arrow.column(part_col)
-            if len(col) and set(col.unique().to_pylist()) != {partition}:
-                raise ValueError(f"rows for partition {partition!r} carry other {part_col} values")
-            if self.exists(table):
-                conds = [f"{part_col} = {_sql_literal(partition)}"]
-                for col_name, value in (where or {}).items():
-                    conds.append(f"{col_name} = {_sql_literal(value)}")
-                kwargs["predicate"] = " AND ".join(conds)
-            mode = "overwrite"
-        if mode == "overwrite":
-            kwargs["schema_mode"] = "overwrite" if partition is None else None
-            if kwargs["schema_mode"] is None:
-                del kwargs["schema_mode"]
-        write_deltalake(self.uri(table), arrow, mode=mode, **kwargs)
-        log.info("wrote %d rows to %s%s", arrow.num_rows, table, f"[{partition}]" if partition else "")
+        opts = self._opts()
+        if partition is None:
+            kwargs: dict = {"storage_options": opts}
+            if part_col is not None:
+                kwargs["partition_by"] = [part_col]
+            if mode == "overwrite":
+                kwargs["schema_mode"] = "overwrite"
+            self._commit(lambda: write_deltalake(self.uri(table), arrow, mode=mode, **kwargs), table)
+            log.info("wrote %d rows to %s", arrow.num_rows, table)
+            return arrow.num_rows
+        if part_col is None:
+            raise ValueError(f"table {table!r} is not partitioned")
+        col = arrow.column(part_col)
+        if len(col) and set(col.unique().to_pylist()) != {partition}:
+            raise ValueError(f"rows for partition {partition!r} carry other {part_col} values")
+        self.ensure_table(table, arrow.schema)
+        conds = [f"{part_col} = {_sql_literal(partition)}"]
+        for col_name, value in (where or {}).items():
+            conds.append(f"{col_name} = {_sql_literal(value)}")
+        predicate = " AND ".join(conds)
+        self._commit(
+            lambda: write_deltalake(
+                self.uri(table), arrow, mode="overwrite", predicate=predicate, storage_options=opts
+            ),
+            table,
+        )
+        log.info("wrote %d rows to %s[%s]", arrow.num_rows, table, partition)
         return arrow.num_rows
+
+    def ensure_table(self, table: str, schema: pa.Schema) -> None:
+        """Create ``table`` with ``schema`` (partitioned by its column) unless it exists.
+
+        Safe under concurrency: of several processes creating the same table at once, one
+        commits version 0 and the others find that table (a conflict is not an error here).
+        """
+        if self.exists(table):
+            return
+        part_col = TABLES[table]
+        try:
+            DeltaTable.create(
+                self.uri(table),
+                schema,
+                mode="ignore",
+                partition_by=[part_col] if part_col else None,
+                storage_options=self._opts(),
+            )
+            log.info("created table %s", table)
+        except (CommitFailedError, DeltaError, OSError) as e:
+            if not self.exists(table):
+                raise
+            log.info("table %s was created concurrently (%s)", table, type(e).__name__)
+
+    @staticmethod
+    def _commit(fn, table: str):
+        """Run a write, retrying when a concurrent commit won the race for the next version."""
+        for attempt in range(COMMIT_RETRIES + 1):
+            try:
+                return fn()
+            except CommitFailedError as e:
+                if attempt == COMMIT_RETRIES:
+                    raise
+                delay = min(2.0, 0.02 * 2**attempt) * (0.5 + random.random())
+                log.info("commit conflict on %s (%s); retry %d in %.2fs", table, e, attempt + 1, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def vacuum(self, table: str, retention_hours: int = VACUUM_RETENTION_HOURS, dry_run: bool = False) -> list[str]:
+        """Delete files of ``table`` that no commit references and that are older than
+        ``retention_hours``: removed partitions' old files and the orphans of killed writes
+        (``full`` vacuum). Younger files are kept: they may belong to a write in flight.
+
+        Returns:
+            The paths (relative to the table) that were (or, with ``dry_run``, would be) deleted.
+        """
+        if not self.exists(table):
+            return []
+        removed = self.table(table).vacuum(
+            retention_hours=retention_hours,
+            dry_run=dry_run,
+            enforce_retention_duration=False,
+            full=True,
+        )
+        if removed:
+            log.info("vacuum %s: %d unreferenced files%s", table, len(removed), " (dry run)" if dry_run else "")
+        return list(removed)
 
     def delete_partition(self, table: str, partition: str) -> None:
         part_col = TABLES[table]

@@ -1,0 +1,222 @@
+"""Fault injection on the daemon's path (issue 12, cases 2 and 5, and the SIGKILL re-runs).
+
+The landing sensor's runs execute ``shard_ingest_job`` with Dagster's multiprocess executor
+(one subprocess per step) in a separate run-worker process, against the shipped instance
+config (``dagster_home/dagster.yaml``: LocalRunLauncher, run monitoring, run retries). This
+test does exactly that with ``dagster job execute`` in a subprocess, on a one-shard dataset:
+
+1. a run is SIGKILLed (its whole process group, as the OOM killer or a power cut would) while
+   the ``samples`` step runs; run monitoring's worker health check marks it FAILED;
+2. the re-run is SIGKILLed while ``embeddings`` runs and left STARTED: the
+   ``curate_after_ingest`` sensor does not wait on it;
+3. the final re-run succeeds (embedding with DataLoader worker processes) and every table
+   equals the tables of a clean in-process run.
+
+It is the slowest test of the fault suite (about four step-process start-ups per run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import polars as pl
+import pytest
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster._core.instance.ref import InstanceRef
+
+from curation.storage.lake import Lake, list_column_to_matrix
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "emoji-00000"
+
+
+@pytest.fixture(scope="module")
+def tiny_home(tmp_path_factory) -> Path:
+    from curation.ingest.emoji_dataset import build_default_dataset
+
+    home = tmp_path_factory.mktemp("fault_home")
+    build_default_dataset(home, limit=12, samples_per_shard=500, seed=0, workers=1)
+    assert sorted(p.name for p in (home / "landing" / "emoji").iterdir()) == ["00000.parquet", "00000.tar"]
+    return home
+
+
+def _env(home: Path, dagster_home: Path) -> dict:
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}",
+        CURATION_HOME=str(home),
+        DAGSTER_HOME=str(dagster_home),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
+    return env
+
+
+def _launch(home: Path, dagster_home: Path) -> subprocess.Popen:
+    cmd = [
+        sys.executable, "-m", "dagster", "job", "execute",
+        "-m", "assets.definitions", "-a", "defs", "-j", "shard_ingest_job",
+        "--tags", json.dumps({"dagster/partition": KEY}),
+    ]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=_env(home, dagster_home), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _latest_run(instance: DagsterInstance):
+    runs = instance.get_runs(RunsFilter(job_name="shard_ingest_job"), limit=1)
+    return runs[0] if runs else None
+
+
+def _kill_during_step(home, dagster_home, instance, step: str, after_s: float, known: set, attempts: int = 4):
+    """Launch runs until one is SIGKILLed while ``step`` runs (a fast step can finish before the
+    kill lands; such a run still was killed, and the next attempt re-runs over what it left)."""
+    for _ in range(attempts):
+        run_id, inside = _kill_when_step_starts(_launch(home, dagster_home), instance, step, after_s, known)
+        known.add(run_id)
+        if inside:
+            return run_id
+    raise AssertionError(f"{step} always finished before the SIGKILL landed ({attempts} attempts)")
+
+
+def _kill_when_step_starts(proc: subprocess.Popen, instance: DagsterInstance, step: str, after_s: float, known: set):
+    """SIGKILL the run's whole process group once ``step`` has started (+ ``after_s``).
+
+    Returns ``(run_id, killed inside the step)``.
+    """
+    deadline = time.time() + 540
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before {step} could be killed: {proc.stderr.read()[-2000:]}")
+        run = _latest_run(instance)
+        if run is not None and run.run_id not in known:
+            started = [
+                e for e in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START)
+                if e.dagster_event.step_key == step
+            ]
+            if started:
+                time.sleep(after_s)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=60)
+                done = [
+                    e for e in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_SUCCESS)
+                    if e.dagster_event.step_key == step
+                ]
+                return run.run_id, not done
+        time.sleep(0.02)
+    raise AssertionError(f"{step} never started")
+
+
+def _tables(lake_root: Path) -> dict[str, pl.DataFrame]:
+    lake = Lake(str(lake_root))
+    out = {
+        "samples": lake.read("samples").sort("uid"),
+        "quarantine": lake.read("quarantine").sort("key", "stage", "reason"),
+    }
+    emb = lake.read("embeddings").sort("uid")
+    out["embeddings"] = emb
+    return out
+
+
+def _reference(tiny_home: Path, tmp_path: Path) -> dict[str, pl.DataFrame]:
+    """A clean in-process run of the same assets on a copy of the landing zone."""
+    from assets.embed import ASSETS as EMBED_ASSETS
+    from assets.ingest import ASSETS as INGEST_ASSETS
+    from assets.partitions import SHARDS
+    from resources import ComputeResource, DatasetsResource, EncoderResource, LakeResource
+
+    lake_root = tmp_path / "ref_lake"
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(SHARDS, [KEY])
+    res = dg.materialize(
+        [*INGEST_ASSETS, *EMBED_ASSETS],
+        partition_key=KEY,
+        instance=instance,
+        resources={
+            "lake": LakeResource(root=str(lake_root), artifacts_root=str(tmp_path / "ref_artifacts")),
+            "datasets": DatasetsResource(landing=str(tiny_home / "landing"), eval_root=str(tiny_home / "eval")),
+            "compute": ComputeResource(device="cpu", num_workers=0),
+            "encoder": EncoderResource(),
+        },
+    )
+    assert res.success
+    return _tables(lake_root)
+
+
+def test_sigkill_during_samples_and_embeddings_then_rerun_equals_a_clean_run(tiny_home, tmp_path):
+    from assets import sensors
+    from assets.partitions import SHARDS
+    from assets.run_health import run_worker_dead
+    from dagster._daemon.monitoring.run_monitoring import monitor_started_run
+
+    ref = _reference(tiny_home, tmp_path)
+    assert ref["samples"].height > 20 and ref["embeddings"].height == ref["samples"].height
+
+    home = tmp_path / "home"
+    shutil.copytree(tiny_home / "landing", home / "landing")
+    dagster_home = tmp_path / "dagster_home"
+    dagster_home.mkdir()
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")
+    instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home)))
+    instance.add_dynamic_partitions(SHARDS, [KEY])
+    known: set = set()
+
+    # 1. killed while the samples step runs; run monitoring finds the dead worker
+    run1 = _kill_during_step(home, dagster_home, instance, "samples", 0.0, known)
+    rec = instance.get_run_records(RunsFilter(run_ids=[run1]))[0]
+    assert rec.dagster_run.status == DagsterRunStatus.STARTED, "a SIGKILLed run stays STARTED by itself"
+    assert run_worker_dead(instance, rec.dagster_run)
+    monitor_started_run(instance, None, rec, logging.getLogger("run_monitoring"))
+    assert instance.get_run_by_id(run1).status == DagsterRunStatus.FAILURE
+
+    # 2. the re-run is killed while embedding, and left STARTED (no daemon here)
+    run2 = _kill_during_step(home, dagster_home, instance, "embeddings", 1.0, known)
+    assert instance.get_run_by_id(run2).status == DagsterRunStatus.STARTED
+
+    # 3. the final re-run, multiprocess executor, DataLoader workers (ComputeResource default: 2)
+    proc = _launch(home, dagster_home)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    run3 = _latest_run(instance)
+    assert run3.status == DagsterRunStatus.SUCCESS
+    steps = {
+        e.dagster_event.step_key
+        for e in instance.all_logs(run3.run_id, of_type=DagsterEventType.STEP_SUCCESS)
+    }
+    assert {"raw_shards", "samples", "embeddings"} <= steps
+    mats = [
+        e.dagster_event.event_specific_data.materialization
+        for e in instance.all_logs(run3.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION)
+    ]
+    emb_meta = next(m.metadata for m in mats if m.asset_key.path[-1] == "embeddings")
+    assert "multiprocess" in " ".join(
+        e.message or "" for e in instance.all_logs(run3.run_id, of_type=DagsterEventType.ENGINE_EVENT)
+    )
+    if "num_workers" in emb_meta:
+        assert emb_meta["num_workers"].value >= 1
+
+    # the tables equal a clean run's: nothing lost, nothing duplicated
+    got = _tables(home / "lake")
+    assert got["samples"].equals(ref["samples"])
+    assert got["quarantine"].equals(ref["quarantine"])
+    assert got["embeddings"]["uid"].to_list() == ref["embeddings"]["uid"].to_list()
+    for col in ("image_emb", "text_emb"):
+        a = list_column_to_matrix(got["embeddings"][col])
+        b = list_column_to_matrix(ref["embeddings"][col])
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+    # the automation does not wait on the dead STARTED run(s)
+    out = sensors.curate_after_ingest(dg.build_sensor_context(instance=instance, cursor=None))
+    assert isinstance(out, dg.RunRequest), getattr(out, "skip_message", out)
