@@ -438,3 +438,12 @@ def test_open_clip_train_refuses_a_subset_smaller_than_one_batch(tmp_path):
     with pytest.raises(ValueError, match="got a subset of 10 pairs for batch_size 16; expected at least one batch"):
         train_subset(tars, small_cfg(model="tiny-rn-32", samples_seen=64, batch_size=16, backend="open_clip_train"),
                      tmp_path / "x.pt", ComputeSpec(device="cpu", num_workers=0))  # fmt: skip
+
+
+def test_auto_backend_trains_a_subset_smaller_than_one_batch_on_the_platform_loop(tmp_path):
+    from curation.train.trainer import train_subset
+
+    tars = _write_toy_shards(tmp_path / "shards", 10)
+    summary, path = train_subset(tars, small_cfg(model="tiny-rn-32", samples_seen=32, batch_size=16, backend="auto"),
+                                 tmp_path / "x.pt", ComputeSpec(device="cpu", num_workers=0))  # fmt: skip
+    assert summary.backend == "platform" and summary.samples_seen == 32 and summary.batch_size == 10 and path.exists()

@@ -66,7 +66,8 @@ from curation.select.semdedup import is_duplicate, semdedup_scores
 log = logging.getLogger(__name__)
 
 #: a recipe name is a partition key and a directory name: no separators, no '..', no spaces
-_RECIPE_NAME_RE = re.compile(r"^(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9_.@+=-]{0,127}$")
+# ":" for the derived controls (control:...), "<" / ">" for threshold recipes (clipscore>0.2)
+_RECIPE_NAME_RE = re.compile(r"^(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9_.@+=:<>-]{0,127}$")
 
 METHODS = ("full", "random", "semdedup", "ssp", "dbp", "clipscore", "clipcov")
 CLASS_SOURCES = ("clusters",)
@@ -134,7 +135,7 @@ class Recipe:
         if not isinstance(self.name, str) or not _RECIPE_NAME_RE.match(self.name):
             # the name becomes a directory (artifacts/subsets/<name>, checkpoints) and a partition key
             raise ValueError(
-                f"recipe name: got {self.name!r}; expected letters, digits and '_', '.', '@', '+', '=', '-' "
+                f"recipe name: got {self.name!r}; expected letters, digits and '_', '.', '@', '+', '=', ':', '<', '>', '-' "
                 "(starting with a letter, digit or '_'; no '/', '..' or spaces)"
             )
         m = self.method

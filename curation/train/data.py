@@ -32,6 +32,23 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 DEFAULT_SHUFFLE_BUFFER = 8192
 
 
+def shuffle_buffered(items: Iterator, size: int, generator: torch.Generator) -> Iterator:
+    """Stream ``items`` through a seeded shuffle buffer of ``size`` (webdataset's approach: the
+    buffer fills, then each new item replaces a random one, which is yielded; the rest drain in
+    random order). The same generator state gives the same order."""
+    buf: list = []
+    for p in items:
+        if len(buf) < size:
+            buf.append(p)
+            continue
+        j = int(torch.randint(len(buf), (1,), generator=generator))
+        yield buf[j]
+        buf[j] = p
+    while buf:
+        j = int(torch.randint(len(buf), (1,), generator=generator))
+        buf[j], buf[-1] = buf[-1], buf[j]
+        yield buf.pop()
+
 class PairSource(Protocol):
     """``n`` pairs, served one epoch at a time in an order drawn from a generator."""
 
@@ -109,22 +126,8 @@ class ShardPairs:
 
     def epoch(self, generator: torch.Generator) -> Iterator[tuple[object, str]]:
         order = torch.randperm(len(self.paths), generator=generator).tolist()
-        buf: list[tuple[bytes, str]] = []
-        for si in order:
-            for _, members in iter_samples(self.paths[si]):
-                p = _pair(members)
-                if p is None:
-                    continue
-                if len(buf) < self.shuffle_buffer:
-                    buf.append(p)
-                    continue
-                j = int(torch.randint(len(buf), (1,), generator=generator))
-                yield buf[j]
-                buf[j] = p
-        while buf:
-            j = int(torch.randint(len(buf), (1,), generator=generator))
-            buf[j], buf[-1] = buf[-1], buf[j]
-            yield buf.pop()
+        pairs = (p for si in order for _, members in iter_samples(self.paths[si]) if (p := _pair(members)) is not None)
+        yield from shuffle_buffered(pairs, self.shuffle_buffer, generator)
 
 
 def read_webdataset_pairs(tar_paths: Iterable[str | Path]) -> tuple[list[str], list[Image.Image], list[str]]:
@@ -246,16 +249,5 @@ class SelectedShardPairs:
             log.warning("%s: %d requested members missing", path, missing)
 
     def epoch(self, generator: torch.Generator) -> Iterator[tuple[object, str]]:
-        buf: list[tuple[bytes, str]] = []
-        for si in torch.randperm(len(self.shards), generator=generator).tolist():
-            for p in self.iter_shard(si):
-                if len(buf) < self.shuffle_buffer:
-                    buf.append(p)
-                    continue
-                j = int(torch.randint(len(buf), (1,), generator=generator))
-                yield buf[j]
-                buf[j] = p
-        while buf:
-            j = int(torch.randint(len(buf), (1,), generator=generator))
-            buf[j], buf[-1] = buf[-1], buf[j]
-            yield buf.pop()
+        order = torch.randperm(len(self.shards), generator=generator).tolist()
+        yield from shuffle_buffered((p for si in order for p in self.iter_shard(si)), self.shuffle_buffer, generator)

@@ -96,28 +96,6 @@ def build_model(cfg: TrainConfig, device: torch.device | str = "cpu"):
     return model, preprocess, tokenizer
 
 
-def _param_groups(model: nn.Module, extra: Sequence[nn.Module], weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on matrices, none on gains/biases/embeddings/logit scale (open_clip)."""
-
-    def exclude(n: str, p: torch.Tensor) -> bool:
-        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n or "embedding" in n
-
-    named = list(model.named_parameters())
-    for i, m in enumerate(extra):
-        named += [(f"extra{i}.{n}", p) for n, p in m.named_parameters()]
-    decay = [p for n, p in named if p.requires_grad and not exclude(n, p)]
-    no_decay = [p for n, p in named if p.requires_grad and exclude(n, p)]
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def _embed_dim(model: nn.Module) -> int:
-    v = model.visual
-    d = getattr(v, "output_dim", None)
-    if isinstance(d, int):
-        return d
-    return int(model.text_projection.shape[1])
-
-
 def param_groups(model: nn.Module, extra: Sequence[nn.Module], weight_decay: float) -> list[dict]:
     """AdamW groups: decay on matrices, none on gains/biases/embeddings/logit scale (open_clip)."""
 

@@ -114,6 +114,12 @@ def train_subset(
         from curation.train.open_clip_backend import run_open_clip_train
 
         n = count_pairs(tar_paths)
+        if n < config.batch_size and config.backend == "auto":
+            # `auto` chose open_clip_train, which cannot hold a batch of distinct pairs here: the
+            # platform loop caps the batch at the subset size (recorded in the checkpoint row)
+            log.warning("subset of %d pairs < batch_size %d: backend auto uses the platform loop", n, config.batch_size)
+            backend = "platform"
+    if backend == "open_clip_train":
         if n < config.batch_size:
             # open_clip_train samples shards with replacement: a batch larger than the subset
             # would hold the same pair twice (a false negative for the contrastive loss)
