@@ -12,22 +12,28 @@ from __future__ import annotations
 import dagster as dg
 from dagster import Definitions
 
-from assets import embed, evaluate, ingest, jobs, schedules, select, sensors, train
-from assets.checks import embed as embed_checks
-from assets.checks import evaluate as evaluate_checks
-from assets.checks import ingest as ingest_checks
-from assets.checks import select as select_checks
-from assets.checks import train as train_checks
-from resources import ComputeResource, DatasetsResource, LakeResource
-from resources.distributed import DistributedResource
-from resources.encoder import EncoderResource
 
-STAGE_MODULES = (ingest, embed, select, train, evaluate)
-CHECK_MODULES = (ingest_checks, embed_checks, select_checks, train_checks, evaluate_checks)
+def stage_modules() -> tuple:
+    """The asset modules, one per lineage stage (imported here, not at module import: the
+    sensors and the schedule read their switches from the environment when defined)."""
+    from assets import embed, evaluate, ingest, select, train
+
+    return (ingest, embed, select, train, evaluate)
+
+
+def check_modules() -> tuple:
+    """The asset-check modules, one per lineage stage."""
+    from assets.checks import embed, evaluate, ingest, select, train
+
+    return (ingest, embed, select, train, evaluate)
 
 
 def default_resources() -> dict:
     """Resources bound by key, with defaults that run on the embedded dataset."""
+    from resources import ComputeResource, DatasetsResource, LakeResource
+    from resources.distributed import DistributedResource
+    from resources.encoder import EncoderResource
+
     return {
         "lake": LakeResource(),
         "datasets": DatasetsResource(),
@@ -39,10 +45,13 @@ def default_resources() -> dict:
 
 def build_definitions(resources: dict | None = None) -> Definitions:
     """Every asset, check, job, sensor and schedule of the lineage, with ``resources`` bound
-    (default: :func:`default_resources`)."""
+    (default: :func:`default_resources`). The environment (``CURATION_AUTOMATION``, the
+    re-curation cron, ``CURATION_HOME`` for the resources' defaults) is read here, not at import."""
+    from assets import jobs, schedules, sensors
+
     return Definitions(
-        assets=[a for m in STAGE_MODULES for a in m.ASSETS],
-        asset_checks=[c for m in CHECK_MODULES for c in m.CHECKS],
+        assets=[a for m in stage_modules() for a in m.ASSETS],
+        asset_checks=[c for m in check_modules() for c in m.CHECKS],
         jobs=jobs.JOBS,
         schedules=schedules.SCHEDULES,
         sensors=sensors.SENSORS,

@@ -90,3 +90,20 @@ def test_public_face_of_the_library_resolves():
         assert callable(getattr(curation, name)), name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         curation.nope  # noqa: B018
+
+
+def test_importing_the_definitions_reads_no_environment_and_no_recipe_file():
+    """In a fresh process: importing assets.definitions leaves every CURATION_* variable and the
+    recipe file unread (a bogus value would raise if read); building them reads both."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os; os.environ['CURATION_AUTOMATION'] = 'bogus'; os.environ['CURATION_RECIPES'] = '/nonexistent.yaml'\n"
+        "import assets.definitions as d\n"
+        "try:\n    d.get_defs()\nexcept Exception as e:\n    print('build reads env:', type(e).__name__); raise SystemExit(0)\n"
+        "raise SystemExit('building the definitions did not read the environment')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "build reads env" in out.stdout
