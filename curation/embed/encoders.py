@@ -289,7 +289,7 @@ class OpenClipEncoder(_TorchEncoder):
         self._model = model.eval()
         self._transform = preprocess
         self._tokenizer = tokenizer
-        self.image_dim = self.text_dim = int(_embed_dim(model))
+        self.image_dim = self.text_dim = int(embed_dim(model))
         size = getattr(model.visual, "image_size", None)
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size) if size else None
 
@@ -308,7 +308,7 @@ class OpenClipEncoder(_TorchEncoder):
         return _unit_rows(feats)
 
 
-def _embed_dim(model: torch.nn.Module) -> int:
+def embed_dim(model: torch.nn.Module) -> int:
     """Output width of an open_clip model (its text projection / visual output width)."""
     visual = model.visual
     for attr in ("output_dim", "embed_dim"):

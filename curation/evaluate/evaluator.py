@@ -35,6 +35,8 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 from PIL import Image
 
+from curation.ingest.emoji_dataset import EMOJI_PROMPT_TEMPLATES
+
 log = logging.getLogger(__name__)
 
 TASK_KINDS = ("zeroshot", "retrieval")
@@ -43,7 +45,7 @@ AVERAGE_TASK = "average"
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 # Short emoji-style templates (the default for the embedded dataset: its captions are emoji
 # names with "emoji" / "icon" words, not photos); "simple" and "openai" are open_clip's sets.
-EMOJI_TEMPLATES = ("{c}", "{c} emoji", "an emoji of {c}", "{c} emoji icon", "a {c} emoji")
+EMOJI_TEMPLATES = EMOJI_PROMPT_TEMPLATES  # what the emoji eval set ships in its tasks.json
 
 
 class TextImageEncoder(Protocol):

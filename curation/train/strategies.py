@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from curation.embed.encoders import embed_dim
 from curation.train.augmentation import Augmenter
 from curation.train.config import STRATEGIES, TrainConfig
 
@@ -108,14 +109,6 @@ def param_groups(model: nn.Module, extra: Sequence[nn.Module], weight_decay: flo
     decay = [p for n, p in named if p.requires_grad and not exclude(n, p)]
     no_decay = [p for n, p in named if p.requires_grad and exclude(n, p)]
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def embed_dim(model: nn.Module) -> int:
-    """Output width of an open_clip model."""
-    d = getattr(model.visual, "output_dim", None)
-    if isinstance(d, int):
-        return d
-    return int(model.text_projection.shape[1])
 
 
 @dataclass

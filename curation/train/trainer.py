@@ -110,23 +110,21 @@ def train_subset(
     """
     backend = config.resolved_backend()
     tar_paths = sorted(str(p) for p in tar_paths)
-    if backend == "open_clip_train":
-        from curation.train.open_clip_backend import run_open_clip_train
-
-        n = count_pairs(tar_paths)
-        if n < config.batch_size and config.backend == "auto":
-            # `auto` chose open_clip_train, which cannot hold a batch of distinct pairs here: the
-            # platform loop caps the batch at the subset size (recorded in the checkpoint row)
-            log.warning("subset of %d pairs < batch_size %d: backend auto uses the platform loop", n, config.batch_size)
-            backend = "platform"
-    if backend == "open_clip_train":
-        if n < config.batch_size:
+    n = count_pairs(tar_paths) if backend == "open_clip_train" else None
+    if n is not None and n < config.batch_size:
+        if config.backend != "auto":
             # open_clip_train samples shards with replacement: a batch larger than the subset
             # would hold the same pair twice (a false negative for the contrastive loss)
             raise ValueError(
                 f"backend open_clip_train: got a subset of {n} pairs for batch_size {config.batch_size}; expected "
                 f"at least one batch of distinct pairs (lower batch_size, or use backend 'platform', which caps it)"
             )
+        # `auto` chose open_clip_train: the platform loop caps the batch at the subset size instead
+        log.warning("subset of %d pairs < batch_size %d: backend auto uses the platform loop", n, config.batch_size)
+        backend = "platform"
+    if backend == "open_clip_train":
+        from curation.train.open_clip_backend import run_open_clip_train
+
         run, path = run_open_clip_train(tar_paths, config, checkpoint_path, compute, extra=extra, progress=progress)
         summary = TrainSummary(backend, run.samples_seen, run.steps, run.batch_size, n,
                                run.seconds, run.samples_per_s, run.final_loss, run.history)  # fmt: skip
