@@ -8,8 +8,9 @@ Thin adapters over ``curation``:
   shard by shard from the landing tars. Then the pool is embedded with it shard by shard
   (:func:`curation.embed.encoders.build_encoder`) -> table ``filter_embeddings`` (uid, image_emb,
   text_emb, clip_score = cos(image, caption), model).
-* ``trained_checkpoints[recipe]``: :func:`curation.train.trainer.train_subset` on the recipe's
-  webdataset export (one run per seed, matched samples seen) with the configured backend
+* ``trained_checkpoints[recipe]``: :func:`curation.train.trainer.train_runs` on the recipe's
+  webdataset export (one run per seed and budget, matched samples seen; the open_clip_train runs
+  share one subprocess) with the configured backend
   (``open_clip_train`` subprocess or the ``platform`` loop; ``auto``: open_clip_train for
   clip / clip_da / flip, platform for slip) -> checkpoint files under
   ``artifacts/checkpoints/<recipe>/`` and typed rows in the ``checkpoints`` partition (paths
@@ -283,7 +284,7 @@ def trained_checkpoints(
     context: dg.AssetExecutionContext, config: TrainedCheckpointsConfig, lake: LakeResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     from curation.train.checkpoints import checkpoint_record, checkpoint_schema
-    from curation.train.trainer import train_subset
+    from curation.train.trainer import TrainRun, train_runs
 
     recipe = context.partition_key
     set_deterministic()  # fixed torch threads + deterministic kernels (docs/evidence.md)
@@ -300,11 +301,15 @@ def trained_checkpoints(
     out_dir = lake.artifacts("checkpoints", recipe)
     rows, history_md, histories = [], [], {}
     t0 = time.perf_counter()
+    runs = []
     for cfg in cfgs:
         main = cfg.samples_seen == config.samples_seen
         path = out_dir / (f"{cfg.model}-{cfg.strategy}-seed{cfg.seed}" + ("" if main else f"-seen{cfg.samples_seen}") + ".pt")
-        summary, path = train_subset(tars, cfg, path, compute.spec(), extra={"recipe": recipe, "main_budget": main},
-                                     progress=previews.dagster_progress(context, f"train seed {cfg.seed}"))
+        label = f"train seed {cfg.seed}" + ("" if main else f" at {cfg.samples_seen} samples seen")
+        runs.append(TrainRun(cfg, path, {"recipe": recipe, "main_budget": main}, previews.dagster_progress(context, label)))
+    # all seeds and budgets of the recipe in one call: open_clip_train's process start is paid once
+    for run, (summary, path) in zip(runs, train_runs(tars, runs, compute.spec())):
+        cfg, main = run.config, run.extra["main_budget"]
         rows.append(checkpoint_record(recipe, cfg, summary.backend, path, lake.artifacts_root, main_budget=main,
                                       torch_threads=determinism_record()["torch_threads"], **summary.measures()))
         if main:

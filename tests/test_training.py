@@ -431,6 +431,33 @@ def test_matched_samples_seen_across_subset_sizes_for_both_backends(tmp_path, n)
     assert "[64/64 (100%)]" in log_text
 
 
+def test_open_clip_train_runs_in_one_process_equal_each_run_alone(tmp_path):
+    """Two seeds and a second budget in ONE open_clip_train process (train_runs) give bitwise the
+    weights, samples seen and logs each gives in its own process; a platform run in the same batch
+    goes through the platform loop."""
+    import torch
+
+    from curation.train.trainer import TrainRun, train_runs, train_subset
+
+    tars = _write_toy_shards(tmp_path / "shards", 40)
+    cpu0 = ComputeSpec(device="cpu", num_workers=0)
+    cfgs = [small_cfg(model="tiny-rn-32", samples_seen=s, batch_size=16, seed=seed, backend="open_clip_train")
+            for seed, s in ((0, 64), (1, 64), (0, 32))]  # fmt: skip
+    runs = [TrainRun(c, tmp_path / "batch" / f"r{i}.pt", {"i": i}) for i, c in enumerate(cfgs)]
+    runs.append(TrainRun(small_cfg(model="tiny-rn-32", samples_seen=32, batch_size=16, backend="platform"), tmp_path / "batch" / "p.pt"))
+    batch = train_runs(tars, runs, cpu0)
+    assert [s.backend for s, _ in batch] == ["open_clip_train"] * 3 + ["platform"]
+    assert [s.samples_seen for s, _ in batch] == [64, 64, 32, 32]
+    assert len(list((tmp_path / "batch").glob("*.open_clip_train/runs.json"))) == 1  # one process for the three
+    for i, c in enumerate(cfgs):
+        alone, path = train_subset(tars, c, tmp_path / "alone" / f"r{i}.pt", cpu0)
+        a, b = torch.load(path, weights_only=True), torch.load(batch[i][1], weights_only=True)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"run {i} differs when batched"
+        assert alone.final_loss == batch[i][0].final_loss and read_sidecar(batch[i][1])["extra"] == {"i": i}
+    w0, w1 = (torch.load(batch[i][1], weights_only=True) for i in (0, 1))
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)  # the seed reached the second run
+
+
 def test_open_clip_train_refuses_a_subset_smaller_than_one_batch(tmp_path):
     from curation.train.trainer import train_subset
 

@@ -190,8 +190,9 @@ def parse_log(text: str) -> list[dict[str, float]]:
 class _LogFollower:
     """Reports the new ``Train Epoch`` lines of a running open_clip_train to a progress callback."""
 
-    def __init__(self, out_log: Path, console: Path, config: TrainConfig, progress, t0: float):
-        self.paths, self.config, self.progress, self.t0, self.done = (out_log, console), config, progress, t0, 0
+    def __init__(self, out_log: Path, console: Path | None, config: TrainConfig, progress, t0: float):
+        self.paths = [p for p in (out_log, console) if p is not None]
+        self.config, self.progress, self.t0, self.done = config, progress, t0, 0
 
     def poll(self) -> None:
         if self.progress is None:
@@ -206,6 +207,24 @@ class _LogFollower:
             report(self.progress, "train", step, total, rec["samples_seen"], time.perf_counter() - self.t0,
                    rec["samples_per_s"], loss=rec["loss"])  # fmt: skip
         self.done = max(self.done, len(lines))
+
+
+@dataclass
+class OpenClipTrainJob:
+    """One run of a batch: its config, where its platform checkpoint goes, its sidecar extras and
+    an optional progress callback (a :class:`curation.engine.progress.ProgressEvent` callable)."""
+
+    config: TrainConfig
+    checkpoint_path: Path
+    extra: dict[str, Any] | None = None
+    progress: Any = None
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.checkpoint_path.with_name(self.checkpoint_path.stem + ".open_clip_train")
+
+
+RUN_NAME = "run"
 
 
 def run_open_clip_train(
@@ -237,48 +256,114 @@ def run_open_clip_train(
         RuntimeError: the subprocess failed (the tail of its log in the message) or its log
             shows a different number of samples seen than configured.
     """
-    from curation.embed.model_registry import read_state_dict, register_model_configs
-    from curation.train.checkpoints import CHECKPOINT_FORMAT
+    job = OpenClipTrainJob(config, Path(checkpoint_path), extra, progress)
+    return run_open_clip_train_many(tar_paths, [job], compute, timeout_s=timeout_s, poll_s=poll_s)[0]
 
+
+def run_open_clip_train_many(
+    tar_paths: Sequence[str | Path],
+    jobs: Sequence[OpenClipTrainJob],
+    compute: ComputeSpec | None = None,
+    timeout_s: float | None = None,
+    poll_s: float = 2.0,
+) -> list[tuple[OpenClipTrainRun, Path]]:
+    """Several open_clip_train runs on the same shards in ONE subprocess, one after the other.
+
+    The process start (interpreter, torch, open_clip) is paid once instead of once per run
+    (``python -m curation.train.open_clip_entry --runs RUNS.json``; under ``torchrun`` on
+    several GPUs likewise). Each run keeps its own logs dir, ``out.log``, samples-seen check
+    and platform checkpoint, exactly as :func:`run_open_clip_train` alone would write them;
+    ``seconds`` of a run is its own span (from its first to its last log line, plus its share
+    of the process start for the first run).
+
+    Returns:
+        ``[(run, checkpoint path)]`` in the order of ``jobs``.
+
+    Raises:
+        RuntimeError: the subprocess failed (runs completed before the failure keep their
+            open_clip_train logs; no platform checkpoint is written for any run) or a log shows
+            a different number of samples seen than configured.
+    """
     compute = compute or ComputeSpec()
     tar_paths = sorted(str(p) for p in tar_paths)
     if not tar_paths:
         raise FileNotFoundError("no webdataset shards to train on (got an empty list of tar files)")
-    checkpoint_path = Path(checkpoint_path)
-    logs_dir = checkpoint_path.with_name(checkpoint_path.stem + ".open_clip_train")
-    name = "run"
-    if (logs_dir / name).exists():
-        shutil.rmtree(logs_dir / name)  # a re-run replaces the previous one (open_clip_train refuses to overwrite)
-    logs_dir.mkdir(parents=True, exist_ok=True)
-    argv, env = build_command(config, tar_paths, logs_dir, name, compute)
-    log.info("open_clip_train: %s", " ".join(argv))
+    if not jobs:
+        return []
+    jobs = [OpenClipTrainJob(j.config, Path(j.checkpoint_path), j.extra, j.progress) for j in jobs]
+    if len({j.logs_dir for j in jobs}) != len(jobs):
+        raise ValueError("open_clip_train: got two runs with the same checkpoint path; expected one path per run")
+    argvs, env = [], None
+    for j in jobs:  # every command is built (and checked) before anything runs
+        if (j.logs_dir / RUN_NAME).exists():
+            shutil.rmtree(j.logs_dir / RUN_NAME)  # a re-run replaces the previous one (open_clip_train refuses to overwrite)
+        j.logs_dir.mkdir(parents=True, exist_ok=True)
+        argv, env = build_command(j.config, tar_paths, j.logs_dir, RUN_NAME, compute)
+        argvs.append(argv)
+    prefix = argvs[0][: argvs[0].index("curation.train.open_clip_entry") + 1]
+    batch_dir = jobs[0].logs_dir
+    console = batch_dir / "subprocess.log"  # streamed, so a long run can be followed live
+    if len(jobs) == 1:
+        command = argvs[0]
+    else:
+        runs_file = batch_dir / "runs.json"
+        runs_file.write_text(json.dumps([a[len(prefix):] for a in argvs], indent=1))
+        command = prefix + ["--runs", str(runs_file)]
+    log.info("open_clip_train (%d run%s): %s", len(jobs), "s" * (len(jobs) > 1), " ".join(command))
     t0 = time.perf_counter()
-    (logs_dir / name).mkdir(parents=True, exist_ok=True)
-    console = logs_dir / name / "subprocess.log"  # streamed, so a long run can be followed live
-    out_log = logs_dir / name / "out.log"
+    followers = [_LogFollower(j.logs_dir / RUN_NAME / "out.log", console if len(jobs) == 1 else None, j.config,
+                              j.progress, t0) for j in jobs]  # fmt: skip
     with open(console, "w") as f:
-        proc = subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
-        follow = _LogFollower(out_log, console, config, progress, t0)
+        proc = subprocess.Popen(command, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
         try:
             while True:
                 try:
                     proc.wait(timeout=poll_s)
                     break
                 except subprocess.TimeoutExpired:
-                    follow.poll()
+                    for fo in followers:
+                        fo.poll()
                     if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
-                        raise subprocess.TimeoutExpired(argv, timeout_s)
+                        raise subprocess.TimeoutExpired(command, timeout_s)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        follow.poll()
-    seconds = time.perf_counter() - t0
+        for fo in followers:
+            fo.poll()
+    total = time.perf_counter() - t0
     output = console.read_text(errors="replace")
-    text = out_log.read_text() if out_log.exists() else ""
     if proc.returncode != 0:
         raise RuntimeError(f"open_clip_train exited with {proc.returncode}; expected 0. Last output ({console}):\n{output[-3000:]}")
-    lines = parse_log(text or output)
+    spans = _run_spans([j.logs_dir / RUN_NAME / "out.log" for j in jobs], t0, total)
+    return [
+        _finish_run(j, argv, spans[i], output if len(jobs) == 1 else "") for i, (j, argv) in enumerate(zip(jobs, argvs))
+    ]
+
+
+def _run_spans(out_logs: Sequence[Path], t0: float, total: float) -> list[float]:
+    """Wall seconds per run of a batch: each ``out.log`` from creation to its last write (the
+    first run also carries the process start); the whole subprocess time for a single run."""
+    if len(out_logs) == 1:
+        return [total]
+    start_wall = time.time() - (time.perf_counter() - t0)
+    ends = [p.stat().st_mtime if p.exists() else start_wall for p in out_logs]
+    spans, prev = [], start_wall
+    for end in ends:
+        spans.append(max(0.0, end - prev))
+        prev = end
+    return spans
+
+
+def _finish_run(job: OpenClipTrainJob, argv: list[str], seconds: float, console_text: str) -> tuple[OpenClipTrainRun, Path]:
+    """Check one finished run's log and convert its checkpoint to the platform format."""
+    from curation.embed.model_registry import read_state_dict, register_model_configs
+    from curation.train.checkpoints import CHECKPOINT_FORMAT
+
+    config, checkpoint_path = job.config, job.checkpoint_path
+    out_log = job.logs_dir / RUN_NAME / "out.log"
+    text = out_log.read_text() if out_log.exists() else ""
+    lines = parse_log(text or console_text)
     if not lines:
         raise RuntimeError(f"open_clip_train: got no 'Train Epoch' lines in {out_log}; expected a training log")
     seen = lines[-1]["samples_seen"]
@@ -287,7 +372,7 @@ def run_open_clip_train(
             f"open_clip_train: got {seen} samples seen (of {lines[-1]['of']}) in its log; expected exactly "
             f"{config.samples_seen}"
         )
-    ck = logs_dir / name / "checkpoints" / "epoch_1.pt"
+    ck = job.logs_dir / RUN_NAME / "checkpoints" / "epoch_1.pt"
     if not ck.exists():
         raise RuntimeError(f"open_clip_train: got no checkpoint {ck}; expected one after the epoch")
     import torch
@@ -321,7 +406,7 @@ def run_open_clip_train(
         "final_loss": run.final_loss,
         "history": run.history,
         "command": argv,
-        "extra": extra or {},
+        "extra": job.extra or {},
     }
     checkpoint_path.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=float))
     log.info("open_clip_train: %d samples seen, %.0f samples/s, saved %s", seen, run.samples_per_s, checkpoint_path)

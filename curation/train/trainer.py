@@ -91,6 +91,74 @@ def count_pairs(tar_paths: Sequence[str | Path]) -> int:
     return sum(1 for p in tar_paths for _, m in iter_samples(p) if _pair(m) is not None)
 
 
+@dataclass
+class TrainRun:
+    """One run asked of :func:`train_runs`: its config, checkpoint path, sidecar extras, progress."""
+
+    config: TrainConfig
+    checkpoint_path: str | Path
+    extra: dict[str, Any] | None = None
+    progress: Any = None
+
+
+def resolve_backend(config: TrainConfig, n_pairs: int | None) -> str:
+    """The backend a run uses: ``config.resolved_backend()``, except that ``auto`` falls back to
+    the platform loop for a subset smaller than one batch (open_clip_train samples shards with
+    replacement: a batch larger than the subset would hold the same pair twice, a false negative
+    for the contrastive loss; the platform loop caps the batch at the subset size).
+
+    Raises:
+        ValueError: backend ``open_clip_train`` chosen explicitly for such a subset.
+    """
+    backend = config.resolved_backend()
+    if backend == "open_clip_train" and n_pairs is not None and n_pairs < config.batch_size:
+        if config.backend != "auto":
+            raise ValueError(
+                f"backend open_clip_train: got a subset of {n_pairs} pairs for batch_size {config.batch_size}; expected "
+                f"at least one batch of distinct pairs (lower batch_size, or use backend 'platform', which caps it)"
+            )
+        log.warning("subset of %d pairs < batch_size %d: backend auto uses the platform loop", n_pairs, config.batch_size)
+        return "platform"
+    return backend
+
+
+def train_runs(
+    tar_paths: Sequence[str | Path], runs: Sequence[TrainRun], compute: ComputeSpec | None = None
+) -> list[tuple[TrainSummary, Path]]:
+    """Several runs on the same subset (seeds, budgets, strategies), each with its backend.
+
+    The open_clip_train runs share ONE subprocess (:func:`run_open_clip_train_many`: the process
+    start is paid once, each run still has its own log, samples-seen check and checkpoint); the
+    platform runs go through :func:`train_from_shards` in this process. Every run gives what
+    :func:`train_subset` gives for it alone.
+
+    Returns:
+        ``[(summary, checkpoint path)]`` in the order of ``runs``.
+    """
+    tar_paths = sorted(str(p) for p in tar_paths)
+    n = None
+    if any(r.config.resolved_backend() == "open_clip_train" for r in runs):
+        n = count_pairs(tar_paths)
+    backends = [resolve_backend(r.config, n) for r in runs]  # every run checked before any trains
+    out: list[tuple[TrainSummary, Path] | None] = [None] * len(runs)
+    oct_idx = [i for i, b in enumerate(backends) if b == "open_clip_train"]
+    if oct_idx:
+        from curation.train.open_clip_backend import OpenClipTrainJob, run_open_clip_train_many
+
+        jobs = [OpenClipTrainJob(runs[i].config, Path(runs[i].checkpoint_path), runs[i].extra, runs[i].progress) for i in oct_idx]
+        for i, (run, path) in zip(oct_idx, run_open_clip_train_many(tar_paths, jobs, compute)):
+            out[i] = (TrainSummary("open_clip_train", run.samples_seen, run.steps, run.batch_size, n, run.seconds,
+                                   run.samples_per_s, run.final_loss, run.history), path)  # fmt: skip
+    for i, b in enumerate(backends):
+        if b != "platform":
+            continue
+        r = runs[i]
+        res, path = train_from_shards(tar_paths, r.config, r.checkpoint_path, compute, extra=r.extra, progress=r.progress)
+        out[i] = (TrainSummary("platform", res.samples_seen, res.steps, res.batch_size, res.n_train, res.seconds,
+                               res.samples_per_s, res.final_loss, res.history), path)  # fmt: skip
+    return [o for o in out if o is not None]
+
+
 def train_subset(
     tar_paths: Sequence[str | Path],
     config: TrainConfig,
@@ -108,31 +176,7 @@ def train_subset(
         ``(summary, checkpoint path)``; the checkpoint loads with
         :func:`curation.embed.model_registry.load_checkpoint` whichever backend wrote it.
     """
-    backend = config.resolved_backend()
-    tar_paths = sorted(str(p) for p in tar_paths)
-    n = count_pairs(tar_paths) if backend == "open_clip_train" else None
-    if n is not None and n < config.batch_size:
-        if config.backend != "auto":
-            # open_clip_train samples shards with replacement: a batch larger than the subset
-            # would hold the same pair twice (a false negative for the contrastive loss)
-            raise ValueError(
-                f"backend open_clip_train: got a subset of {n} pairs for batch_size {config.batch_size}; expected "
-                f"at least one batch of distinct pairs (lower batch_size, or use backend 'platform', which caps it)"
-            )
-        # `auto` chose open_clip_train: the platform loop caps the batch at the subset size instead
-        log.warning("subset of %d pairs < batch_size %d: backend auto uses the platform loop", n, config.batch_size)
-        backend = "platform"
-    if backend == "open_clip_train":
-        from curation.train.open_clip_backend import run_open_clip_train
-
-        run, path = run_open_clip_train(tar_paths, config, checkpoint_path, compute, extra=extra, progress=progress)
-        summary = TrainSummary(backend, run.samples_seen, run.steps, run.batch_size, n,
-                               run.seconds, run.samples_per_s, run.final_loss, run.history)  # fmt: skip
-        return summary, path
-    res, path = train_from_shards(tar_paths, config, checkpoint_path, compute, extra=extra, progress=progress)
-    summary = TrainSummary(backend, res.samples_seen, res.steps, res.batch_size, res.n_train, res.seconds,
-                           res.samples_per_s, res.final_loss, res.history)  # fmt: skip
-    return summary, path
+    return train_runs(tar_paths, [TrainRun(config, checkpoint_path, extra, progress)], compute)[0]
 
 
 __all__ = [
@@ -144,6 +188,7 @@ __all__ = [
     "STRATEGIES",
     "TrainConfig",
     "TrainResult",
+    "TrainRun",
     "TrainSummary",
     "batch_index_stream",
     "batch_sizes",
@@ -164,5 +209,7 @@ __all__ = [
     "save_checkpoint",
     "train_clip",
     "train_from_shards",
+    "resolve_backend",
+    "train_runs",
     "train_subset",
 ]
