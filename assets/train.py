@@ -232,7 +232,9 @@ class TrainedCheckpointsConfig(dg.Config):
     # round(m * pool size) samples seen for every multiple m (e.g. [0.25, 0.5, 1.0, 2.0])
     samples_seen_multiples: list[float] = []
 
-    def train_config(self, seed: int, samples_seen: int | None = None) -> TrainConfig:
+    def train_config(self, seed: int, samples_seen: int | None = None, strategy: str | None = None) -> TrainConfig:
+        """The run of ``seed`` (at ``samples_seen``, default the main budget); ``strategy``: the
+        recipe's ``train_strategy``, which wins over this config and its preset."""
         from curation.train.config import NAMED_CONFIGS
 
         values = dict(
@@ -249,10 +251,12 @@ class TrainedCheckpointsConfig(dg.Config):
                 field_name = next((f for f, t in key.items() if t == k), k)
                 if field_name not in explicit:
                     values[k] = v
+        if strategy is not None:
+            values["strategy"] = strategy
         return TrainConfig(**values)
 
 
-def curve_configs(config: TrainedCheckpointsConfig, db: Lake, workers: int = 0) -> list[TrainConfig]:
+def curve_configs(config: TrainedCheckpointsConfig, db: Lake, workers: int = 0, strategy: str | None = None) -> list[TrainConfig]:
     """The compute-curve runs: per seed, ``m * pool size`` samples seen per multiple ``m``, rounded
     to whole steps of all loader workers (``batch_size x max(1, workers)``: what open_clip_train
     needs to see exactly that many, whatever the GPU count); runs equal to the main
@@ -268,7 +272,7 @@ def curve_configs(config: TrainedCheckpointsConfig, db: Lake, workers: int = 0) 
     # every recipe's curve point is the same compute, and open_clip_train sees exactly that many
     unit = config.batch_size * max(1, workers)
     budgets = sorted({max(1, round(m * pool / unit)) * unit for m in config.samples_seen_multiples} - {config.samples_seen})
-    return [config.train_config(s, b) for s in config.seeds for b in budgets]
+    return [config.train_config(s, b, strategy) for s in config.seeds for b in budgets]
 
 
 @dg.asset(
@@ -284,14 +288,17 @@ def trained_checkpoints(
     context: dg.AssetExecutionContext, config: TrainedCheckpointsConfig, lake: LakeResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     from curation.train.checkpoints import checkpoint_record, checkpoint_schema
+    from curation.select.controls import resolve_recipe
     from curation.train.trainer import TrainRun, train_runs
 
     recipe = context.partition_key
     set_deterministic()  # fixed torch threads + deterministic kernels (docs/evidence.md)
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
         raise ValueError(f"seeds: got {config.seeds}; expected a non-empty list of distinct ints")
-    cfgs = [config.train_config(s) for s in config.seeds]  # validates before any work
-    cfgs += curve_configs(config, lake.lake(), compute.spec().num_workers)  # compute-curve runs
+    # a recipe may name its own training strategy (recipes.yaml `train_strategy`, e.g. full+slip)
+    strategy = resolve_recipe(recipe).train_strategy
+    cfgs = [config.train_config(s, strategy=strategy) for s in config.seeds]  # validates before any work
+    cfgs += curve_configs(config, lake.lake(), compute.spec().num_workers, strategy)  # compute-curve runs
     shard_dir = Path(lake.artifacts_root) / "subsets" / recipe / "shards"
     tars = sorted(shard_dir.glob("*.tar"))
     if not tars:

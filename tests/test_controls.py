@@ -87,3 +87,19 @@ def test_threshold_control_needs_the_target_materialized(recipe_file):
         finalize_control(resolve_recipe("control:clipscore>0.2"), make_pool())
     with pytest.raises(ValueError, match="unknown control"):
         resolve_recipe("control:nope")
+
+
+def test_a_control_trains_with_its_targets_strategy(tmp_path, monkeypatch):
+    p = tmp_path / "recipes.yaml"
+    recipes = {
+        "random@0.5": {"method": "random", "keep_fraction": 0.5},
+        "dbp@0.5": {"method": "dbp", "keep_fraction": 0.5},
+        "dbp@0.5+slip": {"method": "dbp", "keep_fraction": 0.5, "train_strategy": "slip"},
+    }
+    p.write_text(yaml.safe_dump({"recipes": recipes}, sort_keys=False))
+    monkeypatch.setenv("CURATION_RECIPES", str(p))
+    cm = control_map()
+    # the clip recipe reuses the declared random@0.5; the slip one gets a slip-trained control
+    assert cm == {"dbp@0.5": "random@0.5", "dbp@0.5+slip": "control:random@0.5+train=slip"}
+    c = resolve_recipe("control:random@0.5+train=slip")
+    assert (c.method, c.keep_fraction, c.train_strategy) == ("random", 0.5, "slip")

@@ -80,6 +80,23 @@ def test_recipe_hash_stable_and_sensitive():
     assert recipe_hash(a) != recipe_hash(c)
 
 
+def test_train_strategy_is_a_training_setting_of_any_recipe():
+    from curation.select.recipes import TRAIN_STRATEGIES
+    from curation.train.config import STRATEGIES
+
+    assert TRAIN_STRATEGIES == STRATEGIES  # select may not import train: the two lists must agree
+    full = parse_recipe("full", {"method": "full"})
+    slip = parse_recipe("full+slip", {"method": "full", "train_strategy": "slip"})
+    dbp = parse_recipe("d", {"method": "dbp", "keep_fraction": 0.5, "train_strategy": "flip"})
+    assert slip.train_strategy == "slip" and dbp.train_strategy == "flip" and full.train_strategy is None
+    # the same samples: the subset's hash does not depend on how it is trained
+    assert recipe_hash(slip) == recipe_hash(full)
+    with pytest.raises(ValueError, match=r"train_strategy: got 'simclr'; expected one of \('clip', 'clip_da', 'flip', 'slip'\)"):
+        parse_recipe("x", {"method": "full", "train_strategy": "simclr"})
+    with pytest.raises(ValueError, match="train_strategy: got 1; expected a string"):
+        parse_recipe("x", {"method": "full", "train_strategy": 1})
+
+
 @pytest.fixture(scope="module")
 def pool():
     rng = np.random.default_rng(0)

@@ -73,6 +73,8 @@ def _derived_name(target: Recipe) -> str:
         name = f"{CONTROL_PREFIX}random@{target.keep_fraction:g}"
         if target.after_semdedup_eps is not None:
             name += f"+semdedup@eps={target.after_semdedup_eps:g}"
+        if target.train_strategy is not None:  # a control trains as its target trains
+            name += f"+train={target.train_strategy}"
         return name
     return f"{CONTROL_PREFIX}{target.name}"
 
@@ -81,7 +83,8 @@ def _declared_equivalent(target: Recipe, recipes: Mapping[str, Recipe]) -> str |
     if not _static(target):
         return None
     for r in recipes.values():
-        if r.method == "random" and r.keep_fraction == target.keep_fraction and r.after_semdedup_eps == target.after_semdedup_eps:
+        if (r.method == "random" and r.keep_fraction == target.keep_fraction and r.after_semdedup_eps == target.after_semdedup_eps
+                and r.train_strategy == target.train_strategy):  # fmt: skip
             return r.name
     return None
 
@@ -134,8 +137,9 @@ def resolve_recipe(name: str, path: str | None = None) -> Recipe:
         raise ValueError(f"unknown control {name!r}; expected one of {valid}")
     t = recipes[targets[0]]
     if _static(t):
-        return Recipe(name=name, method="random", keep_fraction=t.keep_fraction, after_semdedup_eps=t.after_semdedup_eps, seed=CONTROL_SEED)
-    return Recipe(name=name, method="random", keep_fraction=1.0, seed=CONTROL_SEED)
+        return Recipe(name=name, method="random", keep_fraction=t.keep_fraction, after_semdedup_eps=t.after_semdedup_eps,
+                      seed=CONTROL_SEED, train_strategy=t.train_strategy)  # fmt: skip
+    return Recipe(name=name, method="random", keep_fraction=1.0, seed=CONTROL_SEED, train_strategy=t.train_strategy)
 
 
 def needs_dedup_scores(name: str, path: str | None = None) -> bool:

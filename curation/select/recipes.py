@@ -74,6 +74,11 @@ CLASS_SOURCES = ("clusters",)
 
 # Keys each method accepts besides ``method`` (anything else is rejected).
 _COMMON = {"after_semdedup_eps"}
+# what every recipe may say about how its subset is trained (the models of its partition)
+_TRAINING = {"train_strategy"}
+#: the training strategies a recipe may name (curation.train.config.STRATEGIES; select does not
+#: import train, tests/test_recipes.py checks the two agree)
+TRAIN_STRATEGIES = ("clip", "clip_da", "flip", "slip")
 _KEYS: dict[str, set[str]] = {
     "full": set(),
     "random": {"keep_fraction", "seed"} | _COMMON,
@@ -83,6 +88,7 @@ _KEYS: dict[str, set[str]] = {
     "clipscore": {"keep_fraction", "threshold"} | _COMMON,
     "clipcov": {"keep_fraction", "classes", "max_dense", "large", "factorized"} | _COMMON,
 }
+_KEYS = {m: keys | _TRAINING for m, keys in _KEYS.items()}
 _REQUIRED: dict[str, set[str]] = {
     "random": {"keep_fraction"},
     "semdedup": {"eps"},
@@ -113,6 +119,10 @@ class Recipe:
         max_dense: CLIPCov: largest class solved with a dense similarity tile.
         large: CLIPCov: ``factorized`` approximation or ``exact`` for larger classes.
         factorized: CLIPCov: use the factorized approximation for every class.
+        train_strategy: the training strategy of this recipe's models (``clip``, ``clip_da``,
+            ``flip``, ``slip``), overriding ``trained_checkpoints``' configured one; None: the
+            configured one. Lets one pool compare strategies on the same subset (Scaling Down
+            CLIP), e.g. ``full+slip: {method: full, train_strategy: slip}``.
     """
 
     name: str
@@ -130,6 +140,7 @@ class Recipe:
     max_dense: int = DEFAULT_MAX_DENSE
     large: str = "factorized"
     factorized: bool = False
+    train_strategy: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not _RECIPE_NAME_RE.match(self.name):
@@ -161,6 +172,10 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r}: large: got {self.large!r}; expected one of {LARGE_MODES}")
         if self.max_dense < 1:
             raise ValueError(f"recipe {self.name!r}: max_dense: got {self.max_dense}; expected >= 1")
+        if self.train_strategy is not None and self.train_strategy not in TRAIN_STRATEGIES:
+            raise ValueError(
+                f"recipe {self.name!r}: train_strategy: got {self.train_strategy!r}; expected one of {TRAIN_STRATEGIES}"
+            )
         if m == "clipscore" and (self.keep_fraction is None) == (self.threshold is None):
             raise ValueError(
                 f"recipe {self.name!r}: clipscore: got keep_fraction={self.keep_fraction}, "
@@ -206,7 +221,7 @@ def parse_recipe(name: str, spec: Any) -> Recipe:
     kwargs = dict(spec)
     types = {f.name: f.type for f in dataclasses.fields(Recipe)}
     for key, val in kwargs.items():
-        if key in ("method", "order", "classes", "large"):
+        if key in ("method", "order", "classes", "large", "train_strategy"):
             if not isinstance(val, str):
                 raise ValueError(f"recipe {name!r}: {key}: got {val!r}; expected a string")
         elif key in ("seed", "n_neighbors", "max_dense"):
@@ -249,9 +264,12 @@ def get_recipe(name: str, path: str | None = None) -> Recipe:
 
 
 def recipe_hash(recipe: Recipe) -> str:
-    """12-hex-char sha256 of the resolved config (name excluded: same config, same hash)."""
+    """12-hex-char sha256 of the resolved curation config: the name and ``train_strategy`` (how
+    the subset is trained, not which samples it holds) are excluded, so the same selection has
+    the same hash."""
     d = recipe.to_dict()
     d.pop("name")
+    d.pop("train_strategy")
     blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
