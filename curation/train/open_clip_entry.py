@@ -1,5 +1,6 @@
 """``python -m curation.train.open_clip_entry ARGS``: open_clip_train's ``main`` with the platform's
-model configs registered first (so ``--model tiny-rn-32`` resolves), nothing else changed.
+model configs registered first (so ``--model tiny-rn-32`` resolves) and four adaptations, each
+explained below: no webdataset end marker, decoding on white, a seeded sample shuffle, fused AdamW.
 
 webdataset 1.0 (pinned by the platform) ends every shard with an empty ``{}`` marker that
 open_clip_train 3.3.0's ``group_by_keys_nothrow`` does not expect (``KeyError: 'fname'``); the
@@ -10,6 +11,10 @@ Images: open_clip_train decodes with webdataset's ``"pilrgb"`` (``convert("RGB")
 drops transparency and exposes whatever colour transparent pixels hold (black for most
 emoji). The entry decodes with the platform's :func:`curation.embed.encoders.to_rgb` instead
 (alpha composited on white), so both backends and the evaluation see the same pixels.
+
+Sample order: see :class:`_WebdatasetOnWhite` (open_clip_train's shuffle buffer was seeded from
+``pid + time``). Optimizer: see :class:`_OptimWithFusedAdamW` (the fused AdamW kernel, as the
+platform loop uses).
 
 Run under ``torchrun --nproc_per_node N -m curation.train.open_clip_entry ...`` for N GPUs;
 plain ``python -m`` runs one process (open_clip_train sees no distributed environment).
@@ -89,6 +94,32 @@ def _seed_of(args: list[str]) -> int:
 RUNS_FLAG = "--runs"
 
 
+class _OptimWithFusedAdamW:
+    """``torch.optim`` as open_clip_train's ``main`` sees it, with ``AdamW`` built on the fused
+    kernel (``fused=True``) where the device supports it, as the platform loop builds it.
+
+    open_clip_train 3.3.0 constructs ``optim.AdamW(param_groups, lr, betas, eps)``: on CPU that is
+    the per-parameter for-loop implementation, which spent 0.15 s of a 0.62 s step of tiny-rn-32
+    (batch 128, one thread) updating the 49,408-row token embedding; the fused kernel did the same
+    update in 0.011 s. Same algorithm, same hyper-parameters; fused and for-loop AdamW agree to
+    float rounding, and each is deterministic."""
+
+    def __init__(self, optim):
+        self._optim = optim
+
+    def __getattr__(self, name):
+        return getattr(self._optim, name)
+
+    def AdamW(self, params, *args, **kw):  # noqa: N802 - the torch.optim name
+        if "fused" in kw or "foreach" in kw:
+            return self._optim.AdamW(params, *args, **kw)
+        params = list(params)
+        try:
+            return self._optim.AdamW(params, *args, fused=True, **kw)
+        except (RuntimeError, TypeError):  # fused kernel unavailable for this device / dtype
+            return self._optim.AdamW(params, *args, **kw)
+
+
 def _patch_open_clip_train() -> None:
     from curation.embed.model_registry import register_model_configs
 
@@ -99,6 +130,9 @@ def _patch_open_clip_train() -> None:
 
     if isinstance(oct_data.wds, _WebdatasetOnWhite):
         return
+    import open_clip_train.main as oct_main
+
+    oct_main.optim = _OptimWithFusedAdamW(oct_main.optim)
     if "eof_value" in oct_data.tar_file_expander.__code__.co_varnames:
         oct_data.tar_file_expander = functools.partial(oct_data.tar_file_expander, eof_value=None)
     oct_data.wds = _WebdatasetOnWhite(oct_data.wds)
