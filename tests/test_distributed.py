@@ -104,6 +104,22 @@ def test_stateful_map_parity(ray_executor):
         np.testing.assert_array_equal(a, b)
 
 
+def test_local_ray_listens_on_loopback_only_when_ray_was_imported_first(ray_executor):
+    """The module's Ray instance was started after this process imported Ray (the fixture
+    imports ``ray.cloudpickle`` first): it still listens on loopback only."""
+    import os
+
+    import ray
+
+    from net_helpers import is_loopback, listening_sockets
+
+    assert ray_executor.map(abs, [-3]) == [3]
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+    sockets = listening_sockets(os.getpid())
+    assert len({pid for *_, pid in sockets}) >= 3, sockets  # driver, GCS, raylet at least
+    assert [s for s in sockets if not is_loopback(s[1])] == []
+
+
 def test_task_errors_propagate(ray_executor):
     import ray
 

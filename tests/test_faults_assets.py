@@ -72,34 +72,58 @@ def test_deleted_shard_is_tombstoned_visibly(lake_resources, tmp_path):
     assert req2.run_key not in {r.run_key for r in first.run_requests}
 
 
-def test_local_ray_requires_a_per_instance_token():
-    """In a fresh process (as a Dagster step process is), the local Ray instance requires a
-    per-instance token (Ray token authentication); the token leaves the environment on shutdown.
-    Ray 2.60 has no option to bind its ports to loopback (docs/reliability.md, case 7)."""
+def test_local_ray_listens_on_loopback_only_and_requires_a_token():
+    """A local Ray instance started in a fresh process (as a Dagster step process starts it)
+    accepts no connection from another interface: every socket its process tree (driver, GCS,
+    raylet, agents, workers) listens on is bound to loopback. It also requires a per-instance
+    token, which leaves the environment on shutdown (docs/reliability.md, case 7)."""
     import subprocess
     import sys
     from pathlib import Path
 
+    from net_helpers import is_loopback, listening_sockets
+
     code = (
-        "import os\n"
+        "import os, sys\n"
         "from curation.engine.executor import DistributedConfig, RayExecutor\n"
         "ex = RayExecutor(DistributedConfig(address='local', num_cpus=1))\n"
         "ray = ex._ensure_ray()\n"
         "print('NODES', sorted({n['NodeManagerAddress'] for n in ray.nodes()}))\n"
         "print('MODE', os.environ.get('RAY_AUTH_MODE'), len(os.environ.get('RAY_AUTH_TOKEN', '')))\n"
-        "print('MAP', ex.map(abs, [-1, -2]))\n"
+        "print('MAP', ex.map(abs, [-1, -2]), flush=True)\n"
+        "sys.stdin.readline()\n"  # the test inspects the sockets now
         "ex.shutdown()\n"
-        "print('AFTER', 'RAY_AUTH_TOKEN' in os.environ)\n"
+        "print('AFTER', 'RAY_AUTH_TOKEN' in os.environ, os.environ.get('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'))\n"
     )
     repo = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ENABLE_WINDOWS_OR_OSX"))}
     env["PYTHONPATH"] = f"{repo}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    out = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.split(" ", 1)[0] in ("NODES", "MODE", "MAP", "AFTER"))
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=repo, env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        lines = {}
+        for line in proc.stdout:
+            head, _, rest = line.rstrip("\n").partition(" ")
+            lines[head] = rest
+            if head == "MAP":
+                break
+        assert lines.get("MAP") == "[1, 2]", (lines, proc.stderr.read()[-3000:] if proc.poll() is not None else "")
+        sockets = listening_sockets(proc.pid)
+        exposed = [s for s in sockets if not is_loopback(s[1])]
+        assert len({pid for *_, pid in sockets}) >= 3, sockets  # driver, GCS, raylet at least: not vacuous
+        assert exposed == [], f"listening on non-loopback addresses: {exposed}"
+        out, err = proc.communicate("\n", timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    for line in out.splitlines():
+        head, _, rest = line.partition(" ")
+        lines[head] = rest
+    assert lines["NODES"] == "['127.0.0.1']"
     assert lines["MODE"].split()[0] == "token"  # (Ray may consume RAY_AUTH_TOKEN from the env)
-    assert lines["MAP"] == "[1, 2]"
-    assert lines["AFTER"] == "False"
+    assert lines["AFTER"] == "False None"
 
 
 def test_quarantine_table_keeps_partitions_of_concurrent_stages(tmp_path):

@@ -12,7 +12,11 @@ test does exactly that with ``dagster job execute`` in a subprocess, on a one-sh
 3. the final re-run succeeds (embedding with DataLoader worker processes) and every table
    equals the tables of a clean in-process run.
 
-It is the slowest test of the fault suite (about four step-process start-ups per run).
+A second test leaves recovery to the daemon alone (``dagster-daemon run`` with the shipped
+config, no manual step after the kill): the queued run's worker is SIGKILLed, run monitoring
+marks it FAILED, run retries launch it again, and the retry's tables equal a clean run's.
+
+These are the slowest tests of the fault suite (about four step-process start-ups per run).
 """
 
 from __future__ import annotations
@@ -130,6 +134,14 @@ def _tables(lake_root: Path) -> dict[str, pl.DataFrame]:
     return out
 
 
+@pytest.fixture(scope="module")
+def reference(tiny_home, tmp_path_factory) -> dict[str, pl.DataFrame]:
+    """The tables of a clean in-process run (shared by the tests of this module)."""
+    ref = _reference(tiny_home, tmp_path_factory.mktemp("reference"))
+    assert ref["samples"].height > 20 and ref["embeddings"].height == ref["samples"].height
+    return ref
+
+
 def _reference(tiny_home: Path, tmp_path: Path) -> dict[str, pl.DataFrame]:
     """A clean in-process run of the same assets on a copy of the landing zone."""
     from assets.embed import ASSETS as EMBED_ASSETS
@@ -155,14 +167,24 @@ def _reference(tiny_home: Path, tmp_path: Path) -> dict[str, pl.DataFrame]:
     return _tables(lake_root)
 
 
-def test_sigkill_during_samples_and_embeddings_then_rerun_equals_a_clean_run(tiny_home, tmp_path):
+def _assert_tables_equal(got: dict[str, pl.DataFrame], ref: dict[str, pl.DataFrame]) -> None:
+    """Nothing lost, nothing duplicated: samples and quarantine equal, embeddings to 1e-5."""
+    assert got["samples"].equals(ref["samples"])
+    assert got["quarantine"].equals(ref["quarantine"])
+    assert got["embeddings"]["uid"].to_list() == ref["embeddings"]["uid"].to_list()
+    for col in ("image_emb", "text_emb"):
+        a = list_column_to_matrix(got["embeddings"][col])
+        b = list_column_to_matrix(ref["embeddings"][col])
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_sigkill_during_samples_and_embeddings_then_rerun_equals_a_clean_run(tiny_home, reference, tmp_path):
     from assets import sensors
     from assets.partitions import SHARDS
     from assets.run_health import run_worker_dead
     from dagster._daemon.monitoring.run_monitoring import monitor_started_run
 
-    ref = _reference(tiny_home, tmp_path)
-    assert ref["samples"].height > 20 and ref["embeddings"].height == ref["samples"].height
+    ref = reference
 
     home = tmp_path / "home"
     shutil.copytree(tiny_home / "landing", home / "landing")
@@ -208,15 +230,111 @@ def test_sigkill_during_samples_and_embeddings_then_rerun_equals_a_clean_run(tin
         assert emb_meta["num_workers"].value >= 1
 
     # the tables equal a clean run's: nothing lost, nothing duplicated
-    got = _tables(home / "lake")
-    assert got["samples"].equals(ref["samples"])
-    assert got["quarantine"].equals(ref["quarantine"])
-    assert got["embeddings"]["uid"].to_list() == ref["embeddings"]["uid"].to_list()
-    for col in ("image_emb", "text_emb"):
-        a = list_column_to_matrix(got["embeddings"][col])
-        b = list_column_to_matrix(ref["embeddings"][col])
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    _assert_tables_equal(_tables(home / "lake"), ref)
 
     # the automation does not wait on the dead STARTED run(s)
     out = sensors.curate_after_ingest(dg.build_sensor_context(instance=instance, cursor=None))
     assert isinstance(out, dg.RunRequest), getattr(out, "skip_message", out)
+
+
+def _wait_for(what: str, fn, timeout_s: float, daemon: subprocess.Popen):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if daemon.poll() is not None:
+            raise AssertionError(f"the daemon exited while waiting for {what}: {daemon.stderr.read()[-3000:]}")
+        got = fn()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a process we started and everything below it (by pid)."""
+    from net_helpers import process_tree
+
+    if proc.poll() is None:
+        tree = process_tree(proc.pid)
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
+
+
+def test_the_daemon_retries_a_sigkilled_run_and_the_retry_equals_a_clean_run(tiny_home, reference, tmp_path):
+    """No manual step after the kill: ``dagster-daemon run`` with the shipped dagster.yaml
+    dequeues a shard run, its worker is SIGKILLed (with its step processes) while ``samples``
+    runs, run monitoring marks it FAILED, run retries launch it again (from failure, same
+    partition), and the retry's tables equal a clean run's."""
+    from assets.partitions import SHARDS
+    from assets.run_health import run_worker_pid
+    from net_helpers import process_tree
+
+    home = tmp_path / "home"
+    shutil.copytree(tiny_home / "landing", home / "landing")
+    dagster_home = tmp_path / "dagster_home"
+    dagster_home.mkdir()
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")
+    instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home)))
+    assert instance.run_retries_enabled and instance.run_retries_max_retries == 1
+    assert instance.run_monitoring_enabled
+    instance.add_dynamic_partitions(SHARDS, [KEY])
+    env = _env(home, dagster_home)
+    env["CURATION_AUTOMATION"] = "off"  # only the run this test submits, no sensor runs
+
+    # the run is submitted to the queue as a sensor's run would be (same code location)
+    launch = subprocess.run(
+        [sys.executable, "-m", "dagster", "job", "launch", "-w", str(REPO / "workspace.yaml"),
+         "-j", "shard_ingest_job", "--tags", json.dumps({"dagster/partition": KEY})],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert launch.returncode == 0, launch.stderr[-3000:]
+    (run1,) = instance.get_runs(RunsFilter(job_name="shard_ingest_job"))
+    assert run1.status == DagsterRunStatus.QUEUED and run1.remote_job_origin is not None
+
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "dagster._daemon", "run", "-w", str(REPO / "workspace.yaml")],
+        cwd=REPO, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        def samples_started():
+            return any(
+                e.dagster_event.step_key == "samples"
+                for e in instance.all_logs(run1.run_id, of_type=DagsterEventType.STEP_START)
+            )
+
+        _wait_for("the samples step of the first run", samples_started, 300, daemon)
+        worker = run_worker_pid(instance, run1.run_id)
+        assert worker is not None and worker != daemon.pid
+        for pid in process_tree(worker):  # the run worker and its step processes, as an OOM kill of its cgroup
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        def retried_and_done():
+            runs = instance.get_runs(RunsFilter(tags={"dagster/parent_run_id": run1.run_id}))
+            return runs if runs and runs[0].status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED) else None
+
+        (retry,) = _wait_for("the automatic retry to finish", retried_and_done, 420, daemon)
+    finally:
+        _stop(daemon)
+
+    failed = instance.get_run_by_id(run1.run_id)
+    assert failed.status == DagsterRunStatus.FAILURE
+    assert failed.tags.get("dagster/will_retry") == "true"
+    assert failed.tags.get("dagster/auto_retry_run_id") == retry.run_id
+    assert retry.status == DagsterRunStatus.SUCCESS
+    assert retry.tags["dagster/retry_number"] == "1" and retry.tags["dagster/root_run_id"] == run1.run_id
+    assert retry.tags["dagster/partition"] == KEY and retry.job_name == "shard_ingest_job"
+    # one retry, nothing else launched
+    assert {r.run_id for r in instance.get_runs(RunsFilter(job_name="shard_ingest_job"))} == {run1.run_id, retry.run_id}
+    _assert_tables_equal(_tables(home / "lake"), reference)

@@ -5,9 +5,13 @@ One small abstraction covers every embarrassingly parallel stage of the platform
 
 * ``address=None``    -> :class:`InProcessExecutor`, a plain loop. Ray is not imported.
 * ``address="local"`` -> :class:`RayExecutor` on a local Ray instance started here
-  (``ray.init(num_cpus=..., include_dashboard=False, log_to_driver=False)``) with Ray token
-  authentication on: a random token per instance, so no other process, local or remote, can
-  submit work to it (Ray's ports still listen on all interfaces; Ray has no bind option).
+  (``ray.init(num_cpus=..., include_dashboard=False, log_to_driver=False)``), reachable from
+  this machine only: every server of the instance (GCS, raylet, object manager, workers,
+  dashboard and runtime-env agents) listens on loopback, because the instance is started in
+  Ray's own local-only mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: the node IP is the
+  loopback address, and Ray binds its servers to loopback when the node IP is loopback). Ray
+  token authentication is on as well, with a random token per instance, so no other local
+  process can submit work to it either.
 * anything else       -> :class:`RayExecutor` connected to that cluster address
   (``"auto"``, ``"ray://head:10001"``, ``"10.0.0.1:6379"``).
 
@@ -239,10 +243,12 @@ class RayExecutor(Executor):
                     "include_dashboard": False,
                     "log_to_driver": False,
                 }
-                # Ray 2.60's gRPC servers listen on every interface and offer no bind option
-                # (``_node_ip_address="127.0.0.1"`` is not honoured for the head), so a random
-                # per-instance token is required on every RPC instead (Ray token
-                # authentication): a process without it is refused.
+                # Loopback only: Ray binds every server of a node to loopback when the node IP
+                # is loopback, and picks the loopback IP in its local-only mode (ray.init maps
+                # ``_node_ip_address="127.0.0.1"`` back to the outward IP, so that is no way).
+                self._restore_env = _loopback_only()
+                # And a random per-instance token on every RPC (Ray token authentication), so
+                # no other local process can submit work either.
                 self._set_auth = _enable_token_auth()
                 if cfg.object_store_memory is not None:
                     kwargs["object_store_memory"] = int(cfg.object_store_memory)
@@ -262,6 +268,10 @@ class RayExecutor(Executor):
         if self._ray is not None and self._owns_ray:
             log.info("shutting down the Ray instance this executor started")
             self._ray.shutdown()
+        restore = getattr(self, "_restore_env", None)
+        if restore is not None:
+            restore()
+        self._restore_env = None
         self._ray = None
         self._owns_ray = False
 
@@ -325,6 +335,38 @@ class RayExecutor(Executor):
 
     def __repr__(self) -> str:
         return f"RayExecutor({self.config})"
+
+
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _loopback_only() -> Callable[[], None]:
+    """Start the next local Ray instance in Ray's local-only mode: node IP = loopback.
+
+    Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` into ``ray_constants.ENABLE_RAY_CLUSTER``
+    when it is imported; with it off, ``get_node_ip_address()`` is the loopback IP (Ray's
+    default on macOS and Windows), and Ray's servers bind to loopback when the node IP is
+    loopback (the GCS, raylet, object manager and core workers in C++, the dashboard and
+    runtime-env agents in Python). The variable is set for the processes Ray starts; if Ray
+    is already imported here, its constant is switched too. Returns a function that puts both
+    back (called on shutdown).
+    """
+    before = os.environ.get(LOCAL_ONLY_ENV)
+    os.environ[LOCAL_ONLY_ENV] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+    def restore() -> None:
+        if before is None:
+            os.environ.pop(LOCAL_ONLY_ENV, None)
+        else:
+            os.environ[LOCAL_ONLY_ENV] = before
+        constants = sys.modules.get("ray._private.ray_constants")
+        if constants is not None:  # what Ray would have read from the restored environment
+            constants.ENABLE_RAY_CLUSTER = constants.env_bool(LOCAL_ONLY_ENV, not constants.IS_WINDOWS_OR_OSX)
+
+    return restore
 
 
 def _enable_token_auth() -> tuple[str, ...]:
