@@ -20,7 +20,7 @@ from curation.select.recipes import (
     recipe_names,
 )
 
-PACKAGED = ["full", "random@0.5", "random@0.5+semdedup", "semdedup@eps=0.05", "ssp@0.5", "dbp@0.5", "clipscore@0.5", "clipcov@0.5"]
+PACKAGED = ["full", "full+slip", "random@0.5", "random@0.5+semdedup", "semdedup@eps=0.05", "ssp@0.5", "dbp@0.5", "clipscore@0.5", "clipcov@0.5"]
 
 
 def test_packaged_recipes_load():
@@ -34,7 +34,7 @@ def test_packaged_recipes_load():
 
 
 def test_unknown_recipe_lists_valid_names():
-    with pytest.raises(ValueError, match=r"unknown recipe 'dbp@0.9'; expected one of \['full', 'random@0.5'"):
+    with pytest.raises(ValueError, match=r"unknown recipe 'dbp@0.9'; expected one of \['full', 'full\+slip', 'random@0.5'"):
         get_recipe("dbp@0.9")
 
 
