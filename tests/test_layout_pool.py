@@ -303,6 +303,10 @@ def test_vector_and_uid_encodings_round_trip():
     assert [u[i] for i in order] == sorted(u)
     with pytest.raises(ValueError, match="32 hex"):
         uids_to_bytes(["abc"])
+    with pytest.raises(ValueError, match="non-hex"):  # the right length, not hex
+        uids_to_bytes([u[0], "g" * 32])
+    assert np.array_equal(uids_to_bytes([x.upper() for x in u]), b)
+    assert np.array_equal(uids_to_bytes(pl.Series(u).slice(2, 3)), b[2:5])  # an offset Arrow buffer
 
 
 def test_training_sample_is_bounded_and_seeded(tmp_path):
