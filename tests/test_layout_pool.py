@@ -250,6 +250,13 @@ def test_changed_content_with_same_uid_reenters_as_new(tmp_path, monkeypatch):
     update_layout(p.lake, cent, cfg)
     du = _finish(p.lake, cent, cfg, incremental=True)
     assert len(taken) == 1 and taken[0] is du and du.updated_clusters > 0 and du.recomputed_clusters == 0
+    # the layout rebuilt on other centroids (retrain): the same shards, but the stored scores
+    # belong to the old layout, so they are not updated in place
+    cent2, _ = fit_centroids(p.lake, K, niter=10, seed=5)
+    build_layout(p.lake, cent2, cfg)
+    du = _finish(p.lake, cent2, cfg, incremental=True)
+    assert len(taken) == 1 and du.recomputed_clusters > 0
+    _assert_same_scores(du.frame, dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame)
     _assert_same_scores(du.frame, dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame)
 
 

@@ -45,6 +45,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -347,13 +348,16 @@ def _stream_assign(lake: Lake, centroids: np.ndarray, config: LayoutConfig, shar
     return n, touched, encoders
 
 
-def _write_shard_state(lake: Lake, fps: dict[str, str], config: LayoutConfig) -> None:
+def _write_shard_state(lake: Lake, fps: dict[str, str], config: LayoutConfig, layout_id: str) -> None:
+    """``layout_id``: new for every :func:`build_layout` (new centroids or settings), kept by
+    :func:`update_layout`; scores computed on another layout are never updated in place."""
     lake.write(SHARDS_TABLE, pl.DataFrame({
         "shard": pl.Series(sorted(fps), dtype=pl.String),
         "fingerprint": pl.Series([fps[s] for s in sorted(fps)], dtype=pl.String),
         "clusters_per_bucket": pl.Series([config.clusters_per_bucket] * len(fps), dtype=pl.Int32),
         "dtype": pl.Series([config.dtype] * len(fps), dtype=pl.String),
         "with_text": pl.Series([config.with_text] * len(fps), dtype=pl.Boolean),
+        "layout_id": pl.Series([layout_id] * len(fps), dtype=pl.String),
     }))
 
 
@@ -365,9 +369,16 @@ def build_layout(lake: Lake, centroids: np.ndarray, config: LayoutConfig = Layou
     n, _touched, enc = _stream_assign(lake, centroids, config, None, writer, assign_method, gpu)
     if n == 0:
         raise ValueError("embeddings table: got no rows; expected embedded samples (materialize embeddings first)")
-    _write_shard_state(lake, fps, config)
+    _write_shard_state(lake, fps, config, uuid.uuid4().hex)
     return LayoutUpdate("rebuild", n, n, sorted(fps), [], np.arange(centroids.shape[0], dtype=np.int32),
                         sorted(enc), writer.written)
+
+
+def _layout_id(state: pl.DataFrame | None) -> str:
+    """The layout's id ("" for a layout written before ids existed)."""
+    if state is None or "layout_id" not in state.columns or state.height == 0:
+        return ""
+    return str(state["layout_id"][0])
 
 
 def layout_clusters_per_bucket(lake: Lake) -> int:
@@ -424,7 +435,7 @@ def update_layout(lake: Lake, centroids: np.ndarray, config: LayoutConfig = Layo
     writer = _Writer(lake, config, overwrite=False)
     n_new, t_new, enc = _stream_assign(lake, centroids, config, new + changed, writer, assign_method, gpu) if (new or changed) else (0, set(), set())
     touched |= t_new
-    _write_shard_state(lake, fps, config)
+    _write_shard_state(lake, fps, config, _layout_id(state))
     n_rows = lake.table("assignments").to_pyarrow_dataset().count_rows()
     log.info("layout update: %d new rows from %d shards, %d shards removed, %d clusters touched",
              n_new, len(new) + len(changed), len(removed), len(touched))
@@ -702,7 +713,7 @@ class DedupUpdate:
             got the exact add-only update; rows_scored: members of both.
         reentered: rows whose uid was scored before but whose shard's content changed since
             (treated as removed + new: their old and new clusters are recomputed in full).
-        shards: the layout's shard fingerprints the scores were computed from (written by
+        shards: the layout's shard fingerprints and id the scores were computed from (written by
             :func:`write_dedup_scores` to ``dedup_scores_shards``, so the next update knows
             which shards are new or changed without joining the pool's uids).
     """
@@ -722,15 +733,18 @@ def write_dedup_scores(lake: Lake, du: DedupUpdate) -> None:
     rows of shards it does not list count as new, or re-entered when already scored)."""
     lake.write("dedup_scores", du.frame)
     if du.shards is not None:
-        lake.write(DEDUP_STATE_TABLE, du.shards.select("shard", "fingerprint"))
+        lake.write(DEDUP_STATE_TABLE, du.shards.select("shard", "fingerprint", "layout_id"))
 
 
 def _shard_diff(lake: Lake, layout_shards: pl.DataFrame | None) -> tuple[list[str], list[str], list[str]] | None:
     """``(new, changed, gone)`` shards of the layout against the state ``dedup_scores`` was
-    computed from; None when that state is unknown (a lake written before it existed)."""
+    computed from; None when that state is unknown (a lake written before it existed) or was
+    computed on another layout (rebuilt since: new centroids or settings)."""
     if layout_shards is None or not lake.exists(DEDUP_STATE_TABLE):
         return None
     st = lake.read(DEDUP_STATE_TABLE)
+    if "layout_id" not in st.columns or set(st["layout_id"].to_list()) != set(layout_shards["layout_id"].to_list()):
+        return None
     old = dict(zip(st["shard"].to_list(), st["fingerprint"].to_list()))
     now = dict(zip(layout_shards["shard"].to_list(), layout_shards["fingerprint"].to_list()))
     return (sorted(s for s in now if s not in old), sorted(s for s in now if s in old and old[s] != now[s]),
@@ -893,9 +907,10 @@ def dedup_scores_by_bucket(
         A :class:`DedupUpdate` (the caller writes it with :func:`write_dedup_scores`).
     """
     executor = executor or InProcessExecutor()
-    layout_shards = layout_state(lake)
-    if layout_shards is not None:
-        layout_shards = layout_shards.select("shard", "fingerprint")
+    state = layout_state(lake)
+    layout_shards = None
+    if state is not None:
+        layout_shards = state.select("shard", "fingerprint").with_columns(pl.lit(_layout_id(state)).alias("layout_id"))
     have_old = incremental and lake.exists("dedup_scores") and "cos_to_centroid" in _columns(lake, "dedup_scores")
     diff = _shard_diff(lake, layout_shards) if have_old else None
     if diff is not None and not diff[1] and not diff[2]:  # shards only added: the add-only update
