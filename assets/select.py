@@ -53,6 +53,7 @@ from curation.select.layout import (
     fit_centroids,
     layout_state,
     update_layout,
+    write_dedup_scores,
 )
 from curation.select.pool_tables import ALIGNED_ENCODER_PREFIX, aligned_source, centroids_frame, clusters_frame, read_centroids, read_recipe_pool
 from curation.select.controls import finalize_control, needs_dedup_scores, resolve_recipe
@@ -198,7 +199,7 @@ def dedup_scores(
     # configured; identical scores: tests/test_distributed.py); only touched clusters recompute
     with distributed.executor(compute.spec()) as ex:
         du = dedup_scores_by_bucket(db, ex, LayoutConfig(memory_budget_bytes=DEFAULT_MEMORY_BUDGET))
-    db.write("dedup_scores", du.frame)
+    write_dedup_scores(db, du)
     m = du.frame["max_sim_to_earlier"].to_numpy()
     fr = removed_fraction(m, EPS_GRID)
     seconds = time.perf_counter() - t0
@@ -211,6 +212,7 @@ def dedup_scores(
             "clusters_recomputed": du.recomputed_clusters,
             "clusters_updated_exactly": du.updated_clusters,
             "rows_scored": du.rows_scored,
+            "rows_reentered": du.reentered,
             **{f"removed_fraction@eps={e}": v for e, v in fr.items()},
             "removed_by_eps": dg.MetadataValue.md(md_table(grid)),
             **previews.dedup_preview(lake, datasets),

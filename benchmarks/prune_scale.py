@@ -175,8 +175,8 @@ def run_one(n: int, d: int, k: int, dup_fraction: float, eps: float, seed: int, 
 # --------------------------------------------------------------------------- the lake path
 
 
-LAKE_STAGES = ("kmeans", "layout", "complexity", "semdedup", "dbp_select",
-               "incr_layout", "incr_semdedup", "incr_complexity", "incr_select")
+LAKE_STAGES = ("kmeans", "layout", "complexity", "semdedup", "dbp_select", "export",
+               "incr_layout", "incr_semdedup", "incr_complexity", "incr_select", "incr_export")
 
 
 def io_bytes() -> tuple[int, int]:
@@ -242,6 +242,21 @@ def _shard_table(x: np.ndarray, first_uid: int, shard: str):
     })
 
 
+def _samples_table(first_uid: int, n: int, shard: str):
+    """The ``samples`` rows of a synthetic shard (what an export joins the kept uids with)."""
+    import pyarrow as pa
+
+    keys = [f"{j:09d}" for j in range(first_uid, first_uid + n)]
+    return pa.table({
+        "uid": pa.array([f"{j:032x}" for j in range(first_uid, first_uid + n)], pa.string()),
+        "dataset": pa.array(["syn"] * n, pa.string()), "shard": pa.array([shard] * n, pa.string()),
+        "key": pa.array(keys, pa.string()), "caption": pa.array([f"synthetic sample {k}" for k in keys], pa.string()),
+        "width": pa.array(np.full(n, 64, np.int32)), "height": pa.array(np.full(n, 64, np.int32)),
+        "format": pa.array(["jpeg"] * n, pa.string()), "image_sha256": pa.array(["0" * 64] * n, pa.string()),
+        "n_bytes": pa.array(np.full(n, 2048, np.int64)), "member": pa.array([k + ".jpg" for k in keys], pa.string()),
+    })
+
+
 def write_lake(root: str, n: int, d: int, k: int, shard_rows: int, dup_fraction: float, seed: int,
                per_commit: int = 20) -> int:
     """Synthetic embeddings written as ``n / shard_rows`` shard partitions, streamed shard by
@@ -250,14 +265,16 @@ def write_lake(root: str, n: int, d: int, k: int, shard_rows: int, dup_fraction:
     from deltalake import write_deltalake
 
     centers, sigma = _concepts(d, k, seed)
-    tables = []
+    tables, samples = [], []
     for i, s in enumerate(range(0, n, shard_rows)):
         e = min(n, s + shard_rows)
         x = shard_rows_of(np.random.default_rng((seed, i)), centers, sigma, e - s, dup_fraction)
         tables.append(_shard_table(x, s, f"syn-{i:05d}"))
+        samples.append(_samples_table(s, e - s, f"syn-{i:05d}"))
         if len(tables) == per_commit or e == n:
             write_deltalake(root + "/embeddings", pa.concat_tables(tables), partition_by=["shard"], mode="append")
-            tables = []
+            write_deltalake(root + "/samples", pa.concat_tables(samples), partition_by=["shard"], mode="append")
+            tables, samples = [], []
     return n * d * 4
 
 
@@ -268,7 +285,14 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
     import polars as pl
 
     from curation.select.clustering import cluster_complexity
-    from curation.select.layout import LayoutConfig, build_layout, dedup_scores_by_bucket, fit_centroids, update_layout
+    from curation.select.layout import (
+        LayoutConfig,
+        build_layout,
+        dedup_scores_by_bucket,
+        fit_centroids,
+        update_layout,
+        write_dedup_scores,
+    )
     from curation.select.pool_tables import clusters_frame, read_recipe_pool
     from curation.select.recipes import apply_recipe, parse_recipe
     from curation.storage.lake import Lake
@@ -302,7 +326,7 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
 
     def semdedup(incremental):
         du = dedup_scores_by_bucket(lake, config=cfg, incremental=incremental)
-        lake.write("dedup_scores", du.frame)
+        write_dedup_scores(lake, du)
         return du
 
     stage("semdedup", lambda: semdedup(False))
@@ -312,6 +336,18 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
         return apply_recipe(recipe, pool)
 
     sel = stage("dbp_select", select)
+
+    def export(s):  # what pruned_subsets does after the selection (no webdataset shards: no images here)
+        from curation.select.export import export_subset
+
+        frame = s.to_frame()
+        lake.write("subsets", frame, partition=recipe.name)
+        samples = lake.read("samples", columns=["uid", "dataset", "shard", "key", "caption", "member", "image_sha256"])
+        kept = samples.join(frame.select("uid"), on="uid", how="semi")
+        return export_subset(Path(root) / "artifacts" / recipe.name, frame, kept, Path(root) / "landing",
+                             recipe=recipe.to_dict(), write_shards=False)
+
+    stage("export", lambda: export(sel))
     rss_full = peak_rss_bytes()
     parity = None
     if n <= int(os.environ.get("PRUNE_SCALE_PARITY_MAX_N", "200000")):
@@ -324,12 +360,14 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
     centers, sigma = _concepts(d, k, seed)  # the same concepts, a new shard of new rows
     xn = shard_rows_of(np.random.default_rng((seed, 10**9)), centers, sigma, shard_rows, dup_fraction)
     write_deltalake(root + "/embeddings", _shard_table(xn, n, "syn-new"), partition_by=["shard"], mode="append")
+    write_deltalake(root + "/samples", _samples_table(n, shard_rows, "syn-new"), partition_by=["shard"], mode="append")
     del xn
     up = stage("incr_layout", lambda: update_layout(lake, cent, cfg))
     du = stage("incr_semdedup", lambda: semdedup(True))
     stage("incr_complexity", complexity)
     sel2 = stage("incr_select", select)
-    incr_s = sec["incr_layout"] + sec["incr_semdedup"] + sec["incr_complexity"] + sec["incr_select"]
+    stage("incr_export", lambda: export(sel2))
+    incr_s = sum(sec[s] for s in ("incr_layout", "incr_semdedup", "incr_complexity", "incr_select", "incr_export"))
     n_sample = min(n, 256 * k)
     flops = {"kmeans": 2.0 * niter * n_sample * k * d, "layout": 2.0 * n * k * d,
              "semdedup": float((sizes.astype(np.float64) ** 2).sum() * d)}
@@ -389,7 +427,7 @@ def _fmt_lake(r: dict) -> str:
             ratio = r["ratio_to_sgemm"].get(s)
             lines.append(f"| {s} | {r['seconds'][s]:.2f} | {r['bytes_read'][s] / mib:.0f} | {r['bytes_written'][s] / mib:.0f} | "
                          + (f"{ratio:.2f}" if ratio is not None else "-") + " |")
-    lines.append(f"| full (kmeans..dbp_select) | {r['full_s']:.1f} | | | |")
+    lines.append(f"| full (kmeans..export) | {r['full_s']:.1f} | | | |")
     lines.append(f"| new {r['shard_rows']:,}-row shard, incremental | {r['incremental_s']:.1f} "
                  f"({100 * r['incremental_fraction']:.1f}% of full) | | | |")
     lines.append(f"peak RSS {r['peak_rss'] / gib:.2f} GiB = {r['peak_rss'] / r['x_bytes']:.2f} x X "

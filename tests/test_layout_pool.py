@@ -27,6 +27,7 @@ from curation.select.clustering import (
     train_centroids_two_level,
 )
 from curation.select.layout import (
+    DEDUP_STATE_TABLE,
     LAYOUT_TABLE,
     LayoutConfig,
     build_layout,
@@ -35,7 +36,10 @@ from curation.select.layout import (
     encode_vectors,
     fit_centroids,
     training_sample,
+    _find,
+    _keys,
     update_layout,
+    write_dedup_scores,
 )
 from curation.select.pool_tables import clusters_frame, read_recipe_pool
 from curation.select.recipes import Pool, apply_recipe, load_recipes
@@ -78,7 +82,7 @@ class SynPool:
 
 def _finish(lake: Lake, cent: np.ndarray, cfg: LayoutConfig, incremental: bool):
     du = dedup_scores_by_bucket(lake, config=cfg, incremental=incremental)
-    lake.write("dedup_scores", du.frame)
+    write_dedup_scores(lake, du)
     asg = lake.read("assignments", columns=["cluster_id", "cos_to_centroid"])
     lake.write("clusters", clusters_frame(cent, cluster_complexity(asg["cluster_id"].to_numpy(), asg["cos_to_centroid"].to_numpy(), cent)))
     return du
@@ -163,7 +167,8 @@ def test_incremental_equals_full_for_every_recipe(tmp_path):
     up = update_layout(a.lake, cent, cfg)
     assert up.mode == "incremental" and up.added_shards == ["syn-00004"] and up.n_new == 500
     du = _finish(a.lake, cent, cfg, incremental=True)
-    assert du.mode == "incremental" and du.updated_clusters > 0 and du.recomputed_clusters == 0
+    assert du.mode == "incremental" and du.updated_clusters > 0 and du.recomputed_clusters == 0 and du.reentered == 0
+    _assert_same_scores(du.frame, dedup_scores_by_bucket(a.lake, config=cfg, incremental=False).frame)
     # ... then a shard whose content changed re-enters as new content (old rows deleted first)
     for p in (a, b):
         p.shard("00001", 450, salt=1)
@@ -171,7 +176,8 @@ def test_incremental_equals_full_for_every_recipe(tmp_path):
     up = update_layout(a.lake, cent, cfg)
     assert up.added_shards == ["syn-00001"] and up.removed_shards == ["syn-00001"]
     du = _finish(a.lake, cent, cfg, incremental=True)
-    assert du.recomputed_clusters > 0 and du.rows_scored < a.lake.read("assignments").height + 1
+    # its 450 uids were scored before (same keys): each re-enters as removed + new
+    assert du.recomputed_clusters > 0 and du.reentered == 450 and du.rows_scored < a.lake.read("assignments").height + 1
     # nothing changed: nothing recomputed
     assert update_layout(a.lake, cent, cfg).n_new == 0
     assert dedup_scores_by_bucket(a.lake, config=cfg).rows_scored == 0
@@ -189,6 +195,87 @@ def test_incremental_equals_full_for_every_recipe(tmp_path):
         assert sa[name][0] == sb[name][0], name
         if sa[name][1] is not None:
             assert np.array_equal(sa[name][1], sb[name][1]), name
+
+
+def _assert_same_scores(got: pl.DataFrame, ref: pl.DataFrame) -> None:
+    """Incremental == full: same uids, clusters, cos; M within float32 rounding of the dot
+    products (BLAS tile shapes differ) and the same SemDeDup decision at every eps of the grid."""
+    assert got["uid"].to_list() == ref["uid"].to_list()
+    assert got["cluster_id"].to_list() == ref["cluster_id"].to_list()
+    assert got["cos_to_centroid"].equals(ref["cos_to_centroid"])
+    np.testing.assert_allclose(got["max_sim_to_earlier"], ref["max_sim_to_earlier"], atol=1e-6, rtol=0)
+    for eps in (0.001, 0.005, 0.01, 0.02, 0.05, 0.1):
+        assert np.array_equal(is_duplicate(got["max_sim_to_earlier"].to_numpy(), eps),
+                              is_duplicate(ref["max_sim_to_earlier"].to_numpy(), eps)), eps
+
+
+def test_changed_content_with_same_uid_reenters_as_new(tmp_path, monkeypatch):
+    """A shard rewritten with the SAME uids (its content changed, e.g. a new image_sha256 in
+    samples, then re-embedded) re-enters as removed + new, even where a row's vector, cluster
+    and cos_to_centroid come out identical: the stored M is not trusted for it."""
+    p = SynPool(tmp_path / "lake")
+    for i in range(3):
+        p.shard(f"{i:05d}", 500)
+    cent, _ = fit_centroids(p.lake, K, niter=10)
+    cfg = LayoutConfig(clusters_per_bucket=4)
+    build_layout(p.lake, cent, cfg)
+    _finish(p.lake, cent, cfg, incremental=False)
+    before = p.lake.read("dedup_scores")
+    p.shard("00001", 500)  # rewritten: new files, same uids and (here) the same vectors
+    up = update_layout(p.lake, cent, cfg)
+    assert up.added_shards == ["syn-00001"] and up.removed_shards == ["syn-00001"]
+    asg = p.lake.read("assignments")
+    moved = asg.filter(pl.col("shard") == "syn-00001")
+    du = _finish(p.lake, cent, cfg, incremental=True)
+    assert du.reentered == 500 and du.updated_clusters == 0
+    assert du.recomputed_clusters == moved["cluster_id"].n_unique()  # every cluster holding one of them
+    _assert_same_scores(du.frame, dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame)
+    assert du.frame["max_sim_to_earlier"].equals(before["max_sim_to_earlier"])  # same vectors: same M
+    # a lake scored before the shard state existed: the general (uid join) path, still exact
+    import shutil
+
+    shutil.rmtree(p.lake.uri(DEDUP_STATE_TABLE))
+    p.shard("00003", 400)
+    update_layout(p.lake, cent, cfg)
+    du = _finish(p.lake, cent, cfg, incremental=True)
+    assert du.mode == "incremental" and du.updated_clusters > 0 and du.reentered == 0
+    _assert_same_scores(du.frame, dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame)
+    # and with the state written again, the add-only path (no uid join) takes the next shard
+    import curation.select.layout as layout
+
+    taken = []
+    real = layout._add_only_update
+    monkeypatch.setattr(layout, "_add_only_update", lambda *a, **k: taken.append(real(*a, **k)) or taken[-1])
+    p.shard("00004", 300)
+    update_layout(p.lake, cent, cfg)
+    du = _finish(p.lake, cent, cfg, incremental=True)
+    assert len(taken) == 1 and taken[0] is du and du.updated_clusters > 0 and du.recomputed_clusters == 0
+    # the layout rebuilt on other centroids (retrain): the same shards, but the stored scores
+    # belong to the old layout, so they are not updated in place
+    cent2, _ = fit_centroids(p.lake, K, niter=10, seed=5)
+    build_layout(p.lake, cent2, cfg)
+    du = _finish(p.lake, cent2, cfg, incremental=True)
+    assert len(taken) == 1 and du.recomputed_clusters > 0
+    _assert_same_scores(du.frame, dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame)
+    _assert_same_scores(du.frame, dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame)
+
+
+def test_uid_key_lookup_for_every_key_shape():
+    """The add-only update matches uids by 16-byte key: hash uids (the high half decides),
+    counters (only the low half varies) and the general case give the same positions."""
+    rng = np.random.default_rng(0)
+    hashed = rng.integers(0, 256, (500, 16), dtype=np.uint8)
+    counter = np.zeros((500, 16), np.uint8)
+    counter[:, 8:] = np.arange(500, dtype=">u8").view(np.uint8).reshape(500, 8)
+    mixed = counter.copy()
+    mixed[:, 7] = np.arange(500) % 3  # high halves repeat but differ
+    for b in (hashed, counter, mixed):
+        k = _keys(b)
+        keys = np.sort(k)
+        q = np.concatenate([k[rng.permutation(500)[:200]], _keys(rng.integers(0, 256, (5, 16), dtype=np.uint8))])
+        pos, found = _find(keys, q)
+        assert found[:200].all() and not found[200:].any()
+        assert np.array_equal(keys[pos[:200]], q[:200])
 
 
 def test_float16_layout_keeps_decisions_close(tmp_path):
@@ -223,6 +310,10 @@ def test_vector_and_uid_encodings_round_trip():
     assert [u[i] for i in order] == sorted(u)
     with pytest.raises(ValueError, match="32 hex"):
         uids_to_bytes(["abc"])
+    with pytest.raises(ValueError, match="non-hex"):  # the right length, not hex
+        uids_to_bytes([u[0], "g" * 32])
+    assert np.array_equal(uids_to_bytes([x.upper() for x in u]), b)
+    assert np.array_equal(uids_to_bytes(pl.Series(u).slice(2, 3)), b[2:5])  # an offset Arrow buffer
 
 
 def test_training_sample_is_bounded_and_seeded(tmp_path):

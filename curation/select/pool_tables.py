@@ -77,6 +77,8 @@ def align_to(uids, frame: pl.DataFrame, columns, table: str, hint: str = "") -> 
     """
     cols = [columns] if isinstance(columns, str) else list(columns)
     want = pl.DataFrame({"uid": uids if isinstance(uids, pl.Series) else pl.Series(values=np.asarray(uids, dtype=str), dtype=pl.String)})
+    if frame.height == want.height and not want["uid"].null_count() and frame["uid"].equals(want["uid"], check_names=False):
+        return frame.select(cols)  # already aligned (both sorted by uid, the usual case): no join
     j = want.join(frame.select(["uid", *cols]).with_columns(pl.lit(True).alias("_hit")), on="uid", how="left",
                   maintain_order="left")
     missing = j["_hit"].null_count()

@@ -13,13 +13,33 @@ Functions:
                          the query's own index (nearest OTHER centroids).
     clipped_row_col_sums row and column sums of ``max(0, A @ B.T)`` (CLIPCov coverage).
     rowwise_dot          ``sum(a * b, axis=1)`` without an ``(n, d)`` temporary.
+    single_thread_blas   a context that runs BLAS on one thread (many small products).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 DEFAULT_BLOCK = 2048
+
+
+def single_thread_blas():
+    """A context in which numpy's BLAS runs on ONE thread.
+
+    For many small products (a few rows times one cluster) the BLAS threads cost more in
+    synchronization than they compute; on a machine whose cores are shared with other work
+    a thread that spins while the other is descheduled makes a 10 MFLOP product take 1-30 ms
+    instead of ~0.2 ms (measured in docs/benchmarks.md). Parallelism then comes from the
+    executor (one bucket per task). Uses ``threadpoolctl`` (installed with scikit-learn, a
+    dependency of clip-benchmark); without it this is a no-op.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - the pinned environment has it
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _as_f32(a: np.ndarray) -> np.ndarray:

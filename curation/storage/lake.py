@@ -46,6 +46,8 @@ TABLES: dict[str, str | None] = {
     # the pool laid out by concept cluster (curation.select.layout): one partition per bucket
     "pool_by_cluster": "bucket",
     "pool_by_cluster_shards": None,
+    # the layout shard fingerprints dedup_scores was computed from (its incremental state)
+    "dedup_scores_shards": None,
     "filter_embeddings": None,
     "subsets": "recipe",
     "checkpoints": "recipe",
