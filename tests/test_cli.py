@@ -60,7 +60,7 @@ def test_demo_rejects_unknown_recipes_listing_the_valid_ones(homes, capsys):
     ("argv", "expected"),
     [
         (["materialize", "nope"], "unknown asset nope; expected some of raw_shards, samples"),
-        (["materialize", "pruned_subsets"], "pruned_subsets is partitioned by recipe: pass --partition with one of: full, random@0.5"),
+        (["materialize", "pruned_subsets"], "pruned_subsets is partitioned by recipe: pass --partition with one of: full, full+slip, random@0.5"),
         (["materialize", "trained_checkpoints", "--partition", "x@1"], "--partition: got 'x@1'; expected a recipe key: full"),
         (["materialize", "concept_clusters", "--partition", "full"], "concept_clusters is not partitioned; drop --partition"),
         (["materialize", "samples", "pruned_subsets", "--partition", "full"], "materialize them in separate commands"),
