@@ -157,7 +157,9 @@ def phase(name: str, args) -> dict:
             run_config={"ops": {"filter_model": {"config": {"samples_seen": args.samples_seen, "batch_size": 128}}}},
         )  # fmt: skip
         md = res.asset_materializations_for_node("filter_model")[0].metadata
-        out.update(pool=n_pool, rows=md["rows"].value, embed_samples_per_s=md["embed_samples_per_s"].value)
+        out.update(pool=n_pool, rows=md["rows"].value, asset_seconds=md["seconds"].value,
+                   train_seconds=md["train_seconds"].value, embed_seconds=md["embed_seconds"].value,
+                   embed_samples_per_s=md["embed_samples_per_s"].value)  # fmt: skip
     elif name == "evaluate":
         import polars as pl
 
