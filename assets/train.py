@@ -85,6 +85,15 @@ def pool_shards(pool: pl.DataFrame, landing: str) -> list[tuple[str, pl.DataFram
     return out
 
 
+def keep_extremes(kept: list[tuple[float, str]], scores: np.ndarray, captions: list[str], k: int = 5) -> list[tuple[float, str]]:
+    """The ``k`` highest and ``k`` lowest ``(score, caption)`` of ``kept`` plus one more shard's
+    rows, sorted by score: what the preview shows, without holding every caption of the pool."""
+    order = np.argsort(scores, kind="stable")
+    idx = sorted(set(order[:k].tolist()) | set(order[-k:].tolist()))
+    merged = sorted(kept + [(float(scores[i]), captions[i]) for i in idx], key=lambda t: t[0])
+    return merged if len(merged) <= 2 * k else merged[:k] + merged[-k:]
+
+
 @dg.asset(
     deps=[dg.AssetDep("samples", partition_mapping=ALL_SHARDS), dg.AssetDep("embeddings", partition_mapping=ALL_SHARDS)],
     group_name=GROUP,
@@ -112,11 +121,13 @@ def filter_model(
     db = lake.lake()
     spec = compute.spec()
     pool = read_pool_samples(db)
+    pool_rows = pool.height
     shards = pool_shards(pool, datasets.landing)
+    del pool  # the per-shard frames hold what is needed
     n_pool = sum(rows.height for _, rows in shards)
     if not n_pool:
-        raise ValueError(f"filter_model: got 0 readable pool images (of {pool.height} pool rows); expected a pool")
-    meta: dict = {"pool_rows": pool.height, "images_missing": pool.height - n_pool, "shards": len(shards)}
+        raise ValueError(f"filter_model: got 0 readable pool images (of {pool_rows} pool rows); expected a pool")
+    meta: dict = {"pool_rows": pool_rows, "images_missing": pool_rows - n_pool, "shards": len(shards)}
     if config.pretrained:
         pretrained, source = config.pretrained, "pretrained"
     else:
@@ -128,6 +139,7 @@ def filter_model(
             [(p, list(zip(rows["member"].to_list(), rows["caption"].to_list()))) for p, rows in shards]
         )
         result = run_training(pairs, cfg, spec, progress=previews.dagster_progress(context, "filter_model training"))
+        del pairs  # the pool's (member, caption) lists are not needed for embedding
         ck_dir = lake.artifacts("filter_model")
         pretrained = str(save_checkpoint(result, ck_dir / f"{config.model_name}-full-seed{config.seed}.pt", extra={"role": "filter_model"}))
         source = "trained on the full pool"
@@ -143,10 +155,12 @@ def filter_model(
     t1 = time.perf_counter()
     encoder = build_encoder("open_clip", spec, model_name=config.model_name, pretrained=pretrained)
     # one shard's images decoded, embedded and written at a time (append after the first), so
-    # memory stays flat in the pool size: only uids, captions and scores are kept
+    # memory stays flat in the pool size: only the scores (4 bytes a sample) and the preview's
+    # 10 extreme captions are kept
     from curation.ingest.shards import load_members
 
-    uids, captions, scores, bad, written = [], [], [], 0, 0
+    extremes: list[tuple[float, str]] = []
+    scores, bad, written = [], 0, 0
     for path, rows in shards:
         blobs = load_members(path, rows["member"].to_list())
         keep, images = [], []
@@ -175,28 +189,22 @@ def filter_model(
         )
         db.write("filter_embeddings", table, mode="overwrite" if written == 0 else "append")
         written += sub.height
-        uids += sub["uid"].to_list()
-        captions += sub["caption"].to_list()
+        extremes = keep_extremes(extremes, score, sub["caption"].to_list())
         scores.append(score)
     if not written:
-        raise ValueError(f"filter_model: got 0 decodable pool images (of {pool.height} pool rows); expected a pool")
+        raise ValueError(f"filter_model: got 0 decodable pool images (of {pool_rows} pool rows); expected a pool")
     score = np.concatenate(scores)
     meta["images_missing"] += bad
     embed_s = time.perf_counter() - t1
-    order = np.argsort(score)
-    preview = pl.DataFrame(
-        {
-            "clip_score": [float(score[i]) for i in list(order[-5:][::-1]) + list(order[:5])],
-            "caption": [captions[i] for i in list(order[-5:][::-1]) + list(order[:5])],
-        }
-    )
+    shown = extremes[::-1][:5] + extremes[:5]  # the 5 highest (descending), then the 5 lowest
+    preview = pl.DataFrame({"clip_score": [sc for sc, _ in shown], "caption": [c for _, c in shown]})
     meta.update(
         {
             "source": source,
             "model": encoder.id,
-            "rows": len(uids),
+            "rows": written,
             "embed_seconds": round(embed_s, 2),
-            "embed_samples_per_s": round(len(uids) / max(embed_s, 1e-9), 1),
+            "embed_samples_per_s": round(written / max(embed_s, 1e-9), 1),
             "clip_score_mean": float(score.mean()),
             "clip_score_p10": float(np.quantile(score, 0.1)),
             "clip_score_p90": float(np.quantile(score, 0.9)),

@@ -196,3 +196,22 @@ def test_filter_model_trains_on_the_pool_and_writes_filter_embeddings(tmp_path, 
     assert md2["source"].value == "pretrained" and "train_seconds" not in md2
     fe2 = lake.read("filter_embeddings")
     assert np.allclose(np.sort(fe2["clip_score"].to_numpy()), np.sort(fe["clip_score"].to_numpy()), atol=1e-5)
+
+
+@pytest.mark.parametrize("sizes", [[7], [3, 1, 4], [50, 20, 1, 33]])
+def test_keep_extremes_shard_by_shard_equals_the_whole_pool_sorted(sizes):
+    from assets.train import keep_extremes
+
+    rng = np.random.default_rng(sum(sizes))
+    kept, all_scores, all_caps = [], [], []
+    for n in sizes:
+        scores = rng.normal(size=n).astype(np.float32)
+        caps = [f"caption {len(all_caps) + i}" for i in range(n)]
+        kept = keep_extremes(kept, scores, caps)
+        all_scores += scores.tolist()
+        all_caps += caps
+    order = np.argsort(all_scores)
+    total = len(all_scores)
+    want = sorted({int(i) for i in list(order[:5]) + list(order[-5:])}, key=lambda i: all_scores[i])
+    assert [c for _, c in kept] == [all_caps[i] for i in want]
+    assert len(kept) == min(10, total) and kept == sorted(kept, key=lambda t: t[0])
