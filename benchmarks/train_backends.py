@@ -9,7 +9,7 @@ through clip_benchmark on the held-out split; prints accuracy and samples/s per 
     python benchmarks/train_backends.py --home /tmp/emoji-home --seeds 0 1 2
 
 Flags: ``--home`` (a data home; built with ``build_default_dataset`` when it has no landing
-shards), ``--samples-seen`` (16384), ``--batch-size`` (128), ``--model`` (tiny-rn-32),
+shards), ``--samples-seen`` (16384), ``--batch-size`` (the platform default, 64), ``--model`` (tiny-rn-32),
 ``--threads`` (torch / OMP threads for both backends, 1), ``--device`` (cpu | cuda),
 ``--precision`` (fp32 | bf16).
 """
@@ -33,7 +33,9 @@ def main() -> None:
     ap.add_argument("--home", default="/tmp/curation-train-backends")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--samples-seen", type=int, default=16_384)
-    ap.add_argument("--batch-size", type=int, default=128)
+    from curation.train.config import DEFAULT_BATCH_SIZE
+
+    ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     ap.add_argument("--model", default="tiny-rn-32")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")

@@ -54,6 +54,21 @@ def tiny_home(tmp_path_factory) -> Path:
     return home
 
 
+def _shipped_instance(tmp_path, tiny_home):
+    """A data home with the tiny landing shards and a DAGSTER_HOME with the shipped dagster.yaml
+    (the daemon's config), its instance and the shard partition registered."""
+    from assets.partitions import SHARDS
+
+    home = tmp_path / "home"
+    shutil.copytree(tiny_home / "landing", home / "landing")
+    dagster_home = tmp_path / "dagster_home"
+    dagster_home.mkdir()
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")
+    instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home)))
+    instance.add_dynamic_partitions(SHARDS, [KEY])
+    return home, dagster_home, instance
+
+
 def _env(home: Path, dagster_home: Path) -> dict:
     env = dict(os.environ)
     env.update(
@@ -180,19 +195,12 @@ def _assert_tables_equal(got: dict[str, pl.DataFrame], ref: dict[str, pl.DataFra
 
 def test_sigkill_during_samples_and_embeddings_then_rerun_equals_a_clean_run(tiny_home, reference, tmp_path):
     from assets import sensors
-    from assets.partitions import SHARDS
     from assets.run_health import run_worker_dead
     from dagster._daemon.monitoring.run_monitoring import monitor_started_run
 
     ref = reference
 
-    home = tmp_path / "home"
-    shutil.copytree(tiny_home / "landing", home / "landing")
-    dagster_home = tmp_path / "dagster_home"
-    dagster_home.mkdir()
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")
-    instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home)))
-    instance.add_dynamic_partitions(SHARDS, [KEY])
+    home, dagster_home, instance = _shipped_instance(tmp_path, tiny_home)
     known: set = set()
 
     # 1. killed while the samples step runs; run monitoring finds the dead worker
@@ -273,19 +281,12 @@ def test_the_daemon_retries_a_sigkilled_run_and_the_retry_equals_a_clean_run(tin
     dequeues a shard run, its worker is SIGKILLed (with its step processes) while ``samples``
     runs, run monitoring marks it FAILED, run retries launch it again (from failure, same
     partition), and the retry's tables equal a clean run's."""
-    from assets.partitions import SHARDS
     from assets.run_health import run_worker_pid
     from net_helpers import process_tree
 
-    home = tmp_path / "home"
-    shutil.copytree(tiny_home / "landing", home / "landing")
-    dagster_home = tmp_path / "dagster_home"
-    dagster_home.mkdir()
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")
-    instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home)))
+    home, dagster_home, instance = _shipped_instance(tmp_path, tiny_home)
     assert instance.run_retries_enabled and instance.run_retries_max_retries == 1
     assert instance.run_monitoring_enabled
-    instance.add_dynamic_partitions(SHARDS, [KEY])
     env = _env(home, dagster_home)
     env["CURATION_AUTOMATION"] = "off"  # only the run this test submits, no sensor runs
 
