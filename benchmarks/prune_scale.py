@@ -311,6 +311,9 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
         sec[name] = time.perf_counter() - t
         r1, w1 = io_bytes()
         rd[name], wr[name] = r1 - r0, w1 - w0
+        # progress on stderr (the parent passes it through), so a long run can be followed
+        print(f"[prune_scale n={n:,}] {name}: {sec[name]:.1f} s, peak RSS {peak_rss_bytes() / 2**30:.2f} GiB",
+              file=sys.stderr, flush=True)
         return out
 
     cent, _ = stage("kmeans", lambda: fit_centroids(lake, k, niter=niter, seed=seed))
@@ -498,11 +501,10 @@ def main(argv=None) -> int:
                    "print(json.dumps(p.run_lake(%r, %d, %d, %d, %d, %r, %d, %r, %d, %r)))" % (
                        str(Path(__file__).parent), root, n, args.d, args.k, args.niter, args.eps, args.seed,
                        args.dtype, args.shard_rows, args.dup_fraction)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
             if not args.root:
                 shutil.rmtree(root, ignore_errors=True)
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stderr)
+            if proc.returncode != 0:  # its stderr went straight through
                 return proc.returncode
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             r["generate_s"] = gen_s
