@@ -327,6 +327,23 @@ def test_training_sample_is_bounded_and_seeded(tmp_path):
     assert full.shape == (900, D)
 
 
+def test_kmeans_sample_is_bounded_in_memory_not_by_k(tmp_path, monkeypatch):
+    from curation.select import layout
+
+    # 10M x 512 at k = 10,000: 1 GiB of sample (52 per centroid), not 256 x k = 2.56M rows (5 GiB)
+    assert layout.sample_rows(10_000, 512) == 524_288
+    assert layout.sample_rows(1_000, 512) == 256_000  # the 1M regime: the bound does not bind
+    assert layout.sample_rows(100_000, 512) == 3_900_000  # never below 39 per centroid
+    assert layout.sample_rows(10_000, 512, sample_bytes=None) == 2_560_000
+    p = SynPool(tmp_path / "lake")
+    p.shard("00000", 400)
+    asked = []
+    real = layout.training_sample
+    monkeypatch.setattr(layout, "training_sample", lambda lake, n, seed=0: asked.append(n) or real(lake, n, seed))
+    layout.fit_centroids(p.lake, 4, niter=3, sample_bytes=100 * 4 * D)
+    assert layout.embedding_width(p.lake) == D and asked == [max(4 * 39, 100)]
+
+
 def test_two_level_assignment_and_kmeans_agree_with_flat():
     rng = np.random.default_rng(1)
     centers = _unit(rng.standard_normal((400, 32)))

@@ -183,6 +183,15 @@ def _decode_chunk(col: pa.Array, dtype: str) -> np.ndarray:
 # --------------------------------------------------------------------------- k-means on a sample
 
 
+def embedding_width(lake: Lake, table: str = "embeddings") -> int:
+    """The image-vector width ``d`` of a pool table (read through the pool reader from its first
+    non-empty partition)."""
+    for _p, uids, mats, _enc in iter_pool_partitions(lake, columns=("image",), table=table):  # lazily, first rows
+        if len(uids):
+            return int(mats["image"].shape[1])
+    raise ValueError(f"{table} table: got no rows; expected embedded samples (materialize embeddings first)")
+
+
 def training_sample(lake: Lake, n_max: int, seed: int = 0, table: str = "embeddings") -> tuple[np.ndarray, int]:
     """A seeded uniform sample of at most ``n_max`` rows of the pool, read partition by partition.
 
@@ -217,6 +226,24 @@ def training_sample(lake: Lake, n_max: int, seed: int = 0, table: str = "embeddi
     return out, total
 
 
+#: the k-means training sample's memory bound (float32 rows): 1 GiB = 524,288 rows of 512
+DEFAULT_SAMPLE_BYTES = 1 << 30
+#: fewest sample rows per centroid the memory bound may leave (faiss warns below 39)
+MIN_POINTS_PER_CENTROID = 39
+
+
+def sample_rows(k: int, d: int, max_points_per_centroid: int = DEFAULT_MAX_POINTS_PER_CENTROID,
+                sample_bytes: int | None = DEFAULT_SAMPLE_BYTES) -> int:
+    """Rows of the k-means training sample: ``max_points_per_centroid * k``, bounded by
+    ``sample_bytes`` of float32 rows of width ``d`` but never below ``39 * k`` (faiss's floor
+    for a usable fit). At k = 10,000, d = 512 the bound gives 524,288 rows (52 per centroid,
+    1 GiB) instead of 2,560,000 (5 GiB): the sample, not N, set the peak memory of a 10M fit."""
+    rows = max_points_per_centroid * k
+    if sample_bytes is None:
+        return rows
+    return min(rows, max(MIN_POINTS_PER_CENTROID * k, int(sample_bytes) // (4 * d)))
+
+
 def fit_centroids(
     lake: Lake,
     k: int,
@@ -225,13 +252,16 @@ def fit_centroids(
     max_points_per_centroid: int = DEFAULT_MAX_POINTS_PER_CENTROID,
     method: str = "auto",
     gpu: bool | None = None,
+    sample_bytes: int | None = DEFAULT_SAMPLE_BYTES,
 ) -> tuple[np.ndarray, int]:
-    """Spherical k-means trained on a bounded sample (``max_points_per_centroid * k`` rows).
+    """Spherical k-means trained on a bounded sample (:func:`sample_rows`: ``max_points_per_centroid
+    * k`` rows, at most ``sample_bytes`` of float32 unless that leaves < 39 per centroid).
 
     Returns:
         ``(centroids, n_total)``: (k, d) float32 unit-norm centroids and the pool size.
     """
-    sample, total = training_sample(lake, max_points_per_centroid * k, seed)
+    d = embedding_width(lake)
+    sample, total = training_sample(lake, sample_rows(k, d, max_points_per_centroid, sample_bytes), seed)
     if not 1 <= k <= total:
         raise ValueError(f"k: got {k}; expected 1 <= k <= n = {total}")
     cent = train_centroids_any(sample, k, niter=niter, seed=seed, max_points_per_centroid=max_points_per_centroid,
