@@ -80,6 +80,15 @@ class SynPool:
         }), partition=key)
 
 
+def _curated(lake: Lake) -> tuple[np.ndarray, LayoutConfig]:
+    """A pool curated from scratch: K centroids, the layout (4 clusters per bucket), full scores."""
+    cent, _ = fit_centroids(lake, K, niter=10)
+    cfg = LayoutConfig(clusters_per_bucket=4)
+    build_layout(lake, cent, cfg)
+    _finish(lake, cent, cfg, incremental=False)
+    return cent, cfg
+
+
 def _finish(lake: Lake, cent: np.ndarray, cfg: LayoutConfig, incremental: bool):
     du = dedup_scores_by_bucket(lake, config=cfg, incremental=incremental)
     write_dedup_scores(lake, du)
@@ -156,10 +165,7 @@ def test_incremental_equals_full_for_every_recipe(tmp_path):
     for p in (a, b):
         for i in range(4):
             p.shard(f"{i:05d}", 600)
-    cent, _ = fit_centroids(a.lake, K, niter=10)
-    cfg = LayoutConfig(clusters_per_bucket=4)
-    build_layout(a.lake, cent, cfg)
-    _finish(a.lake, cent, cfg, incremental=False)
+    cent, cfg = _curated(a.lake)
     fp = partition_fingerprints(a.lake)
     # a new shard (add-only clusters: exact update) ...
     for p in (a, b):
@@ -216,10 +222,7 @@ def test_changed_content_with_same_uid_reenters_as_new(tmp_path, monkeypatch):
     p = SynPool(tmp_path / "lake")
     for i in range(3):
         p.shard(f"{i:05d}", 500)
-    cent, _ = fit_centroids(p.lake, K, niter=10)
-    cfg = LayoutConfig(clusters_per_bucket=4)
-    build_layout(p.lake, cent, cfg)
-    _finish(p.lake, cent, cfg, incremental=False)
+    cent, cfg = _curated(p.lake)
     before = p.lake.read("dedup_scores")
     p.shard("00001", 500)  # rewritten: new files, same uids and (here) the same vectors
     up = update_layout(p.lake, cent, cfg)

@@ -56,6 +56,23 @@ from curation.train.strategies import (
 log = logging.getLogger(__name__)
 
 
+def adamw(params, *args, optim_module=None, **kw):
+    """AdamW on the fused kernel where the device and dtype support it, else torch's default
+    implementation; an explicit ``fused`` or ``foreach`` is passed through untouched.
+
+    Both training backends build their optimizer with it (the platform loop directly,
+    open_clip_train through :mod:`curation.train.open_clip_entry`); ``optim_module``: the
+    ``torch.optim`` module to build from (default ``torch.optim``)."""
+    optim = optim_module or torch.optim
+    if "fused" in kw or "foreach" in kw:
+        return optim.AdamW(params, *args, **kw)
+    params = list(params)  # the fallback needs them again
+    try:
+        return optim.AdamW(params, *args, fused=True, **kw)
+    except (RuntimeError, TypeError):  # fused kernel unavailable for this device / dtype
+        return optim.AdamW(params, *args, **kw)
+
+
 @dataclass
 class TrainResult:
     """What a run produced.
@@ -118,10 +135,7 @@ def run_training(
     extra = strategy.setup(model, pcfg["mean"], pcfg["std"], device)
     groups = param_groups(model, extra, cfg.weight_decay)
     opt_kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    try:
-        optimizer = torch.optim.AdamW(groups, fused=True, **opt_kwargs)
-    except (RuntimeError, TypeError):  # fused kernel unavailable for this device / dtype
-        optimizer = torch.optim.AdamW(groups, **opt_kwargs)
+    optimizer = adamw(groups, **opt_kwargs)
     scaler = torch.amp.GradScaler(device.type, enabled=compute.precision == "fp16")
     warmup = warmup_steps(cfg, steps)
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -273,8 +273,8 @@ def run_open_clip_train_many(
     (``python -m curation.train.open_clip_entry --runs RUNS.json``; under ``torchrun`` on
     several GPUs likewise). Each run keeps its own logs dir, ``out.log``, samples-seen check
     and platform checkpoint, exactly as :func:`run_open_clip_train` alone would write them;
-    ``seconds`` of a run is its own span (from its first to its last log line, plus its share
-    of the process start for the first run).
+    ``seconds`` of a run is its own span: from the previous run's last ``out.log`` write (the
+    process start for the first run, which so carries the start-up) to its own last write.
 
     Returns:
         ``[(run, checkpoint path)]`` in the order of ``jobs``.

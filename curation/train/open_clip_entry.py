@@ -111,13 +111,9 @@ class _OptimWithFusedAdamW:
         return getattr(self._optim, name)
 
     def AdamW(self, params, *args, **kw):  # noqa: N802 - the torch.optim name
-        if "fused" in kw or "foreach" in kw:
-            return self._optim.AdamW(params, *args, **kw)
-        params = list(params)
-        try:
-            return self._optim.AdamW(params, *args, fused=True, **kw)
-        except (RuntimeError, TypeError):  # fused kernel unavailable for this device / dtype
-            return self._optim.AdamW(params, *args, **kw)
+        from curation.train.loop import adamw
+
+        return adamw(params, *args, optim_module=self._optim, **kw)
 
 
 def _patch_open_clip_train() -> None:
