@@ -55,7 +55,15 @@ from curation.select.layout import (
     update_layout,
     write_dedup_scores,
 )
-from curation.select.pool_tables import ALIGNED_ENCODER_PREFIX, aligned_source, centroids_frame, clusters_frame, read_centroids, read_recipe_pool
+from curation.select.pool_tables import (
+    ALIGNED_ENCODER_PREFIX,
+    aligned_source,
+    centroids_frame,
+    clusters_frame,
+    read_centroids,
+    read_kept_samples,
+    read_recipe_pool,
+)
 from curation.select.controls import finalize_control, needs_dedup_scores, resolve_recipe
 from curation.select.recipes import apply_recipe, recipe_hash
 from curation.select.semdedup import EPS_GRID, removed_fraction
@@ -336,8 +344,10 @@ def pruned_subsets(
     db.write("subsets", frame, partition=recipe.name)
     select_s = time.perf_counter() - t0
 
-    samples = db.read("samples", columns=["uid", "dataset", "shard", "key", "caption", "member", "image_sha256"])
-    kept_samples = samples.join(frame.select("uid"), on="uid", how="semi")
+    del pool  # the pool arrays are not needed for the export
+    # only the kept rows, streamed (the image hashes only when shards are written and checked)
+    kept_samples = read_kept_samples(db, frame["uid"], ["uid", "dataset", "shard", "key", "caption", "member"]
+                                     + (["image_sha256"] if config.write_shards else []))
     extra = {"recipe_hash": recipe_hash(recipe), "aligned_source": aligned,
              **{k: v for k, v in sel.stats.items() if k not in ("budgets", "sizes")}}
     out_dir = lake.artifacts("subsets", recipe.name)
@@ -345,7 +355,7 @@ def pruned_subsets(
                         shard_size=config.shard_size, write_shards=config.write_shards)
     seconds = time.perf_counter() - t0
     preview = (
-        frame.head(10).join(samples.select("uid", "caption"), on="uid", how="left").sort("rank").select("rank", "uid", "score", "caption")
+        frame.head(10).join(kept_samples.select("uid", "caption"), on="uid", how="left").sort("rank").select("rank", "uid", "score", "caption")
     )
     meta = {
         "recipe": recipe.name,

@@ -58,6 +58,41 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class StageRss:
+    """The peak RSS of each stage, not only of the whole process (``ru_maxrss`` only ever rises,
+    so a later, smaller stage would be hidden): a thread samples ``VmRSS`` every ``period`` s and
+    :meth:`start` resets the running peak. Memory that lives shorter than the period can be
+    missed; ``ru_maxrss`` stays the authoritative overall peak."""
+
+    def __init__(self, period: float = 0.01):
+        import threading
+
+        self.period, self.peak = period, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self.peak = max(self.peak, self.now())
+
+    def start(self) -> None:
+        self.peak = self.now()
+
+    def stop(self) -> int:
+        self.peak = max(self.peak, self.now())
+        return self.peak
+
+    def close(self) -> None:
+        self._stop.set()
+        self._t.join()
+
+
 def make_pool(n: int, d: int, concepts: int, dup_fraction: float, seed: int, block: int = 65536):
     """Synthetic pool, generated in place block by block (no float64 or (n, d) temporaries).
 
@@ -300,20 +335,23 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
     lake = Lake(root)
     cfg = LayoutConfig(dtype=dtype)
     recipe = parse_recipe("dbp@0.5", {"method": "dbp", "keep_fraction": 0.5, "after_semdedup_eps": eps})
-    sec, rd, wr = {}, {}, {}
+    sec, rd, wr, mem = {}, {}, {}, {}
     rate = sgemm_rate(d)
     rss0 = peak_rss_bytes()
+    sampler = StageRss()
 
     def stage(name, fn):
         r0, w0 = io_bytes()
+        sampler.start()
         t = time.perf_counter()
         out = fn()
         sec[name] = time.perf_counter() - t
+        mem[name] = sampler.stop()
         r1, w1 = io_bytes()
         rd[name], wr[name] = r1 - r0, w1 - w0
         # progress on stderr (the parent passes it through), so a long run can be followed
-        print(f"[prune_scale n={n:,}] {name}: {sec[name]:.1f} s, peak RSS {peak_rss_bytes() / 2**30:.2f} GiB",
-              file=sys.stderr, flush=True)
+        print(f"[prune_scale n={n:,}] {name}: {sec[name]:.1f} s, stage peak RSS {mem[name] / 2**30:.2f} GiB "
+              f"(process peak {peak_rss_bytes() / 2**30:.2f} GiB)", file=sys.stderr, flush=True)
         return out
 
     cent, _ = stage("kmeans", lambda: fit_centroids(lake, k, niter=niter, seed=seed))
@@ -342,11 +380,11 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
 
     def export(s):  # what pruned_subsets does after the selection (no webdataset shards: no images here)
         from curation.select.export import export_subset
+        from curation.select.pool_tables import read_kept_samples
 
         frame = s.to_frame()
         lake.write("subsets", frame, partition=recipe.name)
-        samples = lake.read("samples", columns=["uid", "dataset", "shard", "key", "caption", "member", "image_sha256"])
-        kept = samples.join(frame.select("uid"), on="uid", how="semi")
+        kept = read_kept_samples(lake, frame["uid"], ["dataset", "shard", "key", "caption", "member"])
         return export_subset(Path(root) / "artifacts" / recipe.name, frame, kept, Path(root) / "landing",
                              recipe=recipe.to_dict(), write_shards=False)
 
@@ -370,20 +408,23 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
     stage("incr_complexity", complexity)
     sel2 = stage("incr_select", select)
     stage("incr_export", lambda: export(sel2))
+    sampler.close()
     incr_s = sum(sec[s] for s in ("incr_layout", "incr_semdedup", "incr_complexity", "incr_select", "incr_export"))
     n_sample = min(n, 256 * k)
     flops = {"kmeans": 2.0 * niter * n_sample * k * d, "layout": 2.0 * n * k * d,
              "semdedup": float((sizes.astype(np.float64) ** 2).sum() * d)}
-    m = pl.read_delta(root + "/dedup_scores").sort("uid")
     dump = os.environ.get("PRUNE_SCALE_DUMP")
+    # after the measured stages; only the score column unless the dump needs the uid order
+    m = pl.read_delta(root + "/dedup_scores").sort("uid") if dump else pl.read_delta(root + "/dedup_scores",
+                                                                                     columns=["max_sim_to_earlier"])
     if dump:  # M (sorted by uid) and the full run's DBP kept uids, to compare layouts (float32 vs float16)
         Path(dump).mkdir(parents=True, exist_ok=True)
         np.save(f"{dump}/m_{dtype}_{n}.npy", m["max_sim_to_earlier"].to_numpy())
-        np.save(f"{dump}/kept_{dtype}_{n}.npy", np.sort(sel.uids.astype("U32")))
+        np.save(f"{dump}/kept_{dtype}_{n}.npy", np.sort(np.asarray(sel.uids).astype("U32")))
     return {
         "n": n, "d": d, "k": k, "dtype": dtype, "niter": niter, "eps": eps, "shard_rows": shard_rows,
         "parity_with_in_memory": parity,
-        "seconds": sec, "bytes_read": rd, "bytes_written": wr,
+        "seconds": sec, "bytes_read": rd, "bytes_written": wr, "stage_peak_rss": mem,
         "sgemm_gflops": rate / 1e9,
         "ratio_to_sgemm": {s: sec[s] / (f / rate) for s, f in flops.items()},
         "full_s": full_s, "incremental_s": incr_s, "incremental_fraction": incr_s / full_s,
@@ -392,10 +433,17 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
         "dbp_kept": sel.stats["n_kept"], "dbp_kept_after_new_shard": sel2.stats["n_kept"],
         "removed_at_eps": float((m["max_sim_to_earlier"].to_numpy() > 1 - eps).mean()),
         "budgets": sel.stats["budgets"].tolist(),
-        "kept_uids_hash": __import__("hashlib").sha256("".join(sorted(sel.uids.tolist())).encode()).hexdigest()[:16],
+        "kept_uids_hash": _uids_hash(sel.uids),
         "x_bytes": n * d * 4, "rss_baseline": rss0, "peak_rss_full": rss_full, "peak_rss": peak_rss_bytes(),
         "cluster_size_min_med_max": [int(sizes.min()), int(np.median(sizes)), int(sizes.max())],
     }
+
+
+def _uids_hash(uids) -> str:
+    """sha256 of the sorted uids concatenated (the same digest for str and S32 uids)."""
+    from curation.ingest.ids import uid_strings
+
+    return __import__("hashlib").sha256(np.sort(uid_strings(np.asarray(uids))).tobytes()).hexdigest()[:16]
 
 
 def _parity(lake, cent, recipe, sel) -> dict:
@@ -417,22 +465,24 @@ def _parity(lake, cent, recipe, sel) -> dict:
     return {"rows_compared": j.height,
             "dedup_scores_identical": bool(j.height == len(m) and (j["m"] == j["max_sim_to_earlier"]).all()),
             "budgets_identical": bool(np.array_equal(ref.stats["budgets"], sel.stats["budgets"])),
-            "kept_uids_identical": sorted(ref.uids.tolist()) == sorted(sel.uids.tolist())}
+            "kept_uids_identical": _uids_hash(ref.uids) == _uids_hash(sel.uids)}
 
 
 def _fmt_lake(r: dict) -> str:
     gib, mib = 2**30, 2**20
     lines = [f"N={r['n']:,} d={r['d']} k={r['k']} layout {r['dtype']}  (X = {r['x_bytes'] / gib:.2f} GiB; "
              f"one sgemm: {r['sgemm_gflops']:.1f} GFLOP/s)",
-             "| stage | seconds | read MiB | written MiB | x sgemm time of same FLOPs |", "|---|---|---|---|---|"]
+             "| stage | seconds | read MiB | written MiB | stage peak RSS GiB | x sgemm time of same FLOPs |",
+             "|---|---|---|---|---|---|"]
     for s in LAKE_STAGES:
         if s in r["seconds"]:
             ratio = r["ratio_to_sgemm"].get(s)
             lines.append(f"| {s} | {r['seconds'][s]:.2f} | {r['bytes_read'][s] / mib:.0f} | {r['bytes_written'][s] / mib:.0f} | "
+                         f"{r.get('stage_peak_rss', {}).get(s, 0) / gib:.2f} | "
                          + (f"{ratio:.2f}" if ratio is not None else "-") + " |")
-    lines.append(f"| full (kmeans..export) | {r['full_s']:.1f} | | | |")
+    lines.append(f"| full (kmeans..export) | {r['full_s']:.1f} | | | | |")
     lines.append(f"| new {r['shard_rows']:,}-row shard, incremental | {r['incremental_s']:.1f} "
-                 f"({100 * r['incremental_fraction']:.1f}% of full) | | | |")
+                 f"({100 * r['incremental_fraction']:.1f}% of full) | | | | |")
     lines.append(f"peak RSS {r['peak_rss'] / gib:.2f} GiB = {r['peak_rss'] / r['x_bytes']:.2f} x X "
                  f"(after the full run {r['peak_rss_full'] / gib:.2f} GiB; imports only {r['rss_baseline'] / gib:.2f} GiB)")
     lines.append(f"incremental: {r['incr_new_rows']:,} new rows touched {r['incr_touched_clusters']} clusters, "

@@ -96,3 +96,26 @@ def test_unknown_uid_and_missing_member(tmp_path, landing):
     stats = export_subset(tmp_path / "b", pl.DataFrame({"uid": s["uid"][:2], "rank": [0, 1], "score": [0.0, 0.0]}), broken, root)
     assert stats["n_missing"] == 1 and stats["n"] == 2
     assert json.loads((tmp_path / "b" / "recipe.json").read_text())["missing_uids"] == [s["uid"][0]]
+
+
+def test_kept_samples_are_streamed_from_the_lake_and_export_like_the_eager_join(tmp_path, landing):
+    from curation.select.pool_tables import read_kept_samples
+    from curation.storage.lake import Lake
+
+    root, samples = landing
+    lake = Lake(str(tmp_path / "lake"))
+    lake.write("samples", samples.drop("png"))
+    sel = pl.DataFrame({"uid": samples["uid"][[7, 2, 4]], "rank": [0, 1, 2], "score": [0.5, 0.4, 0.3]})
+    cols = ["dataset", "shard", "key", "caption", "member"]
+    got = read_kept_samples(lake, sel["uid"], cols)
+    want = samples.select(["uid", *cols]).join(sel.select("uid"), on="uid", how="semi")
+    assert got.columns == ["uid", *cols]
+    assert got.sort("uid").equals(want.sort("uid"))
+    assert read_kept_samples(lake, pl.Series([], dtype=pl.String), cols).height == 0
+    a = export_subset(tmp_path / "a", sel, got, root, shard_size=2)
+    b = export_subset(tmp_path / "b", sel, want, root, shard_size=2)
+    assert a["n"] == b["n"] == 3 and a["n_shards"] == b["n_shards"] == 2
+    for name in ("uids.npy", "manifest.parquet", "shards/00000.tar", "shards/00001.tar"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    man = pl.read_parquet(tmp_path / "a" / "manifest.parquet")
+    assert man["rank"].to_list() == [0, 1, 2] and man["uid"].to_list() == sel["uid"].to_list()

@@ -15,6 +15,7 @@ from curation.ingest.ids import (
     bytes_to_uids,
     make_uid,
     u128_to_uids,
+    uid_series,
     uids_to_bytes,
     uids_to_u128,
 )
@@ -104,7 +105,7 @@ def _select_all(lake: Lake) -> dict:
     out = {}
     for name, r in RECIPES.items():
         sel = apply_recipe(r, read_recipe_pool(lake, r))
-        out[name] = (sel.uids.tolist(), sel.stats.get("budgets"))
+        out[name] = (uid_series(sel.uids).to_list(), sel.stats.get("budgets"))  # the pool holds S32 uids
     return out
 
 
@@ -158,6 +159,40 @@ def test_bucket_above_memory_budget_is_processed_in_blocks(tmp_path):
     np.testing.assert_allclose(j["max_sim_to_earlier"], j["max_sim_to_earlier_right"], atol=1e-6)
     for eps in (0.01, 0.05):
         assert np.array_equal(is_duplicate(j["max_sim_to_earlier"].to_numpy(), eps), is_duplicate(j["max_sim_to_earlier_right"].to_numpy(), eps))
+
+
+def test_bucket_tasks_read_the_drivers_table_version_opened_once_per_process(tmp_path, monkeypatch):
+    """Every bucket task reads the version the driver saw, from one DeltaTable per process (at
+    10M rows an open replays a log of ~24k files; one per bucket was most of a small read)."""
+    import curation.select.layout as L
+
+    p = SynPool(tmp_path / "lake")
+    for i in range(2):
+        p.shard(f"{i:05d}", 400)
+    cent, _ = fit_centroids(p.lake, 4, niter=10)
+    cfg = LayoutConfig(clusters_per_bucket=2)
+    build_layout(p.lake, cent, cfg)
+    v = p.lake.table(L.LAYOUT_TABLE).version()
+    ref = dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame
+    opened = []
+    import deltalake
+
+    class Counting(deltalake.DeltaTable):
+        def __init__(self, *a, **k):
+            opened.append(k.get("version"))
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(deltalake, "DeltaTable", Counting)
+    L._SNAPSHOT.clear()
+    assert dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame.equals(ref)
+    assert opened == [v]  # two buckets, one pinned open
+    p.shard("00002", 400)  # a new version; the pinned snapshot still reads the old one
+    update_layout(p.lake, cent, cfg)
+    item = ("000000", None, {})
+    kw = dict(root=p.lake.root, storage_options=None, dtype="float32", d=D, block=64, memory_budget_bytes=1 << 30)
+    old = L.bucket_scores(item, **kw, version=v)[0].shape[0]
+    new = L.bucket_scores(item, **kw)[0].shape[0]
+    assert 0 < old < new
 
 
 def test_incremental_equals_full_for_every_recipe(tmp_path):

@@ -29,6 +29,57 @@ def make_uid(dataset: str, shard: str, key: str) -> str:
 UID_BYTES = 16
 """Width of a compact uid: 128 bits as 16 big-endian bytes (fixed-width binary)."""
 
+UID_DTYPE = f"S{2 * UID_BYTES}"
+"""numpy dtype of uids held as their 32 ASCII characters (:func:`uid_strings`)."""
+
+
+def uid_strings(uids) -> np.ndarray:
+    """uids (polars/Arrow string column, list or array) -> ``(n,)`` numpy fixed-width bytes.
+
+    The pool-wide readers hold uids this way: a 32-character uid takes 32 bytes (``<U32``
+    takes 128, a Python ``str`` ~80 plus its pointer), and the arrays sort, compare and
+    ``lexsort`` exactly like the strings (UTF-8 bytes order like code points; a shorter uid
+    padded with NUL sorts before its extensions, like the string). From an Arrow or polars
+    column of equal-length uids this is one copy of the character buffer. :func:`uid_series`
+    is the inverse."""
+    if isinstance(uids, np.ndarray) and uids.dtype.kind == "S":
+        return uids
+    if isinstance(uids, (pl.Series, pa.Array, pa.ChunkedArray)):
+        arr = uids.to_arrow() if isinstance(uids, pl.Series) else uids
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
+        if arr.type in (pa.string_view(), pa.binary_view()) or arr.type not in (pa.string(), pa.large_string()):
+            arr = arr.cast(pa.large_string())
+        n = len(arr)
+        if n and not arr.null_count:
+            off = np.frombuffer(arr.buffers()[1], dtype=np.int64 if arr.type == pa.large_string() else np.int32)
+            off = off[arr.offset : arr.offset + n + 1]
+            w = int(off[1] - off[0])
+            if w > 0 and int(off[-1] - off[0]) == n * w and bool(np.all(np.diff(off) == w)):
+                chars = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[int(off[0]) : int(off[-1])]
+                return chars.view(f"S{w}").copy()
+        uids = arr.to_pylist()
+    vals = [str(u).encode("utf-8") for u in (uids.tolist() if isinstance(uids, np.ndarray) else uids)]
+    if any(v is None or b"\0" in v for v in vals):
+        raise ValueError("uids: got a null uid or one with a NUL character; expected strings")
+    return np.array(vals, dtype=f"S{max([len(v) for v in vals], default=1) or 1}")
+
+
+def uid_series(uids, name: str = "uid") -> pl.Series:
+    """uids (fixed-width bytes from :func:`uid_strings`, ``str`` array, list or Series) -> a
+    polars ``String`` Series, without a Python object per uid for equal-length bytes."""
+    if isinstance(uids, pl.Series):
+        return uids.cast(pl.String).alias(name)
+    if isinstance(uids, np.ndarray) and uids.dtype.kind == "S":
+        n, w = len(uids), uids.dtype.itemsize
+        raw = np.ascontiguousarray(uids).view(np.uint8).reshape(n, w) if n else np.zeros((0, w), np.uint8)
+        if n and bool(raw[:, -1].all()):  # no NUL padding: one Arrow array over the same bytes
+            offsets = np.arange(0, (n + 1) * w, w, dtype=np.int64)
+            arr = pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(raw)])
+            return pl.Series(name, arr.cast(pa.large_string()))
+        return pl.Series(name, [v.decode("utf-8") for v in uids.tolist()], dtype=pl.String)
+    return pl.Series(name, list(uids) if not isinstance(uids, list) else uids, dtype=pl.String)
+
 
 def uids_to_bytes(uids) -> np.ndarray:
     """Hex uids -> ``(n, 16) uint8`` big-endian bytes, vectorized (no Python loop).
@@ -39,6 +90,8 @@ def uids_to_bytes(uids) -> np.ndarray:
     Raises:
         ValueError: a uid that is not 32 hex characters.
     """
+    if isinstance(uids, np.ndarray) and uids.dtype == np.dtype(UID_DTYPE):  # compact strings: decode their bytes
+        return _hex_nibbles(np.ascontiguousarray(uids).view(np.uint8), len(uids))
     s = uids if isinstance(uids, pl.Series) else pl.Series(np.asarray(uids, dtype=str) if not isinstance(uids, list) else uids, dtype=pl.String)
     s = s.cast(pl.String)
     if len(s) == 0:
@@ -92,7 +145,11 @@ def _hex_decode(s: pl.Series) -> np.ndarray | None:
     off = off[arr.offset : arr.offset + n + 1]
     if int(off[-1] - off[0]) != n * 2 * UID_BYTES:
         return None
-    chars = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[int(off[0]) : int(off[-1])]
+    return _hex_nibbles(np.frombuffer(arr.buffers()[2], dtype=np.uint8)[int(off[0]) : int(off[-1])], n)
+
+
+def _hex_nibbles(chars: np.ndarray, n: int) -> np.ndarray:
+    """``n * 32`` hex characters (uint8) -> ``(n, 16) uint8``."""
     nib = _HEX_NIBBLE[chars]
     if (nib == 255).any():
         raise ValueError("uids: got a non-hex uid; expected 32 hex characters each")
@@ -108,6 +165,15 @@ def bytes_to_uids(arr) -> np.ndarray:
     if a.shape[0] == 0:
         return np.zeros(0, "<U32")
     return pl.Series(_fixed_binary(a)).bin.encode("hex").to_numpy().astype("<U32")
+
+
+def bytes_to_uid_series(arr, name: str = "uid") -> pl.Series:
+    """``(n, 16) uint8`` -> polars ``String`` Series of hex uids (no ``<U32`` array, no
+    Python string per uid: 10M uids take ~0.5 GB instead of ~2 GB on the way)."""
+    a = np.ascontiguousarray(arr, dtype=np.uint8).reshape(-1, UID_BYTES)
+    if a.shape[0] == 0:
+        return pl.Series(name, [], dtype=pl.String)
+    return pl.Series(name, _fixed_binary(a)).bin.encode("hex")
 
 
 def _fixed_binary(b: np.ndarray) -> pa.Array:

@@ -23,6 +23,8 @@ import math
 import numpy as np
 import polars as pl
 
+from curation.ingest.ids import uid_series
+
 ORDERS = ("hard", "easy", "random")
 
 
@@ -206,18 +208,19 @@ def in_cluster_order(
     """
     if order not in ORDERS:
         raise ValueError(f"order: got {order!r}; expected one of {ORDERS}")
-    df = pl.DataFrame(
-        {
-            "c": np.asarray(cluster_ids, dtype=np.int64),
-            "s": np.asarray(cos_to_centroid, dtype=np.float64),
-            "u": pl.Series(uids, dtype=pl.String) if not isinstance(uids, pl.Series) else uids.cast(pl.String),
-        }
-    ).with_row_index("i")
+    c = np.asarray(cluster_ids, dtype=np.int64)
+    s = np.asarray(cos_to_centroid, dtype=np.float64)
     if order == "easy":
-        df = df.with_columns(-pl.col("s"))
+        s = -s
     elif order == "random":
-        rng = np.random.default_rng(seed)
-        df = df.with_columns(pl.Series("s", rng.random(df.height)))
+        s = np.random.default_rng(seed).random(c.size)
+    s = s + 0.0  # -0.0 -> 0.0: one zero for both sorts below
+    if isinstance(uids, np.ndarray) and uids.dtype.kind in "SU" and uids.size == c.size and (
+            uids.size < 2 or bool(np.all(uids[1:] > uids[:-1]))):
+        # uids strictly increasing (pools are read sorted by uid): the uid tie-break is the row
+        # order, so a stable sort on (cluster, score) gives the same permutation without the uids
+        return np.lexsort((s, c)).astype(np.int64)
+    df = pl.DataFrame({"c": c, "s": s, "u": uid_series(uids)}).with_row_index("i")
     return df.sort(["c", "s", "u"])["i"].to_numpy().astype(np.int64)
 
 

@@ -31,6 +31,7 @@ import math
 import numpy as np
 import polars as pl
 
+from curation.ingest.ids import uid_series
 from curation.select.budgets import ssp_budgets
 from curation.select.similarity import DEFAULT_BLOCK, clipped_row_col_sums, rowwise_dot
 from curation.engine.executor import Executor, chunk_groups
@@ -47,7 +48,7 @@ def clip_scores(img: np.ndarray, txt: np.ndarray) -> np.ndarray:
 
 
 def _uid_series(uids) -> pl.Series:
-    return uids.cast(pl.String) if isinstance(uids, pl.Series) else pl.Series(values=uids, dtype=pl.String)
+    return uid_series(uids)
 
 
 def top_by_score(scores: np.ndarray, uids, n_keep: int | None = None, threshold: float | None = None) -> np.ndarray:
@@ -307,7 +308,7 @@ def clipcov_select_distributed(
     class_ids = np.asarray(class_ids, dtype=np.int64)
     if class_ids.shape[0] != n or txt.shape[0] != n or len(uids) != n:
         raise ValueError("clipcov_select_distributed: got arrays of different lengths; expected one row per sample")
-    u = np.asarray([str(v) for v in uids])
+    u = uids if isinstance(uids, np.ndarray) and uids.dtype.kind in "SU" else np.asarray([str(v) for v in uids])
     order = np.lexsort((u, class_ids)).astype(np.int64)  # by class, then uid
     _, starts, counts = np.unique(class_ids[order], return_index=True, return_counts=True)
     budgets = ssp_budgets(counts, n_keep)

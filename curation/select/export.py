@@ -68,7 +68,9 @@ def export_subset(
     Args:
         out_dir: destination directory (created; previous export files replaced).
         selection: columns uid, rank, score (the ``subsets`` rows of the recipe).
-        samples: the ``samples`` rows (at least ``SAMPLE_COLUMNS``) of every kept uid.
+        samples: the ``samples`` rows (at least ``SAMPLE_COLUMNS``; ``image_sha256`` to check
+            copied bytes) of every kept uid, e.g. from
+            :func:`curation.select.pool_tables.read_kept_samples` (which streams the table).
         landing: the landing root holding ``<dataset>/<stem>.tar``.
         recipe: the resolved recipe, stored under ``"recipe"`` in ``recipe.json``.
         shard_size: kept samples per output shard.
@@ -92,12 +94,16 @@ def export_subset(
     if missing_cols:
         raise ValueError(f"samples: got no columns {missing_cols}; expected {list(SAMPLE_COLUMNS)}")
     sel = selection.select("uid", "rank", "score")
-    man = sel.join(samples.select(SAMPLE_COLUMNS), on="uid", how="left").sort("rank")
-    unknown = man.filter(pl.col("shard").is_null())["uid"].to_list()
+    # in the selection's order (a Selection's frame is in rank order already: no sort, no copy)
+    man = sel.join(samples.select(SAMPLE_COLUMNS), on="uid", how="left", maintain_order="left")
+    if not man["rank"].is_sorted():
+        man = man.sort("rank")
+    unknown = man.filter(pl.col("shard").is_null())["uid"].head(3).to_list()
     if unknown:
-        raise ValueError(f"selection: got {len(unknown)} uids without a samples row (e.g. {unknown[:3]}); expected all kept uids in samples")
+        n_unknown = int(man["shard"].null_count())
+        raise ValueError(f"selection: got {n_unknown} uids without a samples row (e.g. {unknown}); expected all kept uids in samples")
 
-    uids = sorted_uid_array(man["uid"].to_list())
+    uids = sorted_uid_array(man["uid"])  # from the column: no Python string per uid
 
     def save_uids(p: Path) -> None:
         with open(p, "wb") as f:

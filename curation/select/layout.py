@@ -45,6 +45,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass, field
 
@@ -59,7 +60,7 @@ from curation.ingest.ids import (
     UID_BYTES,
     binary_column_to_bytes,
     binary_uid_column,
-    bytes_to_uids,
+    bytes_to_uid_series,
     uids_to_bytes,
 )
 from curation.select.clustering import (
@@ -345,16 +346,21 @@ def write_layout_rows(lake: Lake, rows: pa.Table, mode: str) -> None:
 
     Parquet pages are written UNCOMPRESSED: the vector bytes do not compress (snappy saves
     < 1% on float32 embeddings) and reading a bucket is then ~3-8x faster (measured in
-    docs/benchmarks.md).
+    docs/benchmarks.md). The vector and uid columns are PLAIN, without a dictionary or
+    statistics (unique random bytes: the writer otherwise fills a 1 MB dictionary page per
+    file before it falls back, and stores 2 KiB min/max values nobody filters on): writes
+    ~30% faster, reads ~10% (131k rows x 512, 32 buckets, this machine).
     """
-    from deltalake import WriterProperties, write_deltalake
+    from deltalake import ColumnProperties, WriterProperties, write_deltalake
 
     if lake.is_local:
         os.makedirs(lake.root, exist_ok=True)
     kwargs = {"schema_mode": "overwrite"} if mode == "overwrite" else {}
+    plain = ColumnProperties(dictionary_enabled=False, statistics_enabled="NONE", encoding="PLAIN")
+    raw = [c for c in rows.column_names if c == "uid" or c.startswith(("emb_", "text_"))]
+    props = WriterProperties(compression="UNCOMPRESSED", column_properties={c: plain for c in raw})
     write_deltalake(lake.uri(LAYOUT_TABLE), rows, mode=mode, partition_by=["bucket"],
-                    storage_options=dict(lake.storage_options) or None,
-                    writer_properties=WriterProperties(compression="UNCOMPRESSED"), **kwargs)
+                    storage_options=dict(lake.storage_options) or None, writer_properties=props, **kwargs)
 
 
 def _stream_assign(lake: Lake, centroids: np.ndarray, config: LayoutConfig, shards, writer: _Writer,
@@ -380,7 +386,12 @@ def _stream_assign(lake: Lake, centroids: np.ndarray, config: LayoutConfig, shar
 
 def _write_shard_state(lake: Lake, fps: dict[str, str], config: LayoutConfig, layout_id: str) -> None:
     """``layout_id``: new for every :func:`build_layout` (new centroids or settings), kept by
-    :func:`update_layout`; scores computed on another layout are never updated in place."""
+    :func:`update_layout`; scores computed on another layout are never updated in place.
+
+    Also checkpoints ``pool_by_cluster``'s log (one Parquet file instead of a JSON commit per
+    flush: every bucket reader opens the table)."""
+    if lake.exists(LAYOUT_TABLE):
+        lake.table(LAYOUT_TABLE).create_checkpoint()
     lake.write(SHARDS_TABLE, pl.DataFrame({
         "shard": pl.Series(sorted(fps), dtype=pl.String),
         "fingerprint": pl.Series([fps[s] for s in sorted(fps)], dtype=pl.String),
@@ -618,6 +629,7 @@ def bucket_scores(
     block: int,
     memory_budget_bytes: int,
     manage_blas: bool = True,
+    version: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """SemDeDup ``M`` for the touched clusters of ONE bucket, read by this task from the lake.
 
@@ -633,6 +645,8 @@ def bucket_scores(
         block: similarity block rows; memory_budget_bytes: see :class:`LayoutConfig`.
         manage_blas: a bucket whose clusters only gained members runs its products on one
             BLAS thread (False: the caller already set the BLAS threads, e.g. a thread pool).
+        version: the ``pool_by_cluster`` version to read (the driver's; None: the latest).
+            A process opens each version once (:func:`_bucket_dataset`), not once per bucket.
 
     Returns:
         ``(uids (n, 16) uint8, cluster_ids (n,) int32, cos (n,) float32, m (n,) float32)`` for
@@ -640,7 +654,7 @@ def bucket_scores(
     """
     bucket, full, adds = item
     lake = Lake(root, storage_options or {})
-    ds = _bucket_dataset(lake, bucket)
+    ds = _bucket_dataset(lake, bucket, version)
     wanted = None if full is None else sorted(set(full) | set(adds))
     n_rows = ds.count_rows(filter=pc.field("bucket") == bucket)
     fits = n_rows * d * 4 <= memory_budget_bytes
@@ -813,10 +827,33 @@ def _find(keys: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pos, keys[pos] == q
 
 
-def _bucket_dataset(lake: Lake, bucket: str | None):
+_SNAPSHOT: dict[tuple, object] = {}
+_SNAPSHOT_LOCK = threading.Lock()
+
+
+def _layout_table(lake: Lake, version: int | None = None):
+    """The ``pool_by_cluster`` DeltaTable; with ``version``, opened once per process and reused
+    (a version never changes). Opening replays the table's log: at 10M rows the layout has
+    ~24k files in ~80 commits, and one open per bucket task (313 buckets) cost more than the
+    reads of small buckets."""
+    if version is None:
+        return lake.table(LAYOUT_TABLE)
+    key = (lake.uri(LAYOUT_TABLE), tuple(sorted(dict(lake.storage_options).items())), int(version))
+    with _SNAPSHOT_LOCK:  # the bucket threads of one run share one open
+        dt = _SNAPSHOT.get(key)
+        if dt is None:
+            from deltalake import DeltaTable
+
+            dt = DeltaTable(lake.uri(LAYOUT_TABLE), version=int(version), storage_options=dict(lake.storage_options) or None)
+            _SNAPSHOT.clear()  # one snapshot per process
+            _SNAPSHOT[key] = dt
+    return dt
+
+
+def _bucket_dataset(lake: Lake, bucket: str | None, version: int | None = None):
     """The ``pool_by_cluster`` pyarrow dataset, of one bucket's files only when ``bucket`` is
     given (listing the whole table's files costs ~0.3 s at 1M rows; one bucket's ~3 ms)."""
-    dt = lake.table(LAYOUT_TABLE)
+    dt = _layout_table(lake, version)
     return dt.to_pyarrow_dataset() if bucket is None else dt.to_pyarrow_dataset(file_pruning_predicate=[("bucket", "=", bucket)])
 
 
@@ -833,18 +870,22 @@ def _score_items(lake: Lake, clusters: list[int], full: set[int] | None, adds: d
     return items
 
 
-def _run_items(lake: Lake, executor: Executor, config: LayoutConfig, items: list[tuple], add_only: bool = False):
-    """``bucket_scores`` over ``items``. ``add_only`` (every item only adds members) in process:
-    the buckets run on a pool of threads, one per core, each with one BLAS thread (reading a
-    bucket and its many small products release the GIL), instead of one bucket at a time."""
+def _run_items(lake: Lake, executor: Executor, config: LayoutConfig, items: list[tuple]):
+    """``bucket_scores`` over ``items``, every task reading the same table version. In process
+    the buckets run on a pool of threads, one per core, each with one BLAS thread: one thread
+    reads its bucket (Parquet decoding and disk waits release the GIL) while the other
+    multiplies, instead of one bucket at a time whose read leaves the BLAS threads idle."""
     dtype = layout_dtype(lake)
     if not items:
         return (np.zeros((0, UID_BYTES), np.uint8), np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.float32))
     kw = dict(root=lake.root, storage_options=dict(lake.storage_options) or None, dtype=dtype,
-              d=_layout_dim(lake, dtype, items[0][0]), block=config.block, memory_budget_bytes=config.memory_budget_bytes)
+              d=_layout_dim(lake, dtype, items[0][0]), block=config.block, memory_budget_bytes=config.memory_budget_bytes,
+              version=lake.table(LAYOUT_TABLE).version())
     workers = min(len(items), os.cpu_count() or 1)
-    if add_only and executor.kind == "in-process" and workers > 1:
+    if executor.kind == "in-process" and workers > 1:
         from concurrent.futures import ThreadPoolExecutor
+
+        kw["memory_budget_bytes"] = max(1, config.memory_budget_bytes // workers)  # the budget holds for all threads
 
         with single_thread_blas(), ThreadPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(lambda it: bucket_scores(it, **kw, manage_blas=False), items))
@@ -898,7 +939,7 @@ def _add_only_update(lake: Lake, executor: Executor, config: LayoutConfig, new_s
         for c, b in zip(cs, bucket_names(np.array(cs), layout_clusters_per_bucket(lake)).to_list()):
             by_bucket.setdefault(b, {})[c] = adds[c]
         items = [(b, [], by_bucket[b]) for b in sorted(by_bucket)]
-        u, cid, _cos, val = _run_items(lake, executor, config, items, add_only=True)
+        u, cid, _cos, val = _run_items(lake, executor, config, items)
         q = _keys(u)
         pos_n, is_n = _find(nkeys, q)
         pos_o, is_o = _find(okeys, q[~is_n])
@@ -947,6 +988,15 @@ def dedup_scores_by_bucket(
         du = _add_only_update(lake, executor, config, diff[0], layout_shards)
         if du is not None:
             return du
+    if not have_old:  # every bucket in full: no N-scale table is read by the driver
+        n_asg = lake.table("assignments").to_pyarrow_dataset().count_rows()
+        items = [(b, None, {}) for b in lake.partitions(LAYOUT_TABLE)]
+        u, cid, cos, m = _run_items(lake, executor, config, items)
+        frame = _scores_frame(u, cid, cos, m)
+        if frame.height != n_asg:
+            raise ValueError(f"dedup_scores: got {frame.height} scores for {n_asg} assigned rows; expected one each "
+                             "(the layout and assignments disagree: re-run concept_clusters with mode 'retrain')")
+        return DedupUpdate(frame, "full", int(np.unique(cid).size), 0, frame.height, 0, layout_shards)
     asg = lake.read("assignments", columns=["uid", "shard", "cluster_id", "cos_to_centroid"])
     full_clusters: set[int] | None = None
     adds: dict[int, tuple] = {}
@@ -986,19 +1036,28 @@ def dedup_scores_by_bucket(
     wanted = None if full_clusters is None else sorted(full_clusters | set(adds))
     items = _score_items(lake, wanted, full_clusters, adds)
     u, cid, cos, m = _run_items(lake, executor, config, items)
-    fresh = pl.DataFrame({
-        "uid": pl.Series(bytes_to_uids(u), dtype=pl.String),
-        "cluster_id": pl.Series(cid, dtype=pl.Int32),
-        "cos_to_centroid": pl.Series(cos, dtype=pl.Float32),
-        "max_sim_to_earlier": pl.Series(m, dtype=pl.Float32),
-    })
-    frame = pl.concat([keep.select(fresh.columns).cast(fresh.schema), fresh]) if keep is not None else fresh
-    frame = frame.sort("uid")
+    fresh = _scores_frame(u, cid, cos, m)
+    frame = pl.concat([keep.select(fresh.columns).cast(fresh.schema), fresh]).sort("uid") if keep is not None else fresh
     if frame.height != asg.height:
         raise ValueError(f"dedup_scores: got {frame.height} scores for {asg.height} assigned rows; expected one each "
                          "(the layout and assignments disagree: re-run concept_clusters with mode 'retrain')")
     n_full = len(full_clusters) if full_clusters is not None else int(np.unique(cid).size)
     return DedupUpdate(frame, mode, n_full, len(adds), int(fresh.height), reentered, layout_shards)
+
+
+def _scores_frame(u: np.ndarray, cid: np.ndarray, cos: np.ndarray, m: np.ndarray) -> pl.DataFrame:
+    """The ``dedup_scores`` rows of compact uids, sorted by uid: the order comes from the two
+    uint64 halves of the uid bytes (they sort like the hex strings), and the hex strings are
+    made once, in that order, without a ``<U32`` array or a sort of the string column."""
+    hi, lo = uid_sort_keys(u)
+    order = np.lexsort((lo, hi))
+    del hi, lo
+    return pl.DataFrame({
+        "uid": bytes_to_uid_series(u[order]),
+        "cluster_id": pl.Series(cid[order], dtype=pl.Int32),
+        "cos_to_centroid": pl.Series(cos[order], dtype=pl.Float32),
+        "max_sim_to_earlier": pl.Series(m[order], dtype=pl.Float32),
+    })
 
 
 def _columns(lake: Lake, table: str) -> list[str]:

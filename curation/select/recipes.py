@@ -51,6 +51,7 @@ import numpy as np
 import polars as pl
 import yaml
 
+from curation.ingest.ids import uid_series
 from curation.select.budgets import (
     ORDERS,
     dbp_budgets,
@@ -279,7 +280,9 @@ class Pool:
     """The pool arrays every recipe reads (row ``i`` is one sample everywhere).
 
     Attributes:
-        uids: (n,) str sample uids.
+        uids: (n,) sample uids: ``str``, or fixed-width bytes (``S32``, how
+            :func:`curation.select.pool_tables.read_recipe_pool` holds them: 32 bytes per uid
+            instead of 128; they order exactly like the strings).
         cluster_ids: (n,) int32 concept cluster of each sample.
         cos_to_centroid: (n,) float32 cosine to its centroid.
         centroids: (k, d) float32 unit-norm centroids.
@@ -329,7 +332,8 @@ class Selection:
     Attributes:
         recipe: the recipe name.
         index: (m,) int64 pool row of each kept sample, ordered by rank.
-        uids: (m,) str uids, ordered by rank.
+        uids: (m,) uids ordered by rank, of the pool's uid dtype (``str`` or ``S32`` bytes;
+            :meth:`to_frame` and :func:`curation.ingest.ids.uid_series` give strings).
         rank: (m,) int64 ``0..m-1`` (0 = most preferred).
         score: (m,) float64 the method's score (see the module docstring).
         stats: ``n_pool`` (pool size), ``n_candidates`` (after chained SemDeDup),
@@ -349,7 +353,7 @@ class Selection:
         return pl.DataFrame(
             {
                 "recipe": pl.Series([self.recipe] * len(self.uids), dtype=pl.String),
-                "uid": pl.Series(values=list(self.uids), dtype=pl.String),
+                "uid": uid_series(self.uids),
                 "rank": pl.Series(self.rank, dtype=pl.Int64),
                 "score": pl.Series(self.score, dtype=pl.Float64),
             }
@@ -423,7 +427,7 @@ def _random(recipe, pool, cand):
 def _semdedup(recipe, pool, cand):
     idx = cand  # the candidates are exactly the non-duplicates at eps
     mk = _max_sim(pool)[idx].astype(np.float64)
-    df = pl.DataFrame({"m": mk, "u": pl.Series(values=list(np.asarray(pool.uids)[idx]), dtype=pl.String)})
+    df = pl.DataFrame({"m": mk, "u": uid_series(np.asarray(pool.uids)[idx])})
     order = df.with_row_index("i").sort(["m", "u"])["i"].to_numpy()
     return idx[order], mk[order], {}
 
