@@ -148,13 +148,19 @@ def _hex_decode(s: pl.Series) -> np.ndarray | None:
     return _hex_nibbles(np.frombuffer(arr.buffers()[2], dtype=np.uint8)[int(off[0]) : int(off[-1])], n)
 
 
-def _hex_nibbles(chars: np.ndarray, n: int) -> np.ndarray:
-    """``n * 32`` hex characters (uint8) -> ``(n, 16) uint8``."""
-    nib = _HEX_NIBBLE[chars]
-    if (nib == 255).any():
-        raise ValueError("uids: got a non-hex uid; expected 32 hex characters each")
-    nib = nib.reshape(n, UID_BYTES, 2)
-    return (nib[:, :, 0] << 4) | nib[:, :, 1]
+def _hex_nibbles(chars: np.ndarray, n: int, rows: int = 1 << 20) -> np.ndarray:
+    """``n * 32`` hex characters (uint8) -> ``(n, 16) uint8``, ``rows`` uids at a time (the
+    lookup's temporaries stay ~50 MB, not 4x the output: 0.6 GB at 10M uids)."""
+    out = np.empty((n, UID_BYTES), np.uint8)
+    chars = chars.reshape(n, 2 * UID_BYTES)
+    for s in range(0, n, rows):
+        nib = _HEX_NIBBLE[chars[s : s + rows]]
+        if (nib == 255).any():
+            raise ValueError("uids: got a non-hex uid; expected 32 hex characters each")
+        nib = nib.reshape(-1, UID_BYTES, 2)
+        np.left_shift(nib[:, :, 0], 4, out=out[s : s + rows])
+        out[s : s + rows] |= nib[:, :, 1]
+    return out
 
 
 def bytes_to_uids(arr) -> np.ndarray:
