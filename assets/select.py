@@ -251,7 +251,7 @@ def _examples(db: Lake, asg: pl.DataFrame, clusters: list[int], per: int) -> dic
         .group_by("cluster_id", maintain_order=True)
         .head(per)
     )
-    caps = db.read("samples", columns=["uid", "caption"]).join(top.select("uid", "cluster_id"), on="uid")
+    caps = read_kept_samples(db, top["uid"], ["caption"]).join(top.select("uid", "cluster_id"), on="uid")
     return {int(c): " / ".join(g["caption"].to_list()) for (c,), g in caps.group_by(["cluster_id"])}
 
 

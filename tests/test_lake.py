@@ -73,3 +73,15 @@ def test_ragged_lists_are_rejected():
     ragged = pa.array([[1.0, 2.0], [3.0]], type=pa.list_(pa.float32()))
     with pytest.raises(ValueError, match="different lengths"):
         list_column_to_matrix(ragged)
+
+
+def test_read_uids_streams_the_rows_of_some_uids(tmp_path):
+    lake = Lake(str(tmp_path))
+    rows = pl.DataFrame({"uid": [f"{i:032x}" for i in range(30)], "shard": [f"s{i % 3}" for i in range(30)],
+                         "caption": [f"c{i}" for i in range(30)]})
+    lake.write("samples", rows)
+    want = [f"{i:032x}" for i in (29, 3, 3, 14)] + ["f" * 32]  # a repeat and an unknown uid
+    got = lake.read_uids("samples", want, ["caption", "shard"]).sort("uid")
+    assert got.columns == ["uid", "caption", "shard"]
+    assert got["caption"].to_list() == ["c3", "c14", "c29"]
+    assert lake.read_uids("samples", pl.Series([], dtype=pl.String), ["caption"]).height == 0

@@ -47,8 +47,7 @@ def _samples_for(db: Lake, uids: Sequence[str]) -> pl.DataFrame:
     cols = ["uid", "dataset", "shard", "key", "member", "caption", "width", "height"]
     if not uids or not db.exists("samples"):
         return pl.DataFrame(schema={c: (pl.Int32 if c in ("width", "height") else pl.String) for c in cols})
-    want = pl.DataFrame({"uid": pl.Series(list(dict.fromkeys(uids)), dtype=pl.String)})
-    return db.read("samples", columns=cols).join(want, on="uid", how="semi")
+    return db.read_uids("samples", list(dict.fromkeys(uids)), cols)
 
 
 def attach_thumbnails(
@@ -266,7 +265,7 @@ def dedup_groups(
     if not chosen:
         return out
     asg = db.read("assignments", columns=["uid", "cluster_id", "cos_to_centroid"]).filter(pl.col("cluster_id").is_in(chosen))
-    shards = sorted(db.read("samples", columns=["uid", "shard"]).join(asg.select("uid"), on="uid", how="semi")["shard"].unique().to_list())
+    shards = sorted(db.read_uids("samples", asg["uid"], ["shard"])["shard"].unique().to_list())
     pe = read_pool(db, shards=shards, columns=("image",))
     row_of = {u: i for i, u in enumerate(pe.uids.tolist())}
     asg = asg.filter(pl.col("uid").is_in(list(row_of)))

@@ -166,13 +166,9 @@ def read_recipe_pool(db: Lake, recipe: Recipe, needs_dedup: bool | None = None) 
 
 
 def read_kept_samples(db: Lake, uids: pl.Series, columns) -> pl.DataFrame:
-    """The ``samples`` rows (``columns``) of the kept ``uids``, streamed: polars scans the Delta
-    table in morsels and semi-joins them against the kept uids, so memory holds the kept rows,
-    never the whole pool's rows (at 10M samples the eager read + join peaked at ~4 GiB)."""
-    cols = list(dict.fromkeys(["uid", *columns]))
-    keep = pl.DataFrame({"uid": uids.cast(pl.String)}).lazy()
-    scan = pl.scan_delta(db.uri("samples"), storage_options=db._opts()).select(cols)
-    return scan.join(keep, on="uid", how="semi").collect(engine="streaming")
+    """The ``samples`` rows (``columns``, uid first) of the kept ``uids``, streamed
+    (:meth:`curation.storage.lake.Lake.read_uids`): memory holds the kept rows, never the pool's."""
+    return db.read_uids("samples", uids, columns)
 
 
 def aligned_source(db: Lake) -> str:
