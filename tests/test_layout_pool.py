@@ -382,6 +382,49 @@ def test_kmeans_sample_is_bounded_in_memory_not_by_k(tmp_path, monkeypatch):
     assert layout.embedding_width(p.lake) == D and asked == [max(4 * 39, 100)]
 
 
+def test_two_level_products_equal_faiss_ivf_search_and_build_once(tmp_path, monkeypatch):
+    """The CPU scan (products per probed cell) picks what faiss's IndexIVFFlat picks with the
+    same cells and nprobe; the layout builds the assigner once for all its partitions."""
+    import faiss
+
+    import curation.select.layout as L
+    from curation.select.clustering import TwoLevelAssigner
+
+    rng = np.random.default_rng(4)
+    cent = train_centroids(_unit(rng.standard_normal((6000, 24))), 2500, niter=5)
+    x = _unit(cent[rng.integers(0, 2500, 3000)] + 0.2 * rng.standard_normal((3000, 24)))
+    a = TwoLevelAssigner(cent)
+    ids, cos = a(x, block=700)  # several blocks
+    quant = faiss.IndexFlatIP(24)
+    ivf = faiss.IndexIVFFlat(quant, 24, a.nlist, faiss.METRIC_INNER_PRODUCT)
+    ivf.cp.seed, ivf.cp.niter, ivf.cp.spherical = 0, 20, True
+    ivf.train(cent)
+    ivf.add(cent)
+    ivf.nprobe = a.nprobe
+    dist, lab = ivf.search(x, 1)
+    assert a.nprobe < a.nlist and np.array_equal(ids, lab[:, 0])
+    np.testing.assert_allclose(cos, dist[:, 0], atol=1e-5)
+    built = []
+    real = L.assigner
+
+    def counting(*args, **kw):
+        built.append(1)
+        return real(*args, **kw)
+
+    lake = Lake(str(tmp_path / "lake"))
+    for i in range(3):
+        lake.write("embeddings", pa.table({"uid": [make_uid("t", str(i), str(j)) for j in range(50)], "shard": [f"t-{i}"] * 50,
+                                           "image_emb": matrix_to_list_column(x[50 * i : 50 * i + 50]),
+                                           "encoder": ["e"] * 50}), partition=f"t-{i}")
+    monkeypatch.setattr(L, "assigner", counting)
+    L.build_layout(lake, cent, LayoutConfig(), assign_method="two-level")
+    assert built == [1]
+    got = lake.read("assignments", columns=["uid", "cluster_id"]).sort("uid")
+    want = pl.DataFrame({"uid": [make_uid("t", str(i), str(j)) for i in range(3) for j in range(50)],
+                         "cluster_id": ids[:150]}).sort("uid")
+    assert got["cluster_id"].to_list() == want["cluster_id"].to_list()
+
+
 def test_two_level_assignment_and_kmeans_agree_with_flat():
     rng = np.random.default_rng(1)
     centers = _unit(rng.standard_normal((400, 32)))

@@ -66,7 +66,7 @@ from curation.ingest.ids import (
 from curation.select.clustering import (
     DEFAULT_MAX_POINTS_PER_CENTROID,
     DEFAULT_NITER,
-    assign_any,
+    assigner,
     train_centroids_any,
 )
 from curation.select.similarity import (
@@ -369,6 +369,7 @@ def _stream_assign(lake: Lake, centroids: np.ndarray, config: LayoutConfig, shar
     touched: set[int] = set()
     encoders: set[str] = set()
     cols = ("image", "text") if config.with_text else ("image",)
+    assign_rows = assigner(centroids, method=assign_method, gpu=gpu)  # two-level cells trained once, not per shard
     for shard, uids, mats, enc in iter_pool_partitions(lake, shards=shards, columns=cols):
         encoders |= enc
         if len(encoders) > 1:
@@ -376,7 +377,7 @@ def _stream_assign(lake: Lake, centroids: np.ndarray, config: LayoutConfig, shar
         x = mats["image"]
         if x.shape[1] != centroids.shape[1]:
             raise ValueError(f"shard {shard!r}: got {x.shape[1]}-dim embeddings; expected {centroids.shape[1]} (the centroids')")
-        ids, cos = assign_any(x, centroids, method=assign_method, gpu=gpu)
+        ids, cos = assign_rows(x)
         touched |= set(np.unique(ids).tolist())
         writer.add(shard, uids, x, ids, cos, mats.get("text"))
         n += len(uids)
