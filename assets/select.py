@@ -340,23 +340,26 @@ def pruned_subsets(
     recipe = finalize_control(recipe, pool, subset_size=lambda name: db.read("subsets", columns=["uid"], partitions=[name]).height)
     with distributed.executor(compute.spec()) as ex:  # per-class CLIPCov on Ray when configured
         sel = apply_recipe(recipe, pool, executor=ex)
-    frame = sel.to_frame()
-    db.write("subsets", frame, partition=recipe.name)
+    table = sel.to_arrow()
+    db.write("subsets", table, partition=recipe.name)
+    frame = pl.from_arrow(table.select(["uid", "rank", "score"]))
+    del table
     select_s = time.perf_counter() - t0
 
     del pool  # the pool arrays are not needed for the export
-    # only the kept rows, streamed (the image hashes only when shards are written and checked)
-    kept_samples = read_kept_samples(db, frame["uid"], ["uid", "dataset", "shard", "key", "caption", "member"]
-                                     + (["image_sha256"] if config.write_shards else []))
+    preview = frame.head(10).join(read_kept_samples(db, frame["uid"].head(10), ["caption"]), on="uid", how="left")
+    preview = preview.sort("rank").select("rank", "uid", "score", "caption")
     extra = {"recipe_hash": recipe_hash(recipe), "aligned_source": aligned,
              **{k: v for k, v in sel.stats.items() if k not in ("budgets", "sizes")}}
     out_dir = lake.artifacts("subsets", recipe.name)
-    exp = export_subset(out_dir, frame, kept_samples, datasets.landing, recipe=recipe.to_dict(), extra=extra,
+    # only the kept rows, streamed (the image hashes only when shards are written and checked),
+    # passed inline so the export frees them once its manifest is joined
+    exp = export_subset(out_dir, frame,
+                        read_kept_samples(db, frame["uid"], ["uid", "dataset", "shard", "key", "caption", "member"]
+                                          + (["image_sha256"] if config.write_shards else [])),
+                        datasets.landing, recipe=recipe.to_dict(), extra=extra,
                         shard_size=config.shard_size, write_shards=config.write_shards)
     seconds = time.perf_counter() - t0
-    preview = (
-        frame.head(10).join(kept_samples.select("uid", "caption"), on="uid", how="left").sort("rank").select("rank", "uid", "score", "caption")
-    )
     meta = {
         "recipe": recipe.name,
         "method": recipe.method,

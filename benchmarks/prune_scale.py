@@ -382,10 +382,12 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
         from curation.select.export import export_subset
         from curation.select.pool_tables import read_kept_samples
 
-        frame = s.to_frame()
-        lake.write("subsets", frame, partition=recipe.name)
-        kept = read_kept_samples(lake, frame["uid"], ["dataset", "shard", "key", "caption", "member"])
-        return export_subset(Path(root) / "artifacts" / recipe.name, frame, kept, Path(root) / "landing",
+        table = s.to_arrow()
+        lake.write("subsets", table, partition=recipe.name)
+        frame = pl.from_arrow(table.select(["uid", "rank", "score"]))
+        del table
+        return export_subset(Path(root) / "artifacts" / recipe.name, frame,
+                             read_kept_samples(lake, frame["uid"], ["shard", "key", "caption"]), Path(root) / "landing",
                              recipe=recipe.to_dict(), write_shards=False)
 
     stage("export", lambda: export(sel))

@@ -16,6 +16,7 @@ from curation.ingest.ids import (
     make_uid,
     u128_to_uids,
     uid_series,
+    uid_strings,
     uids_to_bytes,
     uids_to_u128,
 )
@@ -441,3 +442,22 @@ def test_two_level_assignment_and_kmeans_agree_with_flat():
     assert two.shape == (400, 32) and np.allclose(np.linalg.norm(two, axis=1), 1, atol=1e-5)
     _, cos_two = assign(x, two)
     assert cos_two.mean() > c_flat.mean() - 0.02  # about as tight as the flat fit
+
+
+def test_compact_alignment_sorts_hashed_uids_and_names_missing_rows():
+    from curation.select.pool_tables import align_compact, sort_order
+
+    uids = uid_strings([make_uid("d", "s", str(i)) for i in range(500)])  # hashes: not sorted
+    order = sort_order(uids)
+    assert order is not None and sort_order(uids[order]) is None
+    assert list(uids[order]) == sorted(uids.tolist())
+    ref = uids[order]
+    vals = np.arange(500, dtype=np.float32)
+    shuffled = np.random.default_rng(0).permutation(500)
+    got = align_compact(ref, uids[shuffled], vals[shuffled], "t")
+    np.testing.assert_array_equal(got, vals[order])  # each uid's own value
+    assert align_compact(ref, ref, vals, "t") is not None
+    with pytest.raises(ValueError, match=r"dedup_scores: got no rows for 2 of 500 pool uids.*\(re-run\)"):
+        align_compact(ref, ref[2:], vals[2:], "dedup_scores", "re-run")
+    short = uid_strings(["b", "a", "c"])  # other uid shapes take the string sort
+    np.testing.assert_array_equal(sort_order(short), [1, 0, 2])

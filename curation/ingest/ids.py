@@ -46,23 +46,53 @@ def uid_strings(uids) -> np.ndarray:
         return uids
     if isinstance(uids, (pl.Series, pa.Array, pa.ChunkedArray)):
         arr = uids.to_arrow() if isinstance(uids, pl.Series) else uids
-        if isinstance(arr, pa.ChunkedArray):
-            arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
-        if arr.type in (pa.string_view(), pa.binary_view()) or arr.type not in (pa.string(), pa.large_string()):
-            arr = arr.cast(pa.large_string())
-        n = len(arr)
-        if n and not arr.null_count:
-            off = np.frombuffer(arr.buffers()[1], dtype=np.int64 if arr.type == pa.large_string() else np.int32)
-            off = off[arr.offset : arr.offset + n + 1]
-            w = int(off[1] - off[0])
-            if w > 0 and int(off[-1] - off[0]) == n * w and bool(np.all(np.diff(off) == w)):
-                chars = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[int(off[0]) : int(off[-1])]
-                return chars.view(f"S{w}").copy()
-        uids = arr.to_pylist()
+        chunks = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
+        chunks = [c for c in chunks if len(c)]
+        parts = [_fixed_chars(c) for c in chunks]
+        if not chunks:
+            return np.zeros(0, UID_DTYPE)
+        if all(p is not None for p in parts) and len({p.shape[1] for p in parts}) == 1:
+            out = np.empty(sum(len(p) for p in parts), f"S{parts[0].shape[1]}")  # one copy, chunk by chunk
+            row = 0
+            for p in parts:
+                out[row : row + len(p)] = p.reshape(-1).view(out.dtype)
+                row += len(p)
+            return out
+        uids = [v for c in chunks for v in c.to_pylist()]
     vals = [str(u).encode("utf-8") for u in (uids.tolist() if isinstance(uids, np.ndarray) else uids)]
     if any(v is None or b"\0" in v for v in vals):
         raise ValueError("uids: got a null uid or one with a NUL character; expected strings")
     return np.array(vals, dtype=f"S{max([len(v) for v in vals], default=1) or 1}")
+
+
+def _fixed_chars(arr: pa.Array) -> np.ndarray | None:
+    """An Arrow string chunk of equal-length non-null values -> ``(n, w) uint8`` view of its
+    characters (no copy), else None."""
+    if arr.type not in (pa.string(), pa.large_string()):
+        try:
+            arr = arr.cast(pa.large_string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return None
+    n = len(arr)
+    if arr.null_count:
+        return None
+    off = np.frombuffer(arr.buffers()[1], dtype=np.int64 if arr.type == pa.large_string() else np.int32)
+    off = off[arr.offset : arr.offset + n + 1]
+    w = int(off[1] - off[0])
+    if w <= 0 or int(off[-1] - off[0]) != n * w or not bool(np.all(np.diff(off) == w)):
+        return None
+    return np.frombuffer(arr.buffers()[2], dtype=np.uint8)[int(off[0]) : int(off[-1])].reshape(n, w)
+
+
+def uid_arrow(uids: np.ndarray) -> pa.Array:
+    """Fixed-width uid bytes (:func:`uid_strings`) -> an Arrow ``large_string`` array over the
+    same bytes (no copy) when no value is NUL-padded, else built from the decoded strings."""
+    n, w = len(uids), uids.dtype.itemsize
+    raw = np.ascontiguousarray(uids).view(np.uint8).reshape(n, w) if n else np.zeros((0, w), np.uint8)
+    if n and bool(raw[:, -1].all()):
+        offsets = np.arange(0, (n + 1) * w, w, dtype=np.int64)
+        return pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(raw)]).cast(pa.large_string())
+    return pa.array([v.decode("utf-8") for v in uids.tolist()], pa.large_string())
 
 
 def uid_series(uids, name: str = "uid") -> pl.Series:
@@ -71,13 +101,7 @@ def uid_series(uids, name: str = "uid") -> pl.Series:
     if isinstance(uids, pl.Series):
         return uids.cast(pl.String).alias(name)
     if isinstance(uids, np.ndarray) and uids.dtype.kind == "S":
-        n, w = len(uids), uids.dtype.itemsize
-        raw = np.ascontiguousarray(uids).view(np.uint8).reshape(n, w) if n else np.zeros((0, w), np.uint8)
-        if n and bool(raw[:, -1].all()):  # no NUL padding: one Arrow array over the same bytes
-            offsets = np.arange(0, (n + 1) * w, w, dtype=np.int64)
-            arr = pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(raw)])
-            return pl.Series(name, arr.cast(pa.large_string()))
-        return pl.Series(name, [v.decode("utf-8") for v in uids.tolist()], dtype=pl.String)
+        return pl.Series(name, uid_arrow(uids))
     return pl.Series(name, list(uids) if not isinstance(uids, list) else uids, dtype=pl.String)
 
 

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 SAMPLE_COLUMNS = ("uid", "dataset", "shard", "key", "caption", "member")
 MANIFEST_COLUMNS = ("uid", "shard", "key", "caption", "rank", "score")
+#: the samples columns an export without webdataset shards needs (the manifest's)
+MANIFEST_SAMPLE_COLUMNS = ("uid", "shard", "key", "caption")
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -68,9 +70,10 @@ def export_subset(
     Args:
         out_dir: destination directory (created; previous export files replaced).
         selection: columns uid, rank, score (the ``subsets`` rows of the recipe).
-        samples: the ``samples`` rows (at least ``SAMPLE_COLUMNS``; ``image_sha256`` to check
-            copied bytes) of every kept uid, e.g. from
-            :func:`curation.select.pool_tables.read_kept_samples` (which streams the table).
+        samples: the ``samples`` rows of every kept uid (``SAMPLE_COLUMNS``, and
+            ``image_sha256`` to check copied bytes; without shards ``MANIFEST_SAMPLE_COLUMNS``
+            suffice), e.g. from :func:`curation.select.pool_tables.read_kept_samples` (which
+            streams the table); pass it inline and it is freed once the manifest is joined.
         landing: the landing root holding ``<dataset>/<stem>.tar``.
         recipe: the resolved recipe, stored under ``"recipe"`` in ``recipe.json``.
         shard_size: kept samples per output shard.
@@ -90,12 +93,16 @@ def export_subset(
         raise ValueError(f"shard_size: got {shard_size}; expected >= 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    missing_cols = sorted(set(SAMPLE_COLUMNS) - set(samples.columns))
+    need = SAMPLE_COLUMNS if write_shards else MANIFEST_SAMPLE_COLUMNS
+    missing_cols = sorted(set(need) - set(samples.columns))
     if missing_cols:
-        raise ValueError(f"samples: got no columns {missing_cols}; expected {list(SAMPLE_COLUMNS)}")
+        raise ValueError(f"samples: got no columns {missing_cols}; expected {list(need)}")
+    has_sha = "image_sha256" in samples.columns and write_shards
     sel = selection.select("uid", "rank", "score")
     # in the selection's order (a Selection's frame is in rank order already: no sort, no copy)
-    man = sel.join(samples.select(SAMPLE_COLUMNS), on="uid", how="left", maintain_order="left")
+    man = sel.join(samples.select([*need, *(["image_sha256"] if has_sha else [])]), on="uid", how="left",
+                   maintain_order="left")
+    del samples, sel  # the manifest carries what follows (a caller passing its frame inline frees it here)
     if not man["rank"].is_sorted():
         man = man.sort("rank")
     unknown = man.filter(pl.col("shard").is_null())["uid"].head(3).to_list()
@@ -114,9 +121,8 @@ def export_subset(
 
     shards_dir = safe_child(out, "shards")
     shards_dir.mkdir(exist_ok=True)
-    has_sha = "image_sha256" in samples.columns
     # only the shards check image bytes against ingest's sha256 (a dict of every kept uid otherwise costs ~0.5 s at 500k)
-    sha_of = dict(zip(samples["uid"].to_list(), samples["image_sha256"].to_list())) if has_sha and write_shards else {}
+    sha_of = dict(zip(man["uid"].to_list(), man["image_sha256"].to_list())) if has_sha else {}
     n_shards, n_bytes, missing, changed = 0, 0, [], []
     if write_shards and man.height:
         # Stream each source shard once: output order is (source shard, key).

@@ -21,7 +21,7 @@ import polars as pl
 import pyarrow as pa
 
 from curation.embed.pool_reader import read_pool
-from curation.ingest.ids import uid_strings
+from curation.ingest.ids import UID_DTYPE, uid_series, uid_strings, uids_to_bytes
 from curation.select.clustering import Complexity
 from curation.select.recipes import Pool, Recipe
 from curation.storage.lake import Lake, list_column_to_matrix, matrix_to_list_column
@@ -129,18 +129,18 @@ def read_recipe_pool(db: Lake, recipe: Recipe, needs_dedup: bool | None = None) 
     Raises:
         ValueError: a needed table is missing or does not cover every assigned uid.
     """
-    asg = db.read("assignments", columns=["uid", "cluster_id", "cos_to_centroid"])
-    if not asg["uid"].is_sorted():  # written in shard order; uids sorted already skip the copy
-        asg = asg.sort("uid")
-    uids = asg["uid"]
+    uids, asg = read_uid_keyed(db, "assignments", ["cluster_id", "cos_to_centroid"])
+    order = sort_order(uids)
+    if order is not None:  # written in shard order: hashed uids are not sorted
+        uids, asg = uids[order], {c: v[order] for c, v in asg.items()}
     cent = read_centroids(db)
     max_sim = None
     if recipe.needs_dedup if needs_dedup is None else needs_dedup:
         if not db.exists("dedup_scores"):
             raise ValueError(f"recipe {recipe.name!r} needs SemDeDup scores: got no dedup_scores table; expected it materialized")
-        ds = db.read("dedup_scores", columns=["uid", "max_sim_to_earlier"])
-        max_sim = align_to(uids, ds, "max_sim_to_earlier", "dedup_scores", "re-materialize dedup_scores")[
-            "max_sim_to_earlier"].to_numpy().astype(np.float32)
+        du, dm = read_uid_keyed(db, "dedup_scores", ["max_sim_to_earlier"])
+        max_sim = align_compact(uids, du, dm["max_sim_to_earlier"], "dedup_scores", "re-materialize dedup_scores")
+        del du, dm
     d_inter = None
     if recipe.method == "dbp":
         cl = db.read("clusters").sort("cluster_id") if db.exists("clusters") else None
@@ -155,14 +155,56 @@ def read_recipe_pool(db: Lake, recipe: Recipe, needs_dedup: bool | None = None) 
         from curation.select.layout import LayoutRef, layout_has_text
 
         if (not db.exists("filter_embeddings") and layout_has_text(db)
-                and db.table("pool_by_cluster").to_pyarrow_dataset().count_rows() == asg.height):
+                and db.table("pool_by_cluster").to_pyarrow_dataset().count_rows() == len(uids)):
             layout = LayoutRef.of(db)  # aligned vectors read one bucket at a time
         else:
-            img, txt, _ = read_aligned(db, uids)
-    # uids as 32-byte strings (S32), not <U32 (128 bytes) or Python objects: 0.3 GB at 10M
-    return Pool(uids=uid_strings(uids), cluster_ids=asg["cluster_id"].to_numpy().astype(np.int32),
-                cos_to_centroid=asg["cos_to_centroid"].to_numpy().astype(np.float32), centroids=cent,
+            img, txt, _ = read_aligned(db, uid_series(uids))
+    return Pool(uids=uids, cluster_ids=asg["cluster_id"].astype(np.int32),
+                cos_to_centroid=asg["cos_to_centroid"].astype(np.float32), centroids=cent,
                 max_sim=max_sim, image_aligned=img, text_aligned=txt, d_inter=d_inter, aligned_layout=layout)
+
+
+def read_uid_keyed(db: Lake, table: str, columns) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A uid-keyed table's uids as 32-byte strings (``S32``: 0.3 GB at 10M rows, not ``<U32``'s
+    1.3 GB or a polars string column's ~0.5 GB) and its numeric ``columns`` as arrays, read
+    through Arrow without a polars frame (whose string buffers the allocators keep after use)."""
+    t = db.table(table).to_pyarrow_table(columns=["uid", *columns])
+    uids = uid_strings(t.column("uid"))
+    cols = {c: t.column(c).to_numpy() for c in columns}
+    return uids, cols
+
+
+def sort_order(uids: np.ndarray) -> np.ndarray | None:
+    """The permutation sorting ``uids`` (S32), or None when they are strictly increasing
+    already. 32-hex-character uids sort by their two uint64 halves (a numeric lexsort)."""
+    if uids.size < 2 or bool(np.all(uids[1:] > uids[:-1])):
+        return None
+    if uids.dtype == np.dtype(UID_DTYPE):
+        from curation.select.layout import uid_sort_keys
+
+        hi, lo = uid_sort_keys(uids_to_bytes(uids))
+        return np.lexsort((lo, hi))
+    return np.argsort(uids, kind="stable")
+
+
+def align_compact(uids: np.ndarray, keys: np.ndarray, values: np.ndarray, table: str, hint: str = "") -> np.ndarray:
+    """``values`` (one per uid of ``keys``) in the order of ``uids`` (both ``S32`` arrays).
+
+    Raises:
+        ValueError: some uids have no row in ``table`` (the same message as :func:`align_to`).
+    """
+    if keys.shape == uids.shape and np.array_equal(keys, uids):
+        return np.asarray(values)  # both sorted by uid, the usual case: no search
+    order = sort_order(keys)
+    sk = keys if order is None else keys[order]
+    pos = np.minimum(np.searchsorted(sk, uids), max(0, sk.size - 1))
+    hit = sk[pos] == uids if sk.size else np.zeros(uids.size, bool)
+    if not hit.all():
+        missing = int((~hit).sum())
+        raise ValueError(f"{table}: got no rows for {missing} of {uids.size} pool uids; expected every pool sample"
+                         + (f" ({hint})" if hint else ""))
+    src = pos if order is None else order[pos]
+    return np.asarray(values)[src]
 
 
 def read_kept_samples(db: Lake, uids: pl.Series, columns) -> pl.DataFrame:

@@ -51,7 +51,7 @@ import numpy as np
 import polars as pl
 import yaml
 
-from curation.ingest.ids import uid_series
+from curation.ingest.ids import uid_arrow, uid_series
 from curation.select.budgets import (
     ORDERS,
     dbp_budgets,
@@ -347,6 +347,21 @@ class Selection:
     rank: np.ndarray
     score: np.ndarray
     stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_arrow(self):
+        """The ``subsets`` table rows as an Arrow table (recipe, uid, rank, score), for writing:
+        S32 uids become the uid column without a copy, the recipe column without a Python list."""
+        import pyarrow as pa
+
+        m = len(self.uids)
+        uid = uid_series(self.uids).to_arrow() if not (isinstance(self.uids, np.ndarray) and self.uids.dtype.kind == "S") \
+            else uid_arrow(self.uids)
+        return pa.table({
+            "recipe": pa.repeat(pa.scalar(self.recipe, pa.string()), m) if m else pa.array([], pa.string()),
+            "uid": uid,
+            "rank": pa.array(np.asarray(self.rank, dtype=np.int64)),
+            "score": pa.array(np.asarray(self.score, dtype=np.float64)),
+        })
 
     def to_frame(self) -> pl.DataFrame:
         """The ``subsets`` table rows: recipe, uid, rank, score."""
