@@ -42,3 +42,13 @@ def test_compact_uid_strings_round_trip_sort_like_strings_and_decode_to_bytes():
     assert uid_series(cs).to_list() == short
     np.testing.assert_array_equal(np.argsort(cs, kind="stable"), np.argsort(np.array(short), kind="stable"))
     assert uid_strings(pl.Series([], dtype=pl.String)).size == 0
+
+
+def test_hex_decode_in_chunks_equals_one_pass():
+    from curation.ingest.ids import _hex_nibbles
+
+    uids = [make_uid("d", "s", str(i)) for i in range(23)]
+    chars = np.frombuffer("".join(uids).encode(), np.uint8)
+    want = np.array([list(bytes.fromhex(u)) for u in uids], np.uint8)
+    for rows in (1, 5, 23, 64):
+        np.testing.assert_array_equal(_hex_nibbles(chars, 23, rows=rows), want)
