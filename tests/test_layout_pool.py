@@ -144,14 +144,19 @@ def test_out_of_core_equals_in_memory(tmp_path):
             assert np.array_equal(budgets, sel.stats["budgets"]), name
 
 
-def test_bucket_above_memory_budget_is_processed_in_blocks(tmp_path):
-    p = SynPool(tmp_path / "lake")
-    for i in range(3):
-        p.shard(f"{i:05d}", 800)
+def _two_per_bucket(root, shards: int, rows: int):
+    """A pool of ``shards`` x ``rows`` rows, 4 centroids laid out 2 per bucket, its full scores."""
+    p = SynPool(root)
+    for i in range(shards):
+        p.shard(f"{i:05d}", rows)
     cent, _ = fit_centroids(p.lake, 4, niter=10)
     cfg = LayoutConfig(clusters_per_bucket=2)
     build_layout(p.lake, cent, cfg)
-    ref = dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame
+    return p, cent, cfg, dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame
+
+
+def test_bucket_above_memory_budget_is_processed_in_blocks(tmp_path):
+    p, _cent, _cfg, ref = _two_per_bucket(tmp_path / "lake", 3, 800)
     # budget below one cluster's vectors: per-cluster reads, then a memmap scored in blocks
     small = LayoutConfig(clusters_per_bucket=2, memory_budget_bytes=4 * D * 100, block=64)
     got = dedup_scores_by_bucket(p.lake, config=small, incremental=False).frame
@@ -167,14 +172,8 @@ def test_bucket_tasks_read_the_drivers_table_version_opened_once_per_process(tmp
     10M rows an open replays a log of ~24k files; one per bucket was most of a small read)."""
     import curation.select.layout as L
 
-    p = SynPool(tmp_path / "lake")
-    for i in range(2):
-        p.shard(f"{i:05d}", 400)
-    cent, _ = fit_centroids(p.lake, 4, niter=10)
-    cfg = LayoutConfig(clusters_per_bucket=2)
-    build_layout(p.lake, cent, cfg)
+    p, cent, cfg, ref = _two_per_bucket(tmp_path / "lake", 2, 400)
     v = p.lake.table(L.LAYOUT_TABLE).version()
-    ref = dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame
     opened = []
     import deltalake
 

@@ -74,7 +74,7 @@ def _fixed_chars(arr: pa.Array) -> np.ndarray | None:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             return None
     n = len(arr)
-    if arr.null_count:
+    if n == 0 or arr.null_count:
         return None
     off = np.frombuffer(arr.buffers()[1], dtype=np.int64 if arr.type == pa.large_string() else np.int32)
     off = off[arr.offset : arr.offset + n + 1]
@@ -157,19 +157,16 @@ def _hex_decode(s: pl.Series) -> np.ndarray | None:
         ValueError: a character that is not a hex digit.
     """
     arr = s.to_arrow()
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    if arr.type not in (pa.string(), pa.large_string()):
-        try:
-            arr = arr.cast(pa.large_string())
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            return None
-    n = len(arr)
-    off = np.frombuffer(arr.buffers()[1], dtype=np.int64 if arr.type == pa.large_string() else np.int32)
-    off = off[arr.offset : arr.offset + n + 1]
-    if int(off[-1] - off[0]) != n * 2 * UID_BYTES:
+    chunks = [c for c in (arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]) if len(c)]
+    parts = [_fixed_chars(c) for c in chunks]  # chunk by chunk: no concatenated copy
+    if any(p is None or p.shape[1] != 2 * UID_BYTES for p in parts):
         return None
-    return _hex_nibbles(np.frombuffer(arr.buffers()[2], dtype=np.uint8)[int(off[0]) : int(off[-1])], n)
+    out = np.empty((sum(len(p) for p in parts), UID_BYTES), np.uint8)
+    row = 0
+    for p in parts:
+        out[row : row + len(p)] = _hex_nibbles(p.reshape(-1), len(p))
+        row += len(p)
+    return out
 
 
 def _hex_nibbles(chars: np.ndarray, n: int, rows: int = 1 << 20) -> np.ndarray:
