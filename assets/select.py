@@ -208,7 +208,7 @@ def dedup_scores(
     with distributed.executor(compute.spec()) as ex:
         du = dedup_scores_by_bucket(db, ex, LayoutConfig(memory_budget_bytes=DEFAULT_MEMORY_BUDGET))
     write_dedup_scores(db, du)
-    m = du.frame["max_sim_to_earlier"].to_numpy()
+    m = du.max_sim
     fr = removed_fraction(m, EPS_GRID)
     seconds = time.perf_counter() - t0
     grid = pl.DataFrame({"eps": list(fr), "removed_fraction": list(fr.values()),

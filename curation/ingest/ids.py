@@ -116,6 +116,11 @@ def uids_to_bytes(uids) -> np.ndarray:
     """
     if isinstance(uids, np.ndarray) and uids.dtype == np.dtype(UID_DTYPE):  # compact strings: decode their bytes
         return _hex_nibbles(np.ascontiguousarray(uids).view(np.uint8), len(uids))
+    if isinstance(uids, (pa.Array, pa.ChunkedArray)):  # an Arrow column: decode its buffers in place
+        fast = _hex_decode(uids) if len(uids) else np.zeros((0, UID_BYTES), np.uint8)
+        if fast is not None:
+            return fast
+        uids = pl.Series(uids)
     s = uids if isinstance(uids, pl.Series) else pl.Series(np.asarray(uids, dtype=str) if not isinstance(uids, list) else uids, dtype=pl.String)
     s = s.cast(pl.String)
     if len(s) == 0:
@@ -148,7 +153,7 @@ _HEX_NIBBLE[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
 _HEX_NIBBLE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
 
 
-def _hex_decode(s: pl.Series) -> np.ndarray | None:
+def _hex_decode(s) -> np.ndarray | None:
     """32-character hex strings -> ``(n, 16) uint8`` with one table lookup over the Arrow
     character buffer (~20x faster than a per-string decode at 1M uids); None when the
     column is not a plain (large) string array, so the caller takes the general path.
@@ -156,7 +161,7 @@ def _hex_decode(s: pl.Series) -> np.ndarray | None:
     Raises:
         ValueError: a character that is not a hex digit.
     """
-    arr = s.to_arrow()
+    arr = s.to_arrow() if isinstance(s, pl.Series) else s
     chunks = [c for c in (arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]) if len(c)]
     parts = [_fixed_chars(c) for c in chunks]  # chunk by chunk: no concatenated copy
     if any(p is None or p.shape[1] != 2 * UID_BYTES for p in parts):
@@ -194,13 +199,28 @@ def bytes_to_uids(arr) -> np.ndarray:
     return pl.Series(_fixed_binary(a)).bin.encode("hex").to_numpy().astype("<U32")
 
 
+_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
+
+
+def bytes_to_hex(arr, rows: int = 1 << 20) -> np.ndarray:
+    """``(n, 16) uint8`` -> ``(n,)`` ``S32`` lowercase hex uids (numpy lookups, ``rows`` at a
+    time; no Python string per uid). :func:`uid_arrow` makes it an Arrow column without a copy."""
+    a = np.ascontiguousarray(arr, dtype=np.uint8).reshape(-1, UID_BYTES)
+    out = np.empty((a.shape[0], 2 * UID_BYTES), np.uint8)
+    for s in range(0, a.shape[0], rows):
+        b = a[s : s + rows]
+        out[s : s + rows, 0::2] = _HEX_DIGITS[b >> 4]
+        out[s : s + rows, 1::2] = _HEX_DIGITS[b & 15]
+    return out.view(UID_DTYPE).reshape(-1)
+
+
 def bytes_to_uid_series(arr, name: str = "uid") -> pl.Series:
     """``(n, 16) uint8`` -> polars ``String`` Series of hex uids (no ``<U32`` array, no
     Python string per uid: 10M uids take ~0.5 GB instead of ~2 GB on the way)."""
     a = np.ascontiguousarray(arr, dtype=np.uint8).reshape(-1, UID_BYTES)
     if a.shape[0] == 0:
         return pl.Series(name, [], dtype=pl.String)
-    return pl.Series(name, _fixed_binary(a)).bin.encode("hex")
+    return pl.Series(name, uid_arrow(bytes_to_hex(a)))
 
 
 def _fixed_binary(b: np.ndarray) -> pa.Array:

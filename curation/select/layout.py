@@ -60,7 +60,8 @@ from curation.ingest.ids import (
     UID_BYTES,
     binary_column_to_bytes,
     binary_uid_column,
-    bytes_to_uid_series,
+    bytes_to_hex,
+    uid_arrow,
     uids_to_bytes,
 )
 from curation.select.clustering import (
@@ -744,6 +745,8 @@ def _spill_cluster(lake: Lake, bucket: str, c: int, dtype: str, d: int) -> np.me
 
 DEDUP_STATE_TABLE = "dedup_scores_shards"
 _SCORE_SCHEMA = {"uid": pl.String, "cluster_id": pl.Int32, "cos_to_centroid": pl.Float32, "max_sim_to_earlier": pl.Float32}
+_SCORE_ARROW = pa.schema([("uid", pa.large_string()), ("cluster_id", pa.int32()), ("cos_to_centroid", pa.float32()),
+                          ("max_sim_to_earlier", pa.float32())])
 
 
 @dataclass
@@ -751,8 +754,8 @@ class DedupUpdate:
     """Result of :func:`dedup_scores_by_bucket`.
 
     Attributes:
-        frame: the ``dedup_scores`` rows (uid str, cluster_id i32, cos_to_centroid f32,
-            max_sim_to_earlier f32), sorted by uid.
+        table: the ``dedup_scores`` rows as Arrow (uid str, cluster_id i32, cos_to_centroid
+            f32, max_sim_to_earlier f32), sorted by uid; :attr:`frame` is the same as polars.
         mode: ``"full"`` or ``"incremental"``.
         recomputed_clusters: clusters recomputed in full; updated_clusters: clusters that
             got the exact add-only update; rows_scored: members of both.
@@ -763,7 +766,7 @@ class DedupUpdate:
             which shards are new or changed without joining the pool's uids).
     """
 
-    frame: pl.DataFrame
+    table: pa.Table
     mode: str
     recomputed_clusters: int
     updated_clusters: int
@@ -771,12 +774,22 @@ class DedupUpdate:
     reentered: int = 0
     shards: pl.DataFrame | None = None
 
+    @property
+    def frame(self) -> pl.DataFrame:
+        """The rows as a polars frame (a conversion: the driver and the writer keep Arrow)."""
+        return pl.from_arrow(self.table)
+
+    @property
+    def max_sim(self) -> np.ndarray:
+        """(n,) float32 ``max_sim_to_earlier`` in uid order."""
+        return self.table.column("max_sim_to_earlier").to_numpy()
+
 
 def write_dedup_scores(lake: Lake, du: DedupUpdate) -> None:
     """Write ``dedup_scores`` and then, only after it, the shard state it was computed from
     (a crash in between leaves an OLDER state, which the next update treats conservatively:
     rows of shards it does not list count as new, or re-entered when already scored)."""
-    lake.write("dedup_scores", du.frame)
+    lake.write("dedup_scores", du.table)
     if du.shards is not None:
         lake.write(DEDUP_STATE_TABLE, du.shards.select("shard", "fingerprint", "layout_id"))
 
@@ -799,16 +812,6 @@ def _shard_diff(lake: Lake, layout_shards: pl.DataFrame | None) -> tuple[list[st
 def _keys(uids: np.ndarray) -> np.ndarray:
     """(n, 16) uint8 uids -> (n,) ``S16`` keys that compare (and sort) like the hex strings."""
     return np.ascontiguousarray(uids, dtype=np.uint8).reshape(-1, UID_BYTES).view(f"S{UID_BYTES}").ravel()
-
-
-def _sorted_keys(uids: pl.Series) -> tuple[np.ndarray, np.ndarray]:
-    """``(keys, order)``: the uids' sorted keys and the order that sorts them (an identity
-    when they already are sorted and unique, the usual case: tables are written sorted by uid)."""
-    k = _keys(uids_to_bytes(uids))
-    if k.size < 2 or bool(np.all(k[1:] > k[:-1])):
-        return k, np.arange(k.size)
-    order = np.argsort(k, kind="stable")
-    return k[order], order
 
 
 def _find(keys: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -916,13 +919,15 @@ def _add_only_update(lake: Lake, executor: Executor, config: LayoutConfig, new_s
         new = pl.from_arrow(lake.table("assignments").to_pyarrow_table(columns=cols, filters=[("shard", "in", new_shards)]))
     else:
         new = pl.DataFrame(schema={c: _SCORE_SCHEMA[c] for c in cols})
-    old = lake.read("dedup_scores", columns=list(_SCORE_SCHEMA)).cast(_SCORE_SCHEMA)
-    if old.height + new.height != n_now:
+    # the stored scores through Arrow (no polars frame: 10M rows were ~1.5 GB of copies)
+    old = lake.table("dedup_scores").to_pyarrow_table(columns=list(_SCORE_SCHEMA)).cast(_SCORE_ARROW)
+    if old.num_rows + new.height != n_now:
         return None
     new = new.sort("uid").cast({k: v for k, v in _SCORE_SCHEMA.items() if k != "max_sim_to_earlier"})
-    okeys, oorder = _sorted_keys(old["uid"])
-    if not np.array_equal(oorder, np.arange(old.height)):
-        old = old[oorder]
+    okeys = _keys(uids_to_bytes(old.column("uid")))
+    if okeys.size > 1 and not bool(np.all(okeys[1:] > okeys[:-1])):  # written sorted by uid, normally
+        oorder = np.argsort(okeys, kind="stable")
+        old, okeys = old.take(oorder), okeys[oorder]
     nb = uids_to_bytes(new["uid"])
     nkeys = _keys(nb)
     if new.height and _find(okeys, nkeys)[1].any():
@@ -932,7 +937,8 @@ def _add_only_update(lake: Lake, executor: Executor, config: LayoutConfig, new_s
     ncl = new["cluster_id"].to_numpy()
     groups = _groups(ncl)
     adds = {c: (nb[g], None, None) for c, g in groups.items()}
-    m = old["max_sim_to_earlier"].to_numpy().astype(np.float32, copy=True)
+    m = old.column("max_sim_to_earlier").to_numpy().astype(np.float32, copy=True)
+    ocl = old.column("cluster_id").to_numpy()
     m_new = np.full(new.height, np.nan, np.float32)
     if adds:
         cs = sorted(adds)
@@ -944,7 +950,6 @@ def _add_only_update(lake: Lake, executor: Executor, config: LayoutConfig, new_s
         q = _keys(u)
         pos_n, is_n = _find(nkeys, q)
         pos_o, is_o = _find(okeys, q[~is_n])
-        ocl = old["cluster_id"].to_numpy()
         if not is_o.all() or not np.array_equal(ocl[pos_o], cid[~is_n]):
             raise ValueError(f"{LAYOUT_TABLE}: got members that are neither new nor scored in their cluster; expected the "
                              "layout and dedup_scores to agree (re-materialize dedup_scores with incremental=False)")
@@ -952,12 +957,18 @@ def _add_only_update(lake: Lake, executor: Executor, config: LayoutConfig, new_s
         m_new[pos_n[is_n]] = val[is_n]
         if np.isnan(m_new).any():
             raise ValueError(f"{LAYOUT_TABLE}: got new rows missing from their buckets; expected every assigned row laid out")
-    frame = old.with_columns(pl.Series("max_sim_to_earlier", m, dtype=pl.Float32))
-    if new.height:
-        fresh = new.with_columns(pl.Series("max_sim_to_earlier", m_new, dtype=pl.Float32))
-        frame = frame.merge_sorted(fresh, key="uid")
-    n_upd = int(np.isin(old["cluster_id"].to_numpy(), np.fromiter(adds, np.int32, len(adds))).sum()) + new.height
-    return DedupUpdate(frame, "incremental", 0, len(adds), n_upd, 0, layout_shards)
+    n_upd = int(np.isin(ocl, np.fromiter(adds, np.int32, len(adds))).sum()) + new.height
+    table = old.set_column(old.schema.get_field_index("max_sim_to_earlier"), "max_sim_to_earlier", pa.array(m))
+    if new.height:  # merge the sorted new rows in: each lands after the old keys below it
+        fresh = new.with_columns(pl.Series("max_sim_to_earlier", m_new, dtype=pl.Float32)).to_arrow().cast(_SCORE_ARROW)
+        at = np.searchsorted(okeys, nkeys) + np.arange(new.height)  # final rows of the new ones
+        idx = np.empty(old.num_rows + new.height, np.int64)
+        is_new_row = np.zeros(idx.size, bool)
+        is_new_row[at] = True
+        idx[is_new_row] = old.num_rows + np.arange(new.height)
+        idx[~is_new_row] = np.arange(old.num_rows)
+        table = pa.concat_tables([table, fresh]).take(idx)
+    return DedupUpdate(table, "incremental", 0, len(adds), n_upd, 0, layout_shards)
 
 
 def dedup_scores_by_bucket(
@@ -993,11 +1004,11 @@ def dedup_scores_by_bucket(
         n_asg = lake.table("assignments").to_pyarrow_dataset().count_rows()
         items = [(b, None, {}) for b in lake.partitions(LAYOUT_TABLE)]
         u, cid, cos, m = _run_items(lake, executor, config, items)
-        frame = _scores_frame(u, cid, cos, m)
-        if frame.height != n_asg:
-            raise ValueError(f"dedup_scores: got {frame.height} scores for {n_asg} assigned rows; expected one each "
+        table = _scores_table(u, cid, cos, m)
+        if table.num_rows != n_asg:
+            raise ValueError(f"dedup_scores: got {table.num_rows} scores for {n_asg} assigned rows; expected one each "
                              "(the layout and assignments disagree: re-run concept_clusters with mode 'retrain')")
-        return DedupUpdate(frame, "full", int(np.unique(cid).size), 0, frame.height, 0, layout_shards)
+        return DedupUpdate(table, "full", int(np.unique(cid).size), 0, table.num_rows, 0, layout_shards)
     asg = lake.read("assignments", columns=["uid", "shard", "cluster_id", "cos_to_centroid"])
     full_clusters: set[int] | None = None
     adds: dict[int, tuple] = {}
@@ -1037,28 +1048,29 @@ def dedup_scores_by_bucket(
     wanted = None if full_clusters is None else sorted(full_clusters | set(adds))
     items = _score_items(lake, wanted, full_clusters, adds)
     u, cid, cos, m = _run_items(lake, executor, config, items)
-    fresh = _scores_frame(u, cid, cos, m)
+    fresh = pl.from_arrow(_scores_table(u, cid, cos, m))
     frame = pl.concat([keep.select(fresh.columns).cast(fresh.schema), fresh]).sort("uid") if keep is not None else fresh
     if frame.height != asg.height:
         raise ValueError(f"dedup_scores: got {frame.height} scores for {asg.height} assigned rows; expected one each "
                          "(the layout and assignments disagree: re-run concept_clusters with mode 'retrain')")
     n_full = len(full_clusters) if full_clusters is not None else int(np.unique(cid).size)
-    return DedupUpdate(frame, mode, n_full, len(adds), int(fresh.height), reentered, layout_shards)
+    return DedupUpdate(frame.to_arrow().cast(_SCORE_ARROW), mode, n_full, len(adds), int(fresh.height), reentered,
+                       layout_shards)
 
 
-def _scores_frame(u: np.ndarray, cid: np.ndarray, cos: np.ndarray, m: np.ndarray) -> pl.DataFrame:
+def _scores_table(u: np.ndarray, cid: np.ndarray, cos: np.ndarray, m: np.ndarray) -> pa.Table:
     """The ``dedup_scores`` rows of compact uids, sorted by uid: the order comes from the two
     uint64 halves of the uid bytes (they sort like the hex strings), and the hex strings are
-    made once, in that order, without a ``<U32`` array or a sort of the string column."""
+    made once, in that order, as one Arrow column (no ``<U32`` array, no string sort)."""
     hi, lo = uid_sort_keys(u)
     order = np.lexsort((lo, hi))
     del hi, lo
-    return pl.DataFrame({
-        "uid": bytes_to_uid_series(u[order]),
-        "cluster_id": pl.Series(cid[order], dtype=pl.Int32),
-        "cos_to_centroid": pl.Series(cos[order], dtype=pl.Float32),
-        "max_sim_to_earlier": pl.Series(m[order], dtype=pl.Float32),
-    })
+    return pa.table({
+        "uid": uid_arrow(bytes_to_hex(u[order])),
+        "cluster_id": pa.array(np.asarray(cid[order], np.int32)),
+        "cos_to_centroid": pa.array(np.asarray(cos[order], np.float32)),
+        "max_sim_to_earlier": pa.array(np.asarray(m[order], np.float32)),
+    }, schema=_SCORE_ARROW)
 
 
 def _columns(lake: Lake, table: str) -> list[str]:
