@@ -36,6 +36,7 @@ import polars as pl
 from curation.ingest.ids import sorted_uid_array
 from curation.ingest.shards import AtomicTarWriter, load_members, shard_path
 from curation.storage.data_home import safe_child
+from curation.storage.lake import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -175,22 +176,25 @@ def export_subset(
             "export %s: %d kept samples changed since ingest (sha256 differs); not exported: re-ingest the shards",
             out, len(changed),
         )
+    n_rows = man.height
     info = {
         **(extra or {}),
         "recipe": recipe or {},
-        "n": man.height,
+        "n": n_rows,
         "n_shards": n_shards,
         "n_missing": len(missing) + len(changed),
         "missing_uids": missing,
         "changed_uids": changed,
         "shard_size": shard_size,
     }
+    del man
+    release_memory()
     text = json.dumps(info, indent=2, sort_keys=True, default=str)
     _write_atomic(out / "recipe.json", lambda p: p.write_text(text))
     paths = [str(out / "uids.npy"), str(out / "manifest.parquet"), str(out / "recipe.json")]
     paths += [str(shards_dir / f"{i:05d}.tar") for i in range(n_shards)]
     return {
-        "n": man.height,
+        "n": n_rows,
         "n_shards": n_shards,
         "n_missing": len(missing) + len(changed),
         "n_changed": len(changed),

@@ -76,7 +76,7 @@ from curation.select.similarity import (
     max_sim_to_earlier_blocked,
     single_thread_blas,
 )
-from curation.storage.lake import Lake
+from curation.storage.lake import Lake, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -790,6 +790,7 @@ def write_dedup_scores(lake: Lake, du: DedupUpdate) -> None:
     (a crash in between leaves an OLDER state, which the next update treats conservatively:
     rows of shards it does not list count as new, or re-entered when already scored)."""
     lake.write("dedup_scores", du.table)
+    release_memory()
     if du.shards is not None:
         lake.write(DEDUP_STATE_TABLE, du.shards.select("shard", "fingerprint", "layout_id"))
 
@@ -968,6 +969,8 @@ def _add_only_update(lake: Lake, executor: Executor, config: LayoutConfig, new_s
         idx[is_new_row] = old.num_rows + np.arange(new.height)
         idx[~is_new_row] = np.arange(old.num_rows)
         table = pa.concat_tables([table, fresh]).take(idx)
+    del old
+    release_memory()
     return DedupUpdate(table, "incremental", 0, len(adds), n_upd, 0, layout_shards)
 
 

@@ -24,7 +24,7 @@ from curation.embed.pool_reader import read_pool
 from curation.ingest.ids import UID_DTYPE, uid_series, uid_strings, uids_to_bytes
 from curation.select.clustering import Complexity
 from curation.select.recipes import Pool, Recipe
-from curation.storage.lake import Lake, list_column_to_matrix, matrix_to_list_column
+from curation.storage.lake import Lake, list_column_to_matrix, matrix_to_list_column, release_memory
 
 ALIGNED_ENCODER_PREFIX = "openclip:"
 
@@ -171,6 +171,8 @@ def read_uid_keyed(db: Lake, table: str, columns) -> tuple[np.ndarray, dict[str,
     t = db.table(table).to_pyarrow_table(columns=["uid", *columns])
     uids = uid_strings(t.column("uid"))
     cols = {c: t.column(c).to_numpy() for c in columns}
+    del t
+    release_memory()
     return uids, cols
 
 
