@@ -90,8 +90,7 @@ def uid_arrow(uids: np.ndarray) -> pa.Array:
     n, w = len(uids), uids.dtype.itemsize
     raw = np.ascontiguousarray(uids).view(np.uint8).reshape(n, w) if n else np.zeros((0, w), np.uint8)
     if n and bool(raw[:, -1].all()):
-        offsets = np.arange(0, (n + 1) * w, w, dtype=np.int64)
-        return pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(raw)]).cast(pa.large_string())
+        return _fixed_binary(raw).cast(pa.large_string())
     return pa.array([v.decode("utf-8") for v in uids.tolist()], pa.large_string())
 
 
@@ -214,18 +213,10 @@ def bytes_to_hex(arr, rows: int = 1 << 20) -> np.ndarray:
     return out.view(UID_DTYPE).reshape(-1)
 
 
-def bytes_to_uid_series(arr, name: str = "uid") -> pl.Series:
-    """``(n, 16) uint8`` -> polars ``String`` Series of hex uids (no ``<U32`` array, no
-    Python string per uid: 10M uids take ~0.5 GB instead of ~2 GB on the way)."""
-    a = np.ascontiguousarray(arr, dtype=np.uint8).reshape(-1, UID_BYTES)
-    if a.shape[0] == 0:
-        return pl.Series(name, [], dtype=pl.String)
-    return pl.Series(name, uid_arrow(bytes_to_hex(a)))
-
-
 def _fixed_binary(b: np.ndarray) -> pa.Array:
-    n = b.shape[0]
-    offsets = np.arange(0, (n + 1) * UID_BYTES, UID_BYTES, dtype=np.int64)
+    """``(n, w) uint8`` -> Arrow ``large_binary`` of n values of w bytes over the same buffer."""
+    n, w = b.shape[0], (b.shape[1] if b.ndim == 2 else UID_BYTES)
+    offsets = np.arange(0, (n + 1) * w, w, dtype=np.int64)
     return pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(b))])
 
 
