@@ -883,9 +883,10 @@ def _run_items(lake: Lake, executor: Executor, config: LayoutConfig, items: list
     dtype = layout_dtype(lake)
     if not items:
         return (np.zeros((0, UID_BYTES), np.uint8), np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.float32))
+    version = lake.table(LAYOUT_TABLE).version()
     kw = dict(root=lake.root, storage_options=dict(lake.storage_options) or None, dtype=dtype,
-              d=_layout_dim(lake, dtype, items[0][0]), block=config.block, memory_budget_bytes=config.memory_budget_bytes,
-              version=lake.table(LAYOUT_TABLE).version())
+              d=_layout_dim(lake, dtype, items[0][0], version), block=config.block,
+              memory_budget_bytes=config.memory_budget_bytes, version=version)
     workers = min(len(items), os.cpu_count() or 1)
     if executor.kind == "in-process" and workers > 1:
         from concurrent.futures import ThreadPoolExecutor
@@ -1087,9 +1088,9 @@ def _groups(ids: np.ndarray) -> dict[int, np.ndarray]:
     return {int(c): g for c, g in zip(u.tolist(), np.split(order, starts[1:]))}
 
 
-def _layout_dim(lake: Lake, dtype: str, bucket: str | None = None) -> int:
+def _layout_dim(lake: Lake, dtype: str, bucket: str | None = None, version: int | None = None) -> int:
     """Vector dimension of the layout, from the first row of one data file (of ``bucket``)."""
-    ds = _bucket_dataset(lake, bucket)
+    ds = _bucket_dataset(lake, bucket, version)
     for frag in ds.get_fragments():
         head = frag.head(1, columns=[emb_column(dtype)])
         if head.num_rows:
