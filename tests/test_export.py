@@ -119,3 +119,22 @@ def test_kept_samples_are_streamed_from_the_lake_and_export_like_the_eager_join(
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     man = pl.read_parquet(tmp_path / "a" / "manifest.parquet")
     assert man["rank"].to_list() == [0, 1, 2] and man["uid"].to_list() == sel["uid"].to_list()
+
+
+def test_manifest_at_scale_is_the_join_in_rank_order_whatever_the_input_order(tmp_path):
+    """120k kept rows, the selection in no rank order and the samples shuffled: the manifest holds
+    exactly the selection joined with its samples rows, sorted by rank; uids.npy all kept uids."""
+    rng = np.random.default_rng(0)
+    n, k = 300_000, 120_000
+    uids = [f"{j:032x}" for j in rng.permutation(10 * n)[:n]]
+    samples = pl.DataFrame({"uid": uids, "shard": [f"s{j % 97:03d}" for j in range(n)],
+                            "key": [f"{j:09d}" for j in range(n)], "caption": [f"caption {j}" for j in range(n)]})
+    pick = rng.permutation(n)[:k]
+    sel = pl.DataFrame({"uid": samples["uid"].gather(pick), "rank": rng.permutation(k), "score": rng.random(k)})
+    kept = samples.join(sel.select("uid"), on="uid", how="semi").sample(fraction=1.0, shuffle=True, seed=1)
+    stats = export_subset(tmp_path / "o", sel, kept, tmp_path, write_shards=False)
+    assert stats["n"] == k and stats["n_shards"] == 0
+    want = sel.join(samples, on="uid", how="left").sort("rank").select(["uid", "shard", "key", "caption", "rank", "score"])
+    got = pl.read_parquet(tmp_path / "o" / "manifest.parquet")
+    assert got.equals(want)
+    assert u128_to_uids(np.load(tmp_path / "o" / "uids.npy")) == sorted(sel["uid"].to_list())
