@@ -238,6 +238,58 @@ def test_incremental_equals_full_for_every_recipe(tmp_path):
             assert np.array_equal(sa[name][1], sb[name][1]), name
 
 
+def test_layout_files_are_sorted_by_cluster_so_a_cluster_read_skips_the_others(tmp_path, monkeypatch):
+    """Every pool_by_cluster file holds its rows sorted by cluster in small row groups; an
+    update that touches one cluster of a bucket reads that cluster's row groups, not the bucket."""
+    import pyarrow.compute as pc
+
+    from curation.select import layout as layout_mod
+
+    monkeypatch.setattr(layout_mod, "LAYOUT_ROW_GROUP_ROWS", 64)
+    p = SynPool(tmp_path / "lake")
+    for i in range(3):
+        p.shard(f"{i:05d}", 900)
+    cent, cfg = _curated(p.lake)
+    ds = p.lake.table(LAYOUT_TABLE).to_pyarrow_dataset()
+    groups = 0
+    for frag in ds.get_fragments():
+        meta = frag.metadata
+        ids = frag.to_table(columns=["cluster_id"]).column("cluster_id").to_numpy()
+        assert np.all(np.diff(ids) >= 0), frag.path
+        assert all(meta.row_group(g).num_rows <= 64 for g in range(meta.num_row_groups))
+        groups += meta.num_row_groups
+    # the row groups a one-cluster filter keeps: only those whose cluster_id range holds it
+    c = int(p.lake.read("assignments", columns=["cluster_id"])["cluster_id"][0])
+    flt = pc.field("cluster_id").isin(pa.array([c], pa.int32()))
+    kept = sum(len(f.split_by_row_group(filter=flt)) for f in ds.get_fragments())
+    assert 0 < kept < groups / 3
+    # an add-only update touching that cluster only: the buckets read only its rows, and the
+    # scores still equal a full recompute
+    read_rows = []
+    orig = layout_mod.read_bucket
+
+    def spy(*a, **kw):
+        out = orig(*a, **kw)
+        read_rows.append(len(out.cluster_ids))
+        return out
+
+    monkeypatch.setattr(layout_mod, "read_bucket", spy)
+    x = p.lake.read("pool_by_cluster", columns=["uid", "emb_float32", "cluster_id"]).filter(pl.col("cluster_id") == c).head(3)
+    vec = decode_vectors(x["emb_float32"].to_arrow(), "float32")
+    p.lake.write("embeddings", pa.table({
+        "uid": [make_uid("syn", "new", str(i)) for i in range(3)], "shard": ["syn-new"] * 3,
+        "image_emb": matrix_to_list_column(_unit(vec + 1e-3)), "text_emb": matrix_to_list_column(_unit(vec)),
+        "encoder": ["openclip:test"] * 3,
+    }), partition="syn-new")
+    up = update_layout(p.lake, cent, cfg)
+    assert up.touched_clusters.tolist() == [c]
+    du = _finish(p.lake, cent, cfg, incremental=True)
+    assert du.updated_clusters == 1 and du.recomputed_clusters == 0
+    members = int((p.lake.read("assignments", columns=["cluster_id"])["cluster_id"] == c).sum())
+    assert read_rows == [members]
+    _assert_same_scores(du.frame, dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame)
+
+
 def _assert_same_scores(got: pl.DataFrame, ref: pl.DataFrame) -> None:
     """Incremental == full: same uids, clusters, cos; M within float32 rounding of the dot
     products (BLAS tile shapes differ) and the same SemDeDup decision at every eps of the grid."""

@@ -86,6 +86,9 @@ DTYPES = ("float32", "float16")
 DEFAULT_CLUSTERS_PER_BUCKET = 32
 DEFAULT_FLUSH_ROWS = 131_072
 DEFAULT_MEMORY_BUDGET = 1 << 30
+#: rows per Parquet row group of ``pool_by_cluster`` (512 KiB of float32 x 512 vectors): the
+#: granularity at which a read of some clusters skips the rest of a bucket
+LAYOUT_ROW_GROUP_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -351,6 +354,12 @@ def write_layout_rows(lake: Lake, rows: pa.Table, mode: str) -> None:
     statistics (unique random bytes: the writer otherwise fills a 1 MB dictionary page per
     file before it falls back, and stores 2 KiB min/max values nobody filters on): writes
     ~30% faster, reads ~10% (131k rows x 512, 32 buckets, this machine).
+
+    Rows are written sorted by (bucket, cluster) in row groups of ``LAYOUT_ROW_GROUP_ROWS``, so
+    a file's ``cluster_id`` statistics say which row groups hold a cluster: reading a few
+    clusters of a bucket (an incremental update touching them) skips the others' row groups
+    instead of reading the whole bucket (one cluster of a 40k-row bucket: 2.6 MiB read
+    instead of 78 MiB).
     """
     from deltalake import ColumnProperties, WriterProperties, write_deltalake
 
@@ -359,7 +368,10 @@ def write_layout_rows(lake: Lake, rows: pa.Table, mode: str) -> None:
     kwargs = {"schema_mode": "overwrite"} if mode == "overwrite" else {}
     plain = ColumnProperties(dictionary_enabled=False, statistics_enabled="NONE", encoding="PLAIN")
     raw = [c for c in rows.column_names if c == "uid" or c.startswith(("emb_", "text_"))]
-    props = WriterProperties(compression="UNCOMPRESSED", column_properties={c: plain for c in raw})
+    props = WriterProperties(compression="UNCOMPRESSED", max_row_group_size=LAYOUT_ROW_GROUP_ROWS,
+                             column_properties={c: plain for c in raw})
+    if rows.num_rows > 1:
+        rows = rows.sort_by([("bucket", "ascending"), ("cluster_id", "ascending")])
     write_deltalake(lake.uri(LAYOUT_TABLE), rows, mode=mode, partition_by=["bucket"],
                     storage_options=dict(lake.storage_options) or None, writer_properties=props, **kwargs)
 
@@ -661,8 +673,8 @@ def bucket_scores(
     n_rows = ds.count_rows(filter=pc.field("bucket") == bucket)
     fits = n_rows * d * 4 <= memory_budget_bytes
     outs = []
-    if fits:  # one read of the whole bucket; clusters are selected in memory (no filtered copy)
-        rows = read_bucket(lake, bucket, vectors=True, dtype=dtype, dataset=ds, chunked=True)
+    if fits:  # one read of the bucket (of its wanted clusters only: their row groups, see write_layout_rows)
+        rows = read_bucket(lake, bucket, clusters=wanted, vectors=True, dtype=dtype, dataset=ds, chunked=True)
     else:
         rows = read_bucket(lake, bucket, clusters=wanted, vectors=False, dtype=dtype, dataset=ds)
     cids = np.unique(rows.cluster_ids)
