@@ -3,8 +3,8 @@
 Two modes. ``--mode lake`` (default): the asset-level, out-of-core path. Synthetic shards of
 ``--shard-rows`` rows are written to a Delta lake, then a fresh process runs k-means on a
 bounded sample, the streaming assignment + ``pool_by_cluster`` layout, complexity, SemDeDup per
-bucket and the ``dbp@0.5`` recipe, then re-curates one new shard incrementally; it prints per
-stage seconds, bytes read/written, the ratio to one sgemm of the same FLOPs, peak RSS, and (for
+bucket and the ``dbp@0.5`` recipe with its export, then re-curates two new shards incrementally
+(one drawn from every concept, then one from 20 concepts); it prints per stage seconds, bytes read/written, the ratio to one sgemm of the same FLOPs, peak RSS, and (for
 N <= 200k) parity with the in-memory path. ``--mode memory``: the library functions on one
 in-memory matrix (described below).
 
@@ -210,8 +210,11 @@ def run_one(n: int, d: int, k: int, dup_fraction: float, eps: float, seed: int, 
 # --------------------------------------------------------------------------- the lake path
 
 
+INCR_STAGES = ("layout", "semdedup", "complexity", "select", "export")
+#: ``incr_*``: a new shard of the whole concept mixture; ``local_*``: then one of LOCAL_CONCEPTS concepts
 LAKE_STAGES = ("kmeans", "layout", "complexity", "semdedup", "dbp_select", "export",
-               "incr_layout", "incr_semdedup", "incr_complexity", "incr_select", "incr_export")
+               *(f"incr_{s}" for s in INCR_STAGES), *(f"local_{s}" for s in INCR_STAGES))
+LOCAL_CONCEPTS = 20
 
 
 def io_bytes() -> tuple[int, int]:
@@ -236,12 +239,16 @@ def sgemm_rate(d: int) -> float:
     return 2.0 * 4096 * 4096 * d / float(np.median(ts))
 
 
-def shard_rows_of(rng, centers, sigma, rows: int, dup_fraction: float) -> np.ndarray:
+def shard_rows_of(rng, centers, sigma, rows: int, dup_fraction: float, concepts: int | None = None) -> np.ndarray:
     """One shard of the synthetic pool: (rows, d) float32 unit vectors from the concept
     mixture, with ``dup_fraction`` of them replaced by near-copies (cos ~ 0.998) of other
-    rows of the same shard."""
+    rows of the same shard. ``concepts``: draw from only that many concepts (picked at random),
+    a shard about a few topics; None: from all of them, like a shard of a web crawl."""
     k, d = centers.shape
-    c = rng.integers(0, k, rows)
+    if concepts is None:
+        c = rng.integers(0, k, rows)
+    else:
+        c = rng.choice(k, size=min(int(concepts), k), replace=False)[rng.integers(0, min(int(concepts), k), rows)]
     x = rng.standard_normal((rows, d), dtype=np.float32)
     x *= sigma[c, None]
     x += centers[c]
@@ -314,9 +321,11 @@ def write_lake(root: str, n: int, d: int, k: int, shard_rows: int, dup_fraction:
 
 
 def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: int, dtype: str, shard_rows: int,
-             dup_fraction: float) -> dict:
+             dup_fraction: float, local_concepts: int = LOCAL_CONCEPTS) -> dict:
     """The asset-level path on a lake (what concept_clusters, dedup_scores, complexity_scores and
-    pruned_subsets[dbp@0.5] call), then a new shard re-curated incrementally."""
+    pruned_subsets[dbp@0.5] call), then two new shards re-curated incrementally one after the
+    other: one drawn from every concept (it touches most clusters) and one from
+    ``local_concepts`` concepts (a topical drop: it touches few)."""
     import polars as pl
 
     from curation.select.clustering import cluster_complexity
@@ -325,6 +334,7 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
         build_layout,
         dedup_scores_by_bucket,
         fit_centroids,
+        sample_rows,
         update_layout,
         write_dedup_scores,
     )
@@ -395,34 +405,52 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
     parity = None
     if n <= int(os.environ.get("PRUNE_SCALE_PARITY_MAX_N", "200000")):
         parity = _parity(lake, cent, recipe, sel)
+    # what the report needs of the full run's selection; the selection itself is dropped, as the
+    # asset step that made it would have ended (the incremental stages must not carry its 5M uids)
+    dump = os.environ.get("PRUNE_SCALE_DUMP")
+    sel_kept, sel_budgets, sel_hash = sel.stats["n_kept"], sel.stats["budgets"].tolist(), _uids_hash(sel.uids)
+    kept_dump = np.sort(np.asarray(sel.uids).astype("U32")) if dump else None
+    del sel
     full_s = sum(sec.values())
     sizes = lake.read("assignments", columns=["cluster_id"])["cluster_id"].value_counts()["count"].to_numpy()
-    # a new 10k-sample shard, re-curated incrementally
+    # new 10k-sample shards, each re-curated incrementally
     from deltalake import write_deltalake
 
-    centers, sigma = _concepts(d, k, seed)  # the same concepts, a new shard of new rows
-    xn = shard_rows_of(np.random.default_rng((seed, 10**9)), centers, sigma, shard_rows, dup_fraction)
-    write_deltalake(root + "/embeddings", _shard_table(xn, n, "syn-new"), partition_by=["shard"], mode="append")
-    write_deltalake(root + "/samples", _samples_table(n, shard_rows, "syn-new"), partition_by=["shard"], mode="append")
-    del xn
-    up = stage("incr_layout", lambda: update_layout(lake, cent, cfg))
-    du = stage("incr_semdedup", lambda: semdedup(True))
-    stage("incr_complexity", complexity)
-    sel2 = stage("incr_select", select)
-    stage("incr_export", lambda: export(sel2))
+    centers, sigma = _concepts(d, k, seed)  # the same concepts, new rows
+
+    def incremental(prefix: str, first_uid: int, rng_key, concepts: int | None) -> dict:
+        xn = shard_rows_of(np.random.default_rng(rng_key), centers, sigma, shard_rows, dup_fraction, concepts)
+        name = f"syn-{prefix}"
+        write_deltalake(root + "/embeddings", _shard_table(xn, first_uid, name), partition_by=["shard"], mode="append")
+        write_deltalake(root + "/samples", _samples_table(first_uid, shard_rows, name), partition_by=["shard"], mode="append")
+        del xn
+        up = stage(f"{prefix}_layout", lambda: update_layout(lake, cent, cfg))
+        du = stage(f"{prefix}_semdedup", lambda: semdedup(True))
+        info = {"new_rows": up.n_new, "touched_clusters": int(len(up.touched_clusters)), "mode": du.mode,
+                "rows_scored": du.rows_scored, "concepts": concepts}
+        del du  # written: the next stages read dedup_scores from the lake, like the next asset would
+        stage(f"{prefix}_complexity", complexity)
+        s = stage(f"{prefix}_select", select)
+        info["kept"] = s.stats["n_kept"]
+        stage(f"{prefix}_export", lambda: export(s))
+        info["seconds"] = sum(sec[f"{prefix}_{x}"] for x in INCR_STAGES)
+        info["fraction_of_full"] = info["seconds"] / full_s
+        return info
+
+    incr = incremental("incr", n, (seed, 10**9), None)
+    local = incremental("local", n + shard_rows, (seed, 10**9 + 1), local_concepts)
     sampler.close()
-    incr_s = sum(sec[s] for s in ("incr_layout", "incr_semdedup", "incr_complexity", "incr_select", "incr_export"))
-    n_sample = min(n, 256 * k)
+    incr_s = incr["seconds"]
+    n_sample = min(n, sample_rows(k, d))  # the rows fit_centroids trains on (bounded to 1 GiB at 10M)
     flops = {"kmeans": 2.0 * niter * n_sample * k * d, "layout": 2.0 * n * k * d,
              "semdedup": float((sizes.astype(np.float64) ** 2).sum() * d)}
-    dump = os.environ.get("PRUNE_SCALE_DUMP")
     # after the measured stages; only the score column unless the dump needs the uid order
     m = pl.read_delta(root + "/dedup_scores").sort("uid") if dump else pl.read_delta(root + "/dedup_scores",
                                                                                      columns=["max_sim_to_earlier"])
     if dump:  # M (sorted by uid) and the full run's DBP kept uids, to compare layouts (float32 vs float16)
         Path(dump).mkdir(parents=True, exist_ok=True)
         np.save(f"{dump}/m_{dtype}_{n}.npy", m["max_sim_to_earlier"].to_numpy())
-        np.save(f"{dump}/kept_{dtype}_{n}.npy", np.sort(np.asarray(sel.uids).astype("U32")))
+        np.save(f"{dump}/kept_{dtype}_{n}.npy", kept_dump)
     return {
         "n": n, "d": d, "k": k, "dtype": dtype, "niter": niter, "eps": eps, "shard_rows": shard_rows,
         "parity_with_in_memory": parity,
@@ -430,12 +458,12 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
         "sgemm_gflops": rate / 1e9,
         "ratio_to_sgemm": {s: sec[s] / (f / rate) for s, f in flops.items()},
         "full_s": full_s, "incremental_s": incr_s, "incremental_fraction": incr_s / full_s,
-        "incr_new_rows": up.n_new, "incr_touched_clusters": int(len(up.touched_clusters)),
-        "incr_mode": du.mode, "incr_rows_scored": du.rows_scored,
-        "dbp_kept": sel.stats["n_kept"], "dbp_kept_after_new_shard": sel2.stats["n_kept"],
+        "incr_new_rows": incr["new_rows"], "incr_touched_clusters": incr["touched_clusters"],
+        "incr_mode": incr["mode"], "incr_rows_scored": incr["rows_scored"], "incremental_local": local,
+        "dbp_kept": sel_kept, "dbp_kept_after_new_shard": incr["kept"],
         "removed_at_eps": float((m["max_sim_to_earlier"].to_numpy() > 1 - eps).mean()),
-        "budgets": sel.stats["budgets"].tolist(),
-        "kept_uids_hash": _uids_hash(sel.uids),
+        "budgets": sel_budgets,
+        "kept_uids_hash": sel_hash,
         "x_bytes": n * d * 4, "rss_baseline": rss0, "peak_rss_full": rss_full, "peak_rss": peak_rss_bytes(),
         "cluster_size_min_med_max": [int(sizes.min()), int(np.median(sizes)), int(sizes.max())],
     }
@@ -485,6 +513,11 @@ def _fmt_lake(r: dict) -> str:
     lines.append(f"| full (kmeans..export) | {r['full_s']:.1f} | | | | |")
     lines.append(f"| new {r['shard_rows']:,}-row shard, incremental | {r['incremental_s']:.1f} "
                  f"({100 * r['incremental_fraction']:.1f}% of full) | | | | |")
+    loc = r.get("incremental_local")
+    if loc:
+        lines.append(f"| new {r['shard_rows']:,}-row shard of {loc['concepts']} concepts, incremental | {loc['seconds']:.1f} "
+                     f"({100 * loc['fraction_of_full']:.1f}% of full; {loc['touched_clusters']} clusters touched, "
+                     f"{loc['rows_scored']:,} rows scored) | | | | |")
     lines.append(f"peak RSS {r['peak_rss'] / gib:.2f} GiB = {r['peak_rss'] / r['x_bytes']:.2f} x X "
                  f"(after the full run {r['peak_rss_full'] / gib:.2f} GiB; imports only {r['rss_baseline'] / gib:.2f} GiB)")
     lines.append(f"incremental: {r['incr_new_rows']:,} new rows touched {r['incr_touched_clusters']} clusters, "
@@ -569,7 +602,9 @@ def main(argv=None) -> int:
             print(f"per-sample cost {b['n']:,} vs {a['n']:,}: x{per:.2f} (target <= 1.5)")
         big = results[-1]
         print(f"targets at N={big['n']:,}: peak RSS {big['peak_rss'] / 2**30:.2f} GiB (< 4 GiB: {big['peak_rss'] < 4 * 2**30}); "
-              f"incremental {100 * big['incremental_fraction']:.1f}% of full (< 5%: {big['incremental_fraction'] < 0.05}); "
+              f"incremental {100 * big['incremental_fraction']:.1f}% of full (< 5%: {big['incremental_fraction'] < 0.05}; "
+              f"a shard of {big['incremental_local']['concepts']} concepts {100 * big['incremental_local']['fraction_of_full']:.1f}%: "
+              f"{big['incremental_local']['fraction_of_full'] < 0.05}); "
               f"SemDeDup x{big['ratio_to_sgemm']['semdedup']:.2f} of sgemm (< 2: {big['ratio_to_sgemm']['semdedup'] < 2})")
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
