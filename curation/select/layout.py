@@ -336,13 +336,23 @@ class _Writer:
             return
         mode = "overwrite" if self.first else "append"
         asg = pa.concat_tables(self.asg) if self.asg else None
-        vec = pa.concat_tables(self.vec) if self.vec else None
         if asg is not None:
             self.lake.write("assignments", asg, mode=mode)
-            write_layout_rows(self.lake, vec, mode)
-            self.written += vec.num_rows
+            n = sum(t.num_rows for t in self.vec)
+            vec, self.vec = self.vec, []
+            # the buffered rows are passed as the only reference, so write_layout_rows frees them
+            # once it has sorted them (the flush holds one copy of its rows while it sorts, not two)
+            write_layout_rows(self.lake, _concat_clearing(vec), mode)
+            self.written += n
             self.first = False
         self.asg, self.vec, self.rows = [], [], 0
+
+
+def _concat_clearing(tables: list[pa.Table]) -> pa.Table:
+    """``pa.concat_tables(tables)`` (no copy), emptying the list: the result holds the only references."""
+    out = pa.concat_tables(tables)
+    tables.clear()
+    return out
 
 
 def write_layout_rows(lake: Lake, rows: pa.Table, mode: str) -> None:
