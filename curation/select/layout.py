@@ -355,6 +355,51 @@ def _concat_clearing(tables: list[pa.Table]) -> pa.Table:
     return out
 
 
+def _sorted_by_cluster(rows: pa.Table, fixed: list[str]) -> pa.Table:
+    """``rows`` sorted by cluster (and so by bucket, ``cluster_id // clusters_per_bucket``),
+    stable. The ``fixed`` columns (uids, vectors: every value the same byte width) are gathered
+    by numpy from their chunks into one new buffer; Arrow's ``take`` on a chunked binary
+    column concatenates it first, a third copy of the flush (+0.85 GiB peak at 1M)."""
+    order = np.argsort(rows.column("cluster_id").to_numpy(), kind="stable")
+    cols = {}
+    for name in rows.column_names:
+        col = rows.column(name)
+        cols[name] = _take_fixed_width(col, order) if name in fixed else col.take(pa.array(order))
+    # in batches (zero-copy slices): the Delta writer splits each batch by partition, a copy of
+    # the batch; one 131k-row batch would be split (copied) all at once
+    return pa.Table.from_batches(pa.table(cols, schema=rows.schema).to_batches(max_chunksize=8192))
+
+
+def _take_fixed_width(col: pa.ChunkedArray, order: np.ndarray) -> pa.Array:
+    """Rows ``order`` of a binary column whose values all have one width, as one array of the
+    column's type over a single new buffer (one scatter per chunk)."""
+    widths = set()
+    parts = []
+    for ch in col.chunks:
+        if not len(ch):
+            continue
+        off_type = np.int64 if ch.type == pa.large_binary() else np.int32
+        off = np.frombuffer(ch.buffers()[1], dtype=off_type)[ch.offset : ch.offset + len(ch) + 1].astype(np.int64)
+        w = int(off[1] - off[0])
+        if ch.null_count or not np.all(np.diff(off) == w):
+            return col.take(pa.array(order))  # not fixed width: Arrow's take
+        widths.add(w)
+        parts.append(np.frombuffer(ch.buffers()[2], dtype=np.uint8)[off[0] : off[-1]].reshape(len(ch), w))
+    if len(widths) != 1:
+        return col.take(pa.array(order))
+    out = np.empty((order.size, widths.pop()), np.uint8)
+    pos = np.empty(order.size, np.int64)
+    pos[order] = np.arange(order.size)
+    start = 0
+    for part in parts:
+        out[pos[start : start + part.shape[0]]] = part
+        start += part.shape[0]
+    n, w = out.shape
+    off_type = np.int64 if col.type == pa.large_binary() else np.int32
+    offsets = np.arange(0, (n + 1) * w, w, dtype=off_type)
+    return pa.Array.from_buffers(col.type, n, [None, pa.py_buffer(offsets), pa.py_buffer(out)])
+
+
 def write_layout_rows(lake: Lake, rows: pa.Table, mode: str) -> None:
     """Append (or overwrite with) ``pool_by_cluster`` rows, partitioned by bucket.
 
@@ -381,7 +426,7 @@ def write_layout_rows(lake: Lake, rows: pa.Table, mode: str) -> None:
     props = WriterProperties(compression="UNCOMPRESSED", max_row_group_size=LAYOUT_ROW_GROUP_ROWS,
                              column_properties={c: plain for c in raw})
     if rows.num_rows > 1:
-        rows = rows.sort_by([("bucket", "ascending"), ("cluster_id", "ascending")])
+        rows = _sorted_by_cluster(rows, raw)
     write_deltalake(lake.uri(LAYOUT_TABLE), rows, mode=mode, partition_by=["bucket"],
                     storage_options=dict(lake.storage_options) or None, writer_properties=props, **kwargs)
 
