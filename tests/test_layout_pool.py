@@ -512,3 +512,27 @@ def test_compact_alignment_sorts_hashed_uids_and_names_missing_rows():
         align_compact(ref, ref[2:], vals[2:], "dedup_scores", "re-run")
     short = uid_strings(["b", "a", "c"])  # other uid shapes take the string sort
     np.testing.assert_array_equal(sort_order(short), [1, 0, 2])
+
+
+def test_flush_sort_gathers_fixed_width_columns_across_chunks():
+    """The layout writer's sort: rows of a chunked table by cluster (stable), fixed-width binary
+    columns gathered by numpy, a variable-width one through Arrow's take: the same rows as
+    Arrow's own sort."""
+    from curation.select.layout import _sorted_by_cluster
+
+    rng = np.random.default_rng(3)
+    chunks = []
+    for n in (5, 0, 9, 7):
+        ids = rng.integers(0, 4, n).astype(np.int32)
+        chunks.append(pa.table({
+            "cluster_id": pa.array(ids, pa.int32()),
+            "uid": pa.array([rng.bytes(16) for _ in range(n)], pa.binary()),
+            "emb_float32": encode_vectors(rng.standard_normal((n, 3)).astype(np.float32), "float32"),
+            "shard": pa.array([f"s{'x' * int(i)}" for i in rng.integers(0, 3, n)], pa.string()),
+            "note": pa.array([rng.bytes(int(i)) for i in rng.integers(1, 4, n)], pa.binary()),
+        }))
+    t = pa.concat_tables(chunks)
+    got = _sorted_by_cluster(t, ["uid", "emb_float32", "note"])
+    want = t.sort_by([("cluster_id", "ascending")])
+    assert got.schema == t.schema and got.num_rows == 21
+    assert got.combine_chunks().equals(want.combine_chunks())
