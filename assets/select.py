@@ -104,7 +104,9 @@ class ConceptClustersConfig(dg.Config):
     centroids exist or ``k`` changed, else assigns only new or changed shards (incremental);
     ``retrain`` always re-runs k-means; ``assign`` never does (fails without centroids).
     ``method``: ``flat`` (exact), ``two-level`` (sub-linear in k) or ``auto`` (flat up to
-    k = 2048). ``layout_dtype``: vector type of ``pool_by_cluster`` (float32 or float16)."""
+    k = 2048). ``nprobe``: cells the two-level assignment scans (None: ``max(8, sqrt(k) // 8)``;
+    more is slower and closer to exact, ``round(sqrt(k))`` is exact). ``layout_dtype``: vector
+    type of ``pool_by_cluster`` (float32 or float16)."""
 
     k: Optional[int] = None
     niter: int = DEFAULT_NITER
@@ -112,6 +114,7 @@ class ConceptClustersConfig(dg.Config):
     max_points_per_centroid: int = DEFAULT_MAX_POINTS_PER_CENTROID
     mode: Literal["auto", "retrain", "assign"] = "auto"
     method: Literal["auto", "flat", "two-level"] = "auto"
+    nprobe: Optional[int] = None
     clusters_per_bucket: int = DEFAULT_CLUSTERS_PER_BUCKET
     layout_dtype: Literal["float32", "float16"] = "float32"
 
@@ -133,7 +136,7 @@ def concept_clusters(context: dg.AssetExecutionContext, config: ConceptClustersC
     encoder = db.table("embeddings").to_pyarrow_dataset().head(1, columns=["encoder"]).column(0)[0].as_py()
     # an aligned (CLIP) encoder: the layout also carries caption vectors for CLIPCov / CLIP score
     layout_cfg = LayoutConfig(clusters_per_bucket=config.clusters_per_bucket, dtype=config.layout_dtype,
-                              with_text=str(encoder).startswith(ALIGNED_ENCODER_PREFIX))
+                              with_text=str(encoder).startswith(ALIGNED_ENCODER_PREFIX), nprobe=config.nprobe)
     have = (db.exists("centroids") or db.exists("clusters")) and db.exists("assignments")
     old_k = read_centroids(db).shape[0] if have else None
     if config.mode == "assign" and not have:

@@ -440,6 +440,10 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
     incr = incremental("incr", n, (seed, 10**9), None)
     local = incremental("local", n + shard_rows, (seed, 10**9 + 1), local_concepts)
     sampler.close()
+    from curation.select.clustering import FLAT_MAX_K
+
+    # after the measured stages: how exact the assignment of the new shards was (1.0 when flat)
+    recall = assignment_recall(root, ["syn-incr", "syn-local"]) if k > FLAT_MAX_K else None
     incr_s = incr["seconds"]
     n_sample = min(n, sample_rows(k, d))  # the rows fit_centroids trains on (bounded to 1 GiB at 10M)
     flops = {"kmeans": 2.0 * niter * n_sample * k * d, "layout": 2.0 * n * k * d,
@@ -460,6 +464,7 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
         "full_s": full_s, "incremental_s": incr_s, "incremental_fraction": incr_s / full_s,
         "incr_new_rows": incr["new_rows"], "incr_touched_clusters": incr["touched_clusters"],
         "incr_mode": incr["mode"], "incr_rows_scored": incr["rows_scored"], "incremental_local": local,
+        "two_level_recall": recall,
         "dbp_kept": sel_kept, "dbp_kept_after_new_shard": incr["kept"],
         "removed_at_eps": float((m["max_sim_to_earlier"].to_numpy() > 1 - eps).mean()),
         "budgets": sel_budgets,
@@ -467,6 +472,29 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
         "x_bytes": n * d * 4, "rss_baseline": rss0, "peak_rss_full": rss_full, "peak_rss": peak_rss_bytes(),
         "cluster_size_min_med_max": [int(sizes.min()), int(np.median(sizes)), int(sizes.max())],
     }
+
+
+def assignment_recall(root: str, shards: list[str], nprobes=(None,)) -> dict:
+    """How often the two-level assignment of ``shards``' rows picks the exact nearest centroid
+    (the ``clusters`` table's), per ``nprobe`` (None: the default), with the mean cos lost.
+    ``python -c "import prune_scale as p; print(p.assignment_recall('/tmp/p10m', ['syn-incr',
+    'syn-local'], [None, 25, 50, 100]))"`` after a 10M run."""
+    import polars as pl
+
+    from curation.select.clustering import TwoLevelAssigner, assign
+    from curation.storage.lake import list_column_to_matrix
+
+    cent = list_column_to_matrix(pl.read_delta(root + "/clusters", columns=["cluster_id", "centroid"])
+                                 .sort("cluster_id")["centroid"])
+    emb = pl.scan_delta(root + "/embeddings").select("shard", "image_emb").filter(pl.col("shard").is_in(shards)).collect()
+    x = list_column_to_matrix(emb["image_emb"])
+    exact, best = assign(x, cent, gpu=False)
+    out = {"rows": int(x.shape[0]), "k": int(cent.shape[0])}
+    for nprobe in nprobes:
+        a = TwoLevelAssigner(cent, nprobe=nprobe, gpu=False)
+        ids, cos = a(x)
+        out[f"nprobe={a.nprobe}"] = {"recall": float((ids == exact).mean()), "mean_cos_lost": float((best - cos).mean())}
+    return out
 
 
 def _uids_hash(uids) -> str:
@@ -523,6 +551,8 @@ def _fmt_lake(r: dict) -> str:
     lines.append(f"incremental: {r['incr_new_rows']:,} new rows touched {r['incr_touched_clusters']} clusters, "
                  f"{r['incr_rows_scored']:,} rows scored ({r['incr_mode']}); removed at eps {r['eps']}: {r['removed_at_eps']:.4f}; "
                  f"dbp kept {r['dbp_kept']:,}, uids hash {r['kept_uids_hash']}")
+    if r.get("two_level_recall"):
+        lines.append(f"two-level assignment of the new shards vs the exact nearest centroid: {r['two_level_recall']}")
     if r.get("parity_with_in_memory"):
         lines.append(f"parity with the in-memory path: {r['parity_with_in_memory']}")
     return "\n".join(lines)

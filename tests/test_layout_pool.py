@@ -536,3 +536,20 @@ def test_flush_sort_gathers_fixed_width_columns_across_chunks():
     want = t.sort_by([("cluster_id", "ascending")])
     assert got.schema == t.schema and got.num_rows == 21
     assert got.combine_chunks().equals(want.combine_chunks())
+
+
+def test_layout_nprobe_reaches_the_two_level_assignment(tmp_path):
+    """``LayoutConfig.nprobe`` sets the cells the two-level assignment scans: every cell is the
+    exact (flat) assignment, one cell of three misplaces rows near a cell border."""
+    p = SynPool(tmp_path / "lake")
+    for i in range(3):
+        p.shard(f"{i:05d}", 800)
+    cent, _ = fit_centroids(p.lake, K, niter=10)
+    got = {}
+    for name, method, nprobe in (("flat", "flat", None), ("all", "two-level", coarse_lists(K)), ("one", "two-level", 1)):
+        build_layout(p.lake, cent, LayoutConfig(clusters_per_bucket=4, nprobe=nprobe), assign_method=method)
+        got[name] = p.lake.read("assignments", columns=["uid", "cluster_id"]).sort("uid")["cluster_id"].to_numpy()
+    assert np.array_equal(got["all"], got["flat"])
+    assert 0 < (got["one"] != got["flat"]).sum() < got["flat"].size
+    with pytest.raises(ValueError, match="nprobe"):
+        LayoutConfig(nprobe=0)

@@ -300,13 +300,16 @@ def assign_two_level(
     return TwoLevelAssigner(centroids, nprobe=nprobe, gpu=gpu)(x, block=block)
 
 
-def assigner(centroids: np.ndarray, method: str = "auto", gpu: bool | None = None):
+def assigner(centroids: np.ndarray, method: str = "auto", gpu: bool | None = None, nprobe: int | None = None):
     """A callable ``x -> (cluster_ids, cos)`` for ``centroids``: :func:`assign` (flat) or a
     :class:`TwoLevelAssigner` built ONCE (``auto`` picks by k), for callers that assign many
-    partitions with the same centroids (its cells are trained once, not per partition)."""
+    partitions with the same centroids (its cells are trained once, not per partition).
+    ``nprobe``: cells the two-level search scans (None: its default; ignored when flat)."""
+    if nprobe is not None and int(nprobe) < 1:
+        raise ValueError(f"nprobe: got {nprobe}; expected >= 1 or None")
     if _resolve(method, centroids.shape[0]) == "flat":
         return lambda x: assign(x, centroids, gpu=gpu)
-    return TwoLevelAssigner(centroids, gpu=gpu)
+    return TwoLevelAssigner(centroids, nprobe=nprobe, gpu=gpu)
 
 
 def assign_any(x: np.ndarray, centroids: np.ndarray, method: str = "auto", gpu: bool | None = None) -> tuple[np.ndarray, np.ndarray]:

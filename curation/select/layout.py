@@ -106,6 +106,10 @@ class LayoutConfig:
         block: rows per similarity block inside a cluster.
         with_text: also store the caption vector (column ``text_<dtype>``), for an ALIGNED
             (CLIP) embeddings encoder, so CLIPCov and CLIP score read one bucket at a time.
+        nprobe: coarse cells the two-level assignment scans per row (None: ``max(8, nlist //
+            8)``, 12 of 100 cells at k = 10,000; ``nlist`` is exact). Recall against the exact
+            nearest centroid depends on the data: 75% at 12, 97% at 50 on the synthetic 10M
+            pool (docs/benchmarks.md), where 50 costs as much as the flat search.
     """
 
     clusters_per_bucket: int = DEFAULT_CLUSTERS_PER_BUCKET
@@ -114,6 +118,7 @@ class LayoutConfig:
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET
     block: int = DEFAULT_BLOCK
     with_text: bool = False
+    nprobe: int | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -121,6 +126,8 @@ class LayoutConfig:
         for name in ("clusters_per_bucket", "flush_rows", "memory_budget_bytes", "block"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)}; expected >= 1")
+        if self.nprobe is not None and int(self.nprobe) < 1:
+            raise ValueError(f"nprobe: got {self.nprobe}; expected >= 1 or None")
 
 
 def text_column(dtype: str) -> str:
@@ -437,7 +444,8 @@ def _stream_assign(lake: Lake, centroids: np.ndarray, config: LayoutConfig, shar
     touched: set[int] = set()
     encoders: set[str] = set()
     cols = ("image", "text") if config.with_text else ("image",)
-    assign_rows = assigner(centroids, method=assign_method, gpu=gpu)  # two-level cells trained once, not per shard
+    # two-level cells trained once, not per shard
+    assign_rows = assigner(centroids, method=assign_method, gpu=gpu, nprobe=config.nprobe)
     for shard, uids, mats, enc in iter_pool_partitions(lake, shards=shards, columns=cols):
         encoders |= enc
         if len(encoders) > 1:
