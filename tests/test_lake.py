@@ -85,3 +85,16 @@ def test_read_uids_streams_the_rows_of_some_uids(tmp_path):
     assert got.columns == ["uid", "caption", "shard"]
     assert got["caption"].to_list() == ["c3", "c14", "c29"]
     assert lake.read_uids("samples", pl.Series([], dtype=pl.String), ["caption"]).height == 0
+
+
+def test_read_where_streams_the_rows_a_predicate_selects(tmp_path):
+    lake = Lake(str(tmp_path))
+    rows = pl.DataFrame({"uid": [f"{i:032x}" for i in range(40)], "shard": [f"s{i % 4}" for i in range(40)],
+                         "cluster_id": pl.Series([i % 7 for i in range(40)], dtype=pl.Int32),
+                         "cos_to_centroid": pl.Series([i / 40 for i in range(40)], dtype=pl.Float32)})
+    lake.write("assignments", rows)
+    got = lake.read_where("assignments", ["uid", "cluster_id"], pl.col("cluster_id").is_in([2, 5])).sort("uid")
+    want = rows.filter(pl.col("cluster_id").is_in([2, 5])).select("uid", "cluster_id").sort("uid")
+    assert got.equals(want) and got.height == 11
+    assert lake.read_where("assignments", ["uid"], pl.col("cluster_id") == 99).height == 0
+    assert lake.scan("assignments").select(pl.len()).collect().item() == 40

@@ -553,3 +553,30 @@ def test_layout_nprobe_reaches_the_two_level_assignment(tmp_path):
     assert 0 < (got["one"] != got["flat"]).sum() < got["flat"].size
     with pytest.raises(ValueError, match="nprobe"):
         LayoutConfig(nprobe=0)
+
+
+def test_dedup_groups_view_reads_the_chosen_clusters_from_the_layout(tmp_path, monkeypatch):
+    """The duplicate-groups view takes its clusters' vectors from pool_by_cluster (only those
+    clusters' rows) and shows the same groups as from the embeddings of their shards."""
+    from curation.evaluate import views
+    from curation.select import layout as layout_mod
+
+    p = SynPool(tmp_path / "lake")
+    for i in range(3):
+        p.shard(f"{i:05d}", 600)
+    _curated(p.lake)
+    reads = []
+    orig = layout_mod.read_bucket
+    monkeypatch.setattr(layout_mod, "read_bucket", lambda *a, **kw: reads.append(kw.get("clusters")) or orig(*a, **kw))
+    got = views.dedup_groups(p.lake, tmp_path / "landing", eps=0.05, n_groups=5)
+    assert got["removed"] > 0 and len(got["groups"]) == 5
+    assert reads and all(c is not None for c in reads)  # cluster-filtered reads of the layout
+    shown = {g["cluster_id"] for g in got["groups"]}
+    assert shown <= {c for cs in reads for c in cs}
+    monkeypatch.setattr(layout_mod, "layout_dtype", lambda lake: "float16")  # the embeddings path
+    reads.clear()
+    ref = views.dedup_groups(p.lake, tmp_path / "landing", eps=0.05, n_groups=5)
+    assert not reads
+    key = lambda d: [(g["cluster_id"], g["kept"]["uid"], [(s["uid"], round(s["cos"], 6), s["m"]) for s in g["removed"]])
+                     for g in d["groups"]]
+    assert key(got) == key(ref) and got["curve"] == ref["curve"]

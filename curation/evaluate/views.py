@@ -132,7 +132,7 @@ def cluster_gallery(
     chosen = list(cluster_ids) if cluster_ids is not None else pick_clusters(clusters, n_clusters)
     if not chosen:
         return []
-    asg = db.read("assignments", columns=["uid", "cluster_id", "cos_to_centroid"]).filter(pl.col("cluster_id").is_in(chosen))
+    asg = db.read_where("assignments", ["uid", "cluster_id", "cos_to_centroid"], pl.col("cluster_id").is_in(chosen))
     rng = np.random.default_rng(seed)
     rows_by_cluster: dict[int, dict[str, list[tuple[str, float]]]] = {}
     for (cid,), g in asg.group_by(["cluster_id"]):
@@ -149,16 +149,15 @@ def cluster_gallery(
     info = attach_thumbnails(db, landing, wanted, size=size, max_count=max(1, min(2000, len(wanted))))
     kept_per: dict[str, dict[int, int]] = {}
     if db.exists("subsets") and (recipes is None or len(recipes) > 0):
-        sub = db.read("subsets", columns=["recipe", "uid"])
-        if recipes is not None:
-            sub = sub.filter(pl.col("recipe").is_in(list(recipes)))
-        sub = sub.join(
-            db.read("assignments", columns=["uid", "cluster_id"]), on="uid", how="inner"
-        )
-        counts = sub.filter(pl.col("cluster_id").is_in(chosen)).group_by("recipe", "cluster_id").len()
+        names = [r for r in db.partitions("subsets") if recipes is None or r in set(recipes)]
+        # the chosen clusters' members against the subsets, streamed (not every kept uid joined
+        # with every assignment: 10M rows held twice)
+        counts = (db.scan("subsets").select("recipe", "uid").filter(pl.col("recipe").is_in(names))
+                  .join(asg.select("uid", "cluster_id").lazy(), on="uid", how="inner")
+                  .group_by("recipe", "cluster_id").len().collect(engine="streaming"))
         for r in counts.iter_rows(named=True):
             kept_per.setdefault(r["recipe"], {})[int(r["cluster_id"])] = int(r["len"])
-        for name in sub["recipe"].unique().to_list():
+        for name in names:
             kept_per.setdefault(name, {})
     stats = {int(r["cluster_id"]): r for r in clusters.iter_rows(named=True)}
     out = []
@@ -226,6 +225,37 @@ def duplicate_groups_in_cluster(x: np.ndarray, eps: float) -> list[tuple[int, li
     return [(k, [(j, float(sim[k, j])) for j in members]) for k, members in groups.items()]
 
 
+def _cluster_vectors(db: Lake, clusters: Sequence[int], uids: pl.Series) -> tuple[list[str], np.ndarray]:
+    """``(uids, (n, d) float32 image vectors)`` of the members of ``clusters`` (``uids``: the
+    members, from ``assignments``): the layout's rows of those clusters when it stores float32
+    (the same vectors as the embeddings), else the embeddings of the shards holding them."""
+    from curation.embed.pool_reader import read_pool
+    from curation.ingest.ids import bytes_to_hex
+    from curation.select.layout import (
+        LAYOUT_TABLE,
+        bucket_names,
+        layout_clusters_per_bucket,
+        layout_dtype,
+        read_bucket,
+    )
+
+    if db.exists(LAYOUT_TABLE) and layout_dtype(db) == "float32":
+        cs = np.asarray(sorted(set(int(c) for c in clusters)), dtype=np.int32)
+        buckets = bucket_names(cs, layout_clusters_per_bucket(db)).to_list()
+        ds = db.table(LAYOUT_TABLE).to_pyarrow_dataset()
+        ids, xs = [], []
+        for b in sorted(set(buckets)):
+            rows = read_bucket(db, b, clusters=[int(c) for c, bb in zip(cs, buckets) if bb == b], dtype="float32", dataset=ds)
+            ids.append(bytes_to_hex(rows.uids).astype(str))
+            xs.append(rows.x)
+        if ids and sum(len(i) for i in ids) == uids.len():
+            return np.concatenate(ids).tolist(), np.concatenate(xs)
+        log.warning("views: the layout holds other members than assignments for clusters %s; reading the embeddings", cs.tolist())
+    shards = sorted(db.read_uids("assignments", uids, ["shard"])["shard"].unique().to_list())
+    pe = read_pool(db, shards=shards, columns=("image",))
+    return pe.uids.tolist(), pe.image
+
+
 def dedup_groups(
     db: Lake,
     landing: str | os.PathLike,
@@ -237,19 +267,20 @@ def dedup_groups(
 ) -> dict:
     """Duplicate groups SemDeDup removes at ``eps``, largest first.
 
-    Reads ``dedup_scores`` (to find the clusters with the most removals), then the image
-    embeddings of at most 8 such clusters of at most ``max_cluster`` members (the group
-    structure is recomputed there: the table stores only ``M``).
+    Reads ``dedup_scores`` (cluster and M only, to find the clusters with the most removals),
+    then the image vectors of at most 8 such clusters of at most ``max_cluster`` members (the
+    group structure is recomputed there: the table stores only ``M``): from the
+    ``pool_by_cluster`` layout when it holds float32 vectors (those clusters' row groups
+    only), else from the embeddings of the shards holding them. A cluster has members in
+    nearly every shard, so at 10M the shard read loaded the whole pool (killed at 24 GB).
 
     Returns:
         ``{"eps", "n", "removed", "curve": [(eps, fraction)], "groups": [{"cluster_id",
         "kept": sample, "removed": [sample + "cos"]}]}``.
     """
-    from curation.embed.pool_reader import read_pool
-
     if not db.exists("dedup_scores"):
         return {"eps": eps, "n": 0, "removed": 0, "curve": [], "groups": []}
-    ds = db.read("dedup_scores", columns=["uid", "cluster_id", "max_sim_to_earlier"])
+    ds = db.read("dedup_scores", columns=["cluster_id", "max_sim_to_earlier"])
     m = ds["max_sim_to_earlier"].to_numpy()
     dup = is_duplicate(m, eps)
     out = {"eps": eps, "n": int(m.size), "removed": int(dup.sum()), "curve": removed_fraction_curve(m), "groups": []}
@@ -264,17 +295,17 @@ def dedup_groups(
     chosen = per_cluster["cluster_id"].to_list()
     if not chosen:
         return out
-    asg = db.read("assignments", columns=["uid", "cluster_id", "cos_to_centroid"]).filter(pl.col("cluster_id").is_in(chosen))
-    shards = sorted(db.read_uids("samples", asg["uid"], ["shard"])["shard"].unique().to_list())
-    pe = read_pool(db, shards=shards, columns=("image",))
-    row_of = {u: i for i, u in enumerate(pe.uids.tolist())}
+    del ds
+    asg = db.read_where("assignments", ["uid", "cluster_id", "cos_to_centroid"], pl.col("cluster_id").is_in(chosen))
+    vec_uids, image = _cluster_vectors(db, chosen, asg["uid"])
+    row_of = {u: i for i, u in enumerate(vec_uids)}
     asg = asg.filter(pl.col("uid").is_in(list(row_of)))
     uids = asg["uid"].to_numpy().astype(str)
     groups: list[tuple[int, int, str, list[tuple[str, float]]]] = []  # (size, cluster, kept uid, removed)
     for members in cluster_member_groups(len(uids), asg["cluster_id"].to_numpy(), asg["cos_to_centroid"].to_numpy(), uids, min_size=2):
         cid = int(asg["cluster_id"][int(members[0])])
         mu = uids[members]
-        x = pe.image[[row_of[u] for u in mu]]
+        x = image[[row_of[u] for u in mu]]
         for k, rem in duplicate_groups_in_cluster(x, eps):
             rem = sorted(rem, key=lambda t: -t[1])
             groups.append((len(rem), cid, str(mu[k]), [(str(mu[j]), c) for j, c in rem]))
@@ -282,7 +313,8 @@ def dedup_groups(
     groups = groups[:n_groups]
     wanted = [g[2] for g in groups] + [u for g in groups for u, _ in g[3][:per_group]]
     info = attach_thumbnails(db, landing, wanted, size=size, max_count=max(1, len(wanted)))
-    ms = dict(zip(ds["uid"].to_list(), m.tolist()))
+    shown = [u for g in groups for u, _ in g[3][:per_group]]
+    ms = dict(db.read_where("dedup_scores", ["uid", "max_sim_to_earlier"], pl.col("uid").is_in(shown)).iter_rows())
     for n_rem, cid, kept, rem in groups:
         out["groups"].append(
             {
@@ -359,13 +391,13 @@ def waterfall(db: Lake) -> list[dict]:
         ``dedup`` is 0 for recipes without a SemDeDup step).
     """
     known = _recipes_in_lake(db)
-    n_samples = db.read("samples", columns=["uid"]).height if db.exists("samples") else 0
+    n_samples = db.table("samples").to_pyarrow_dataset().count_rows() if db.exists("samples") else 0
     n_quar = db.read("quarantine", columns=["key"]).height if db.exists("quarantine") else 0
     n_embed_q = 0
     if db.exists("quarantine"):
         n_embed_q = db.read("quarantine", columns=["stage"]).filter(pl.col("stage") == "embed").height
     n_ingest_q = n_quar - n_embed_q
-    pool = db.read("assignments", columns=["uid"])["uid"] if db.exists("assignments") else pl.Series([], dtype=pl.String)
+    n_pool = db.table("assignments").to_pyarrow_dataset().count_rows() if db.exists("assignments") else 0
     m = None
     if db.exists("dedup_scores"):
         m = db.read("dedup_scores", columns=["max_sim_to_earlier"])["max_sim_to_earlier"].to_numpy()
@@ -382,7 +414,7 @@ def waterfall(db: Lake) -> list[dict]:
                 "seen": n_samples + n_ingest_q,
                 "quarantine": n_quar,
                 "dedup": dedup,
-                "pruning": int(pool.len()) - dedup - n_kept,
+                "pruning": int(n_pool) - dedup - n_kept,
                 "kept": n_kept,
                 "eps": eps,
             }

@@ -243,8 +243,17 @@ class Lake:
         cols = list(dict.fromkeys(["uid", *columns]))
         want = pl.DataFrame({"uid": uids.cast(pl.String) if isinstance(uids, pl.Series)
                              else pl.Series(list(uids), dtype=pl.String)}).lazy()
-        scan = pl.scan_delta(self.uri(table), storage_options=self._opts()).select(cols)
-        return scan.join(want, on="uid", how="semi").collect(engine="streaming")
+        return self.scan(table).select(cols).join(want, on="uid", how="semi").collect(engine="streaming")
+
+    def scan(self, table: str) -> pl.LazyFrame:
+        """``table`` as a polars LazyFrame (``scan_delta``): filters and projections are pushed
+        into the Parquet reads, and a streaming collect holds only the matching rows."""
+        return pl.scan_delta(self.uri(table), storage_options=self._opts())
+
+    def read_where(self, table: str, columns: Sequence[str], predicate: pl.Expr) -> pl.DataFrame:
+        """The rows (``columns``) of ``table`` where ``predicate`` holds, streamed: memory holds
+        the matching rows, never the whole table (e.g. one cluster's rows of 10M assignments)."""
+        return self.scan(table).filter(predicate).select(list(columns)).collect(engine="streaming")
 
     def partitions(self, table: str) -> list[str]:
         part_col = TABLES[table]
