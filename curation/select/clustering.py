@@ -184,6 +184,8 @@ def assign_new(
 # --------------------------------------------------------------------------- large k: two-level
 
 ASSIGN_METHODS = ("auto", "flat", "two-level")
+#: Lloyd iterations over all centroids after the two-level k-means' hierarchical fit
+TWO_LEVEL_REFINE = 5
 FLAT_MAX_K = 2048
 """``method="auto"`` uses the exact flat search / k-means up to this k, the two-level one above."""
 
@@ -326,12 +328,19 @@ def train_centroids_two_level(
     seed: int = 0,
     max_points_per_centroid: int = DEFAULT_MAX_POINTS_PER_CENTROID,
     gpu: bool | None = None,
+    refine: int = TWO_LEVEL_REFINE,
 ) -> np.ndarray:
     """Hierarchical spherical k-means: cost per iteration ``O(n sqrt(k) d)``, not ``O(n k d)``.
 
     A coarse k-means with ``k0 = round(sqrt(k))`` cells, then inside each cell a k-means with
     ``k_i`` centroids, ``k_i`` proportional to the cell's size (largest remainder, ``1 <= k_i
-    <= n_i``, ``sum k_i = k``). Returns (k, d) float32 unit-norm centroids.
+    <= n_i``, ``sum k_i = k``); then ``refine`` Lloyd iterations over ALL the centroids (each
+    row to its nearest centroid by :class:`TwoLevelAssigner`, each centroid the normalized mean
+    of its rows; an empty one stays). The hierarchy alone fixes every coarse cell's share of
+    centroids and never lets a centroid cross a cell border: concepts cut by a border end up
+    split or merged (on planted concepts at k = 1,000 the mean cos of a concept's center to its
+    best centroid was 0.818 against 0.960 for flat k-means; 5 refinement iterations: 0.970).
+    Returns (k, d) float32 unit-norm centroids.
     """
     from curation.select.budgets import largest_remainder
 
@@ -357,8 +366,25 @@ def train_centroids_two_level(
         out.append(train_centroids(xi, int(ks[c]), niter=niter, seed=seed + 1 + c,
                                    max_points_per_centroid=max_points_per_centroid, gpu=gpu) if ks[c] < len(xi) else _normalize_rows(xi))
     cent = np.concatenate(out)
-    log.info("two-level k-means: n=%d k=%d (coarse %d)", n, k, k0)
+    for _ in range(max(0, int(refine))):
+        cent = _lloyd_step(x, cent, TwoLevelAssigner(cent, gpu=gpu)(x)[0])
+    log.info("two-level k-means: n=%d k=%d (coarse %d, %d refinement iterations)", n, k, k0, refine)
     return cent
+
+
+def _lloyd_step(x: np.ndarray, cent: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Spherical k-means update: each centroid the normalized mean (sum) of its rows ``ids``;
+    a centroid without rows keeps its place."""
+    from scipy.sparse import csr_matrix
+
+    k, n = cent.shape[0], x.shape[0]
+    # (k x n) membership times x: the per-centroid sums without a sorted copy of the sample
+    member = csr_matrix((np.ones(n, np.float32), (np.asarray(ids, np.int64), np.arange(n))), shape=(k, n))
+    sums = np.asarray(member @ x)
+    nz = np.bincount(ids, minlength=k) > 0
+    new = cent.copy()
+    new[nz] = _normalize_rows(sums[nz])
+    return new
 
 
 def train_centroids_any(x: np.ndarray, k: int, method: str = "auto", **kwargs) -> np.ndarray:
