@@ -108,7 +108,7 @@ class LayoutConfig:
             (CLIP) embeddings encoder, so CLIPCov and CLIP score read one bucket at a time.
         nprobe: coarse cells the two-level assignment scans per row (None: ``max(8, nlist //
             8)``, 12 of 100 cells at k = 10,000; ``nlist`` is exact). Recall against the exact
-            nearest centroid depends on the data: 75% at 12, 97% at 50 on the synthetic 10M
+            nearest centroid depends on the data: 76% at 12, 96% at 50 on the synthetic 10M
             pool (docs/benchmarks.md), where 50 costs as much as the flat search.
     """
 
