@@ -476,18 +476,18 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
 
 def assignment_recall(root: str, shards: list[str], nprobes=(None,)) -> dict:
     """How often the two-level assignment of ``shards``' rows picks the exact nearest centroid
-    (the ``clusters`` table's), per ``nprobe`` (None: the default), with the mean cos lost.
+    (``read_centroids``), per ``nprobe`` (None: the default), with the mean cos lost.
     ``python -c "import prune_scale as p; print(p.assignment_recall('/tmp/p10m', ['syn-incr',
     'syn-local'], [None, 25, 50, 100]))"`` after a 10M run."""
     import polars as pl
 
     from curation.select.clustering import TwoLevelAssigner, assign
-    from curation.storage.lake import list_column_to_matrix
+    from curation.select.pool_tables import read_centroids
+    from curation.storage.lake import Lake, list_column_to_matrix
 
-    cent = list_column_to_matrix(pl.read_delta(root + "/clusters", columns=["cluster_id", "centroid"])
-                                 .sort("cluster_id")["centroid"])
-    emb = pl.scan_delta(root + "/embeddings").select("shard", "image_emb").filter(pl.col("shard").is_in(shards)).collect()
-    x = list_column_to_matrix(emb["image_emb"])
+    lake = Lake(root)
+    cent = read_centroids(lake)
+    x = list_column_to_matrix(lake.read_where("embeddings", ["image_emb"], pl.col("shard").is_in(shards))["image_emb"])
     exact, best = assign(x, cent, gpu=False)
     out = {"rows": int(x.shape[0]), "k": int(cent.shape[0])}
     for nprobe in nprobes:

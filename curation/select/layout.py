@@ -58,6 +58,7 @@ from curation.embed.pool_reader import iter_pool_partitions, partition_fingerpri
 from curation.engine.executor import Executor, InProcessExecutor
 from curation.ingest.ids import (
     UID_BYTES,
+    _fixed_binary,
     binary_column_to_bytes,
     binary_uid_column,
     bytes_to_hex,
@@ -179,17 +180,26 @@ def decode_vectors(col, dtype: str) -> np.ndarray:
 
 
 def _decode_chunk(col: pa.Array, dtype: str) -> np.ndarray:
-    n = len(col)
     if col.type not in (pa.binary(), pa.large_binary()):
         col = col.cast(pa.large_binary())
-    off_type = np.int64 if col.type == pa.large_binary() else np.int32  # either offsets, without a cast (a copy)
+    raw = _fixed_width_bytes(col)
+    if raw is None:
+        raise ValueError("vector column: got rows of different byte lengths; expected one width")
+    vals = raw.reshape(-1).view(np.dtype(dtype).newbyteorder("<"))
+    return np.ascontiguousarray(vals.reshape(len(col), -1), dtype=np.float32)
+
+
+def _fixed_width_bytes(col: pa.Array) -> np.ndarray | None:
+    """``(n, w) uint8`` view of a ``binary`` / ``large_binary`` chunk whose values all have w
+    bytes (either offset type read as is, no cast: a cast copies); None when the widths differ
+    or a value is null."""
+    n = len(col)
+    off_type = np.int64 if col.type == pa.large_binary() else np.int32
     off = np.frombuffer(col.buffers()[1], dtype=off_type)[col.offset : col.offset + n + 1].astype(np.int64)
     width = int(off[1] - off[0])
-    if not np.all(np.diff(off) == width):
-        raise ValueError("vector column: got rows of different byte lengths; expected one width")
-    item = np.dtype(dtype).itemsize
-    raw = np.frombuffer(col.buffers()[2], dtype=np.dtype(dtype).newbyteorder("<"))[off[0] // item : off[-1] // item]
-    return np.ascontiguousarray(raw.reshape(n, width // item), dtype=np.float32)
+    if col.null_count or not np.all(np.diff(off) == width):
+        return None
+    return np.frombuffer(col.buffers()[2], dtype=np.uint8)[off[0] : off[-1]].reshape(n, width)
 
 
 # --------------------------------------------------------------------------- k-means on a sample
@@ -346,10 +356,9 @@ class _Writer:
         if asg is not None:
             self.lake.write("assignments", asg, mode=mode)
             n = sum(t.num_rows for t in self.vec)
-            vec, self.vec = self.vec, []
             # the buffered rows are passed as the only reference, so write_layout_rows frees them
             # once it has sorted them (the flush holds one copy of its rows while it sorts, not two)
-            write_layout_rows(self.lake, _concat_clearing(vec), mode)
+            write_layout_rows(self.lake, _concat_clearing(self.vec), mode)
             self.written += n
             self.first = False
         self.asg, self.vec, self.rows = [], [], 0
@@ -380,31 +389,17 @@ def _sorted_by_cluster(rows: pa.Table, fixed: list[str]) -> pa.Table:
 def _take_fixed_width(col: pa.ChunkedArray, order: np.ndarray) -> pa.Array:
     """Rows ``order`` of a binary column whose values all have one width, as one array of the
     column's type over a single new buffer (one scatter per chunk)."""
-    widths = set()
-    parts = []
-    for ch in col.chunks:
-        if not len(ch):
-            continue
-        off_type = np.int64 if ch.type == pa.large_binary() else np.int32
-        off = np.frombuffer(ch.buffers()[1], dtype=off_type)[ch.offset : ch.offset + len(ch) + 1].astype(np.int64)
-        w = int(off[1] - off[0])
-        if ch.null_count or not np.all(np.diff(off) == w):
-            return col.take(pa.array(order))  # not fixed width: Arrow's take
-        widths.add(w)
-        parts.append(np.frombuffer(ch.buffers()[2], dtype=np.uint8)[off[0] : off[-1]].reshape(len(ch), w))
-    if len(widths) != 1:
-        return col.take(pa.array(order))
-    out = np.empty((order.size, widths.pop()), np.uint8)
+    parts = [_fixed_width_bytes(ch) for ch in col.chunks if len(ch)]
+    if any(p is None for p in parts) or len({p.shape[1] for p in parts}) != 1:
+        return col.take(pa.array(order))  # not fixed width: Arrow's take
+    out = np.empty((order.size, parts[0].shape[1]), np.uint8)
     pos = np.empty(order.size, np.int64)
     pos[order] = np.arange(order.size)
     start = 0
     for part in parts:
         out[pos[start : start + part.shape[0]]] = part
         start += part.shape[0]
-    n, w = out.shape
-    off_type = np.int64 if col.type == pa.large_binary() else np.int32
-    offsets = np.arange(0, (n + 1) * w, w, dtype=off_type)
-    return pa.Array.from_buffers(col.type, n, [None, pa.py_buffer(offsets), pa.py_buffer(out)])
+    return _fixed_binary(out).cast(col.type)
 
 
 def write_layout_rows(lake: Lake, rows: pa.Table, mode: str) -> None:
