@@ -131,9 +131,9 @@ class ConceptClustersConfig(dg.Config):
 def concept_clusters(context: dg.AssetExecutionContext, config: ConceptClustersConfig, lake: LakeResource) -> dg.MaterializeResult:
     t0 = time.perf_counter()
     db = lake.lake()
-    if not db.exists("embeddings") or db.table("embeddings").to_pyarrow_dataset().count_rows() == 0:
+    if not db.exists("embeddings") or db.count_rows("embeddings") == 0:
         raise ValueError("embeddings table: got no rows; expected embedded samples (materialize embeddings first)")
-    encoder = db.table("embeddings").to_pyarrow_dataset().head(1, columns=["encoder"]).column(0)[0].as_py()
+    encoder = db.dataset("embeddings").head(1, columns=["encoder"]).column(0)[0].as_py()
     # an aligned (CLIP) encoder: the layout also carries caption vectors for CLIPCov / CLIP score
     layout_cfg = LayoutConfig(clusters_per_bucket=config.clusters_per_bucket, dtype=config.layout_dtype,
                               with_text=str(encoder).startswith(ALIGNED_ENCODER_PREFIX), nprobe=config.nprobe)
@@ -141,7 +141,7 @@ def concept_clusters(context: dg.AssetExecutionContext, config: ConceptClustersC
     old_k = read_centroids(db).shape[0] if have else None
     if config.mode == "assign" and not have:
         raise ValueError("mode: got 'assign' but no centroids exist; expected 'auto' or 'retrain' first")
-    n_pool = db.table("embeddings").to_pyarrow_dataset().count_rows()
+    n_pool = db.count_rows("embeddings")
     k = config.k if config.k is not None else (old_k or default_k(n_pool))
     retrain = config.mode == "retrain" or (config.mode == "auto" and (not have or k != old_k))
     if retrain:

@@ -44,7 +44,7 @@ def budget_result(db: Lake, recipe_name: str) -> dg.AssetCheckResult:
         return control_budget_result(db, recipe_name)
     recipe = get_recipe(recipe_name)
     observed = _subset(db, recipe.name).height
-    n_pool = db.table("assignments").to_pyarrow_dataset().count_rows()
+    n_pool = db.count_rows("assignments")
     eps = recipe.eps if recipe.method == "semdedup" else recipe.after_semdedup_eps
     if eps is None:
         n_cand = n_pool

@@ -92,7 +92,7 @@ def read_pool(
     if not lake.exists(table):
         return empty
     dt = lake.table(table)
-    ds = dt.to_pyarrow_dataset()
+    ds = lake.dataset(table, dt)
     all_parts = lake.partitions(table) if part_col else [None]
     parts = sorted(set(all_parts) & set(shards)) if shards is not None else all_parts
     if shards is not None and part_col is None:
@@ -172,7 +172,7 @@ def iter_pool_partitions(
         raise ValueError(f"table {table!r}: got an unpartitioned table; expected one partitioned by shard")
     if not lake.exists(table):
         return
-    ds = lake.table(table).to_pyarrow_dataset()
+    ds = lake.dataset(table)
     parts = lake.partitions(table)
     if shards is not None:
         parts = sorted(set(parts) & set(shards))

@@ -242,7 +242,7 @@ def _cluster_vectors(db: Lake, clusters: Sequence[int], uids: pl.Series) -> tupl
     if db.exists(LAYOUT_TABLE) and layout_dtype(db) == "float32":
         cs = np.asarray(sorted(set(int(c) for c in clusters)), dtype=np.int32)
         buckets = bucket_names(cs, layout_clusters_per_bucket(db)).to_list()
-        ds = db.table(LAYOUT_TABLE).to_pyarrow_dataset()
+        ds = db.dataset(LAYOUT_TABLE)
         ids, xs = [], []
         for b in sorted(set(buckets)):
             rows = read_bucket(db, b, clusters=[int(c) for c, bb in zip(cs, buckets) if bb == b], dtype="float32", dataset=ds)
@@ -391,13 +391,13 @@ def waterfall(db: Lake) -> list[dict]:
         ``dedup`` is 0 for recipes without a SemDeDup step).
     """
     known = _recipes_in_lake(db)
-    n_samples = db.table("samples").to_pyarrow_dataset().count_rows() if db.exists("samples") else 0
+    n_samples = db.count_rows("samples") if db.exists("samples") else 0
     n_quar = db.read("quarantine", columns=["key"]).height if db.exists("quarantine") else 0
     n_embed_q = 0
     if db.exists("quarantine"):
         n_embed_q = db.read("quarantine", columns=["stage"]).filter(pl.col("stage") == "embed").height
     n_ingest_q = n_quar - n_embed_q
-    n_pool = db.table("assignments").to_pyarrow_dataset().count_rows() if db.exists("assignments") else 0
+    n_pool = db.count_rows("assignments") if db.exists("assignments") else 0
     m = None
     if db.exists("dedup_scores"):
         m = db.read("dedup_scores", columns=["max_sim_to_earlier"])["max_sim_to_earlier"].to_numpy()

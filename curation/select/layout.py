@@ -220,7 +220,7 @@ def training_sample(lake: Lake, n_max: int, seed: int = 0, table: str = "embeddi
     Returns:
         ``(sample, n_total)``: (m, d) float32 rows (in pool order) and the pool size.
     """
-    ds = lake.table(table).to_pyarrow_dataset()
+    ds = lake.dataset(table)
     parts = lake.partitions(table)
     counts = np.array([ds.count_rows(filter=pc.field("shard") == p) for p in parts], dtype=np.int64)
     total = int(counts.sum())
@@ -540,7 +540,7 @@ def update_layout(lake: Lake, centroids: np.ndarray, config: LayoutConfig = Layo
     removed = changed + gone
     touched: set[int] = set()
     if removed:
-        rm = lake.table("assignments").to_pyarrow_table(columns=["cluster_id"], filters=[("shard", "in", removed)])
+        rm = lake.dataset("assignments").to_table(columns=["cluster_id"], filter=pc.field("shard").isin(removed))
         touched |= set(pc.unique(rm.column("cluster_id")).to_pylist())
         pred = _in_list("shard", removed)
         lake.table("assignments").delete(pred)
@@ -549,7 +549,7 @@ def update_layout(lake: Lake, centroids: np.ndarray, config: LayoutConfig = Layo
     n_new, t_new, enc = _stream_assign(lake, centroids, config, new + changed, writer, assign_method, gpu) if (new or changed) else (0, set(), set())
     touched |= t_new
     _write_shard_state(lake, fps, config, _layout_id(state))
-    n_rows = lake.table("assignments").to_pyarrow_dataset().count_rows()
+    n_rows = lake.count_rows("assignments")
     log.info("layout update: %d new rows from %d shards, %d shards removed, %d clusters touched",
              n_new, len(new) + len(changed), len(removed), len(touched))
     return LayoutUpdate("incremental", n_rows, n_new, new + changed, removed,
@@ -611,7 +611,7 @@ def read_bucket(lake: Lake, bucket: str, clusters=None, vectors: bool = True, dt
     ``dataset``: an open ``pool_by_cluster`` pyarrow dataset to reuse (one per task);
     ``chunked``: ``x`` is a :class:`RowChunks` (rows gathered on indexing), not one array."""
     dtype = dtype or layout_dtype(lake)
-    ds = dataset if dataset is not None else lake.table(LAYOUT_TABLE).to_pyarrow_dataset()
+    ds = dataset if dataset is not None else lake.dataset(LAYOUT_TABLE)
     flt = pc.field("bucket") == bucket
     if clusters is not None:
         flt = flt & pc.field("cluster_id").isin(pa.array(np.asarray(list(clusters), dtype=np.int32)))
@@ -797,7 +797,7 @@ def _spill_cluster(lake: Lake, bucket: str, c: int, dtype: str, d: int) -> np.me
     fd, path = tempfile.mkstemp(prefix=f"semdedup_c{c}_", suffix=".f32")
     os.close(fd)
     mm = np.memmap(path, dtype=np.float32, mode="w+", shape=(order.size, d))
-    ds = lake.table(LAYOUT_TABLE).to_pyarrow_dataset()
+    ds = lake.dataset(LAYOUT_TABLE)
     flt = (pc.field("bucket") == bucket) & (pc.field("cluster_id") == c)
     row = 0
     for batch in ds.to_batches(columns=[emb_column(dtype)], filter=flt, batch_size=8192):
@@ -929,12 +929,12 @@ def _bucket_dataset(lake: Lake, bucket: str | None, version: int | None = None):
     """The ``pool_by_cluster`` pyarrow dataset, of one bucket's files only when ``bucket`` is
     given (listing the whole table's files costs ~0.3 s at 1M rows; one bucket's ~3 ms)."""
     dt = _layout_table(lake, version)
-    return dt.to_pyarrow_dataset() if bucket is None else dt.to_pyarrow_dataset(file_pruning_predicate=[("bucket", "=", bucket)])
+    return lake.dataset(LAYOUT_TABLE, dt, None if bucket is None else [("bucket", "=", bucket)])
 
 
 def _score_items(lake: Lake, clusters: list[int], full: set[int] | None, adds: dict) -> list[tuple]:
     """One ``bucket_scores`` item per bucket holding any of ``clusters`` (all when None)."""
-    pairs = lake.table(LAYOUT_TABLE).to_pyarrow_table(columns=["cluster_id", "bucket"])
+    pairs = lake.dataset(LAYOUT_TABLE).to_table(columns=["cluster_id", "bucket"])
     cb = pl.from_arrow(pairs).unique()
     if clusters is not None:
         cb = cb.filter(pl.col("cluster_id").is_in(list(clusters)))
@@ -985,14 +985,14 @@ def _add_only_update(lake: Lake, executor: Executor, config: LayoutConfig, new_s
     of a new shard already scored, row counts that do not add up): the caller then takes the
     general path.
     """
-    n_now = lake.table("assignments").to_pyarrow_dataset().count_rows()
+    n_now = lake.count_rows("assignments")
     cols = ["uid", "cluster_id", "cos_to_centroid"]
     if new_shards:
-        new = pl.from_arrow(lake.table("assignments").to_pyarrow_table(columns=cols, filters=[("shard", "in", new_shards)]))
+        new = pl.from_arrow(lake.dataset("assignments").to_table(columns=cols, filter=pc.field("shard").isin(new_shards)))
     else:
         new = pl.DataFrame(schema={c: _SCORE_SCHEMA[c] for c in cols})
     # the stored scores through Arrow (no polars frame: 10M rows were ~1.5 GB of copies)
-    old = lake.table("dedup_scores").to_pyarrow_table(columns=list(_SCORE_SCHEMA)).cast(_SCORE_ARROW)
+    old = lake.dataset("dedup_scores").to_table(columns=list(_SCORE_SCHEMA)).cast(_SCORE_ARROW)
     if old.num_rows + new.height != n_now:
         return None
     new = new.sort("uid").cast({k: v for k, v in _SCORE_SCHEMA.items() if k != "max_sim_to_earlier"})
@@ -1075,7 +1075,7 @@ def dedup_scores_by_bucket(
         if du is not None:
             return du
     if not have_old:  # every bucket in full: no N-scale table is read by the driver
-        n_asg = lake.table("assignments").to_pyarrow_dataset().count_rows()
+        n_asg = lake.count_rows("assignments")
         items = [(b, None, {}) for b in lake.partitions(LAYOUT_TABLE)]
         u, cid, cos, m = _run_items(lake, executor, config, items)
         table = _scores_table(u, cid, cos, m)
@@ -1206,7 +1206,7 @@ def bucket_clipcov(item: tuple, root: str, storage_options: dict | None, dtype: 
     from curation.select.clipcov import clipcov_greedy
 
     bucket, classes = item
-    ds = Lake(root, storage_options or {}).table(LAYOUT_TABLE).to_pyarrow_dataset()
+    ds = Lake(root, storage_options or {}).dataset(LAYOUT_TABLE)
     u, img, txt = _read_pairs(ds, bucket, dtype)
     out = []
     for members, b in classes:
@@ -1219,7 +1219,7 @@ def bucket_clip_scores(bucket: str, root: str, storage_options: dict | None, dty
     """``(uids (n, 16) uint8, cos(image, caption) (n,) float32)`` of one bucket."""
     from curation.select.clipcov import clip_scores
 
-    ds = Lake(root, storage_options or {}).table(LAYOUT_TABLE).to_pyarrow_dataset()
+    ds = Lake(root, storage_options or {}).dataset(LAYOUT_TABLE)
     u, img, txt = _read_pairs(ds, bucket, dtype)
     return u, clip_scores(img, txt)
 

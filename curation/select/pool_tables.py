@@ -155,7 +155,7 @@ def read_recipe_pool(db: Lake, recipe: Recipe, needs_dedup: bool | None = None) 
         from curation.select.layout import LayoutRef, layout_has_text
 
         if (not db.exists("filter_embeddings") and layout_has_text(db)
-                and db.table("pool_by_cluster").to_pyarrow_dataset().count_rows() == len(uids)):
+                and db.count_rows("pool_by_cluster") == len(uids)):
             layout = LayoutRef.of(db)  # aligned vectors read one bucket at a time
         else:
             img, txt, _ = read_aligned(db, uid_series(uids))
@@ -168,7 +168,7 @@ def read_uid_keyed(db: Lake, table: str, columns) -> tuple[np.ndarray, dict[str,
     """A uid-keyed table's uids as 32-byte strings (``S32``: 0.3 GB at 10M rows, not ``<U32``'s
     1.3 GB or a polars string column's ~0.5 GB) and its numeric ``columns`` as arrays, read
     through Arrow without a polars frame (whose string buffers the allocators keep after use)."""
-    t = db.table(table).to_pyarrow_table(columns=["uid", *columns])
+    t = db.dataset(table).to_table(columns=["uid", *columns])
     uids = uid_strings(t.column("uid"))
     cols = {c: t.column(c).to_numpy() for c in columns}
     del t

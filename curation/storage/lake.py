@@ -29,6 +29,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.fs as pa_fs
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
@@ -98,6 +99,31 @@ class Lake:
 
     def table(self, table: str) -> DeltaTable:
         return DeltaTable(self.uri(table), storage_options=self._opts())
+
+    def filesystem(self, table: str) -> pa_fs.FileSystem | None:
+        """The pyarrow filesystem that reads ``table``'s data files: for a local lake Arrow's own
+        local one rooted at the table; None elsewhere (deltalake's object store).
+
+        deltalake's default reads a local file through a Python filesystem handler: every read
+        call takes the GIL, so reads of two threads serialize and a read costs ~1.3-1.5x more
+        (1.38 s vs 0.88-1.09 s for the 1.9 GiB ``pool_by_cluster`` table at 1M rows, page cache
+        warm). Not memory-mapped (0.84 s): reads stay syscalls, which ``/proc/self/io``
+        counts and the benchmarks report.
+        """
+        if not self.is_local:
+            return None
+        path = os.path.abspath(self.uri(table).removeprefix("file://"))
+        return pa_fs.SubTreeFileSystem(path, pa_fs.LocalFileSystem())
+
+    def dataset(self, table: str, dt: DeltaTable | None = None, file_pruning_predicate=None):
+        """``table`` (or the open snapshot ``dt`` of it) as a pyarrow dataset read through
+        :meth:`filesystem`; ``file_pruning_predicate`` as in ``DeltaTable.to_pyarrow_dataset``."""
+        dt = dt if dt is not None else self.table(table)
+        return dt.to_pyarrow_dataset(filesystem=self.filesystem(table), file_pruning_predicate=file_pruning_predicate)
+
+    def count_rows(self, table: str) -> int:
+        """Rows of ``table`` (from the Parquet footers: no data page is read)."""
+        return self.dataset(table).count_rows()
 
     def write(
         self,
@@ -232,7 +258,8 @@ class Lake:
                 empty = pl.DataFrame(pa.schema(dt.schema().to_arrow()).empty_table())
                 return empty.select(list(columns)) if columns else empty
             filters = [(part_col, "in", parts)]
-        arrow = dt.to_pyarrow_table(columns=list(columns) if columns else None, filters=filters)
+        arrow = dt.to_pyarrow_table(columns=list(columns) if columns else None, filters=filters,
+                                    filesystem=self.filesystem(table))
         return pl.from_arrow(arrow)
 
     def read_uids(self, table: str, uids, columns: Sequence[str]) -> pl.DataFrame:
