@@ -23,6 +23,8 @@ import contextlib
 import numpy as np
 
 DEFAULT_BLOCK = 2048
+#: rows per slab of the masked row max in :func:`max_sim_to_earlier` (its mask is this square)
+_MAX_ROWS = 256
 
 
 def single_thread_blas():
@@ -86,17 +88,19 @@ def max_sim_to_earlier(x: np.ndarray, block: int = DEFAULT_BLOCK) -> np.ndarray:
     out = np.full(n, -1.0, dtype=np.float32)
     if n <= 1:
         return out
-    b0 = min(block, n)
-    upper = _upper_mask(b0)
+    upper = _upper_mask(min(block, n, _MAX_ROWS))
     for s in range(0, n, block):
         e = min(n, s + block)
-        g = x[s:e] @ x[:e].T  # (b, e)
-        # Mask the diagonal block's upper triangle incl. the diagonal: column i >= row j.
-        np.copyto(g[:, s:e], -np.inf, where=upper[: e - s, : e - s])
-        m = g.max(axis=1)
-        if s == 0:
-            m[0] = -1.0
-        out[s:e] = m
+        g = x[s:e] @ x[:e].T  # (b, e); for s = 0 numpy's syrk (x @ x.T of one buffer)
+        # Row j's max over the columns i < j only: in row slabs, each slab reads the columns
+        # up to its last row (the lower triangle, not the whole square) and masks its own
+        # diagonal block (column i >= row j).
+        for t in range(0, e - s, _MAX_ROWS):
+            u = min(e - s, t + _MAX_ROWS)
+            slab = g[t:u, : s + u]
+            np.copyto(slab[:, s + t :], -np.inf, where=upper[: u - t, : u - t])
+            out[s + t : s + u] = slab.max(axis=1)
+    out[0] = -1.0
     return out
 
 
