@@ -321,7 +321,7 @@ def write_lake(root: str, n: int, d: int, k: int, shard_rows: int, dup_fraction:
 
 
 def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: int, dtype: str, shard_rows: int,
-             dup_fraction: float, local_concepts: int = LOCAL_CONCEPTS) -> dict:
+             dup_fraction: float, local_concepts: int = LOCAL_CONCEPTS, target_recall: float | None = None) -> dict:
     """The asset-level path on a lake (what concept_clusters, dedup_scores, complexity_scores and
     pruned_subsets[dbp@0.5] call), then two new shards re-curated incrementally one after the
     other: one drawn from every concept (it touches most clusters) and one from
@@ -343,7 +343,7 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
     from curation.storage.lake import Lake
 
     lake = Lake(root)
-    cfg = LayoutConfig(dtype=dtype)
+    cfg = LayoutConfig(dtype=dtype, target_recall=target_recall)
     recipe = parse_recipe("dbp@0.5", {"method": "dbp", "keep_fraction": 0.5, "after_semdedup_eps": eps})
     sec, rd, wr, mem = {}, {}, {}, {}
     rate = sgemm_rate(d)
@@ -365,7 +365,8 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
         return out
 
     cent, _ = stage("kmeans", lambda: fit_centroids(lake, k, niter=niter, seed=seed))
-    stage("layout", lambda: build_layout(lake, cent, cfg))
+    built = stage("layout", lambda: build_layout(lake, cent, cfg))
+    audits = {"layout": _audit(built)}
 
     def complexity():  # what concept_clusters / complexity_scores write to `clusters`
         a = lake.read("assignments", columns=["cluster_id", "cos_to_centroid"])
@@ -426,6 +427,7 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
         del xn
         up = stage(f"{prefix}_layout", lambda: update_layout(lake, cent, cfg))
         du = stage(f"{prefix}_semdedup", lambda: semdedup(True))
+        audits[f"{prefix}_layout"] = _audit(up)
         info = {"new_rows": up.n_new, "touched_clusters": int(len(up.touched_clusters)), "mode": du.mode,
                 "rows_scored": du.rows_scored, "concepts": concepts}
         del du  # written: the next stages read dedup_scores from the lake, like the next asset would
@@ -464,7 +466,7 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
         "full_s": full_s, "incremental_s": incr_s, "incremental_fraction": incr_s / full_s,
         "incr_new_rows": incr["new_rows"], "incr_touched_clusters": incr["touched_clusters"],
         "incr_mode": incr["mode"], "incr_rows_scored": incr["rows_scored"], "incremental_local": local,
-        "two_level_recall": recall,
+        "two_level_recall": recall, "assignment_audit": audits, "target_recall": target_recall,
         "dbp_kept": sel_kept, "dbp_kept_after_new_shard": incr["kept"],
         "removed_at_eps": float((m["max_sim_to_earlier"].to_numpy() > 1 - eps).mean()),
         "budgets": sel_budgets,
@@ -497,6 +499,15 @@ def assignment_recall(root: str, shards: list[str], nprobes=(None,)) -> dict:
     return out
 
 
+def _audit(up) -> dict | None:
+    """What the layout write reported of its assignment (recall on audited rows; nprobe)."""
+    a = up.assignment
+    if a is None:
+        return None
+    return {"method": a.method, "nprobe": a.nprobe, "nlist": a.nlist, "audited": a.audited, "recall": a.recall,
+            "stderr": a.recall_stderr}
+
+
 def _uids_hash(uids) -> str:
     """sha256 of the sorted uids concatenated (the same digest for str and S32 uids)."""
     from curation.ingest.ids import uid_strings
@@ -506,7 +517,8 @@ def _uids_hash(uids) -> str:
 
 def _parity(lake, cent, recipe, sel) -> dict:
     """The in-memory path on the same pool and centroids (one (N, d) matrix): are the SemDeDup
-    scores, the DBP budgets and the kept uids identical to the out-of-core ones?"""
+    scores, the DBP budgets and the kept uids identical to the out-of-core ones? Above
+    ``FLAT_MAX_K`` both take the layout's (two-level) assignment."""
     import polars as pl
 
     from curation.embed.pool_reader import read_pool
@@ -514,8 +526,14 @@ def _parity(lake, cent, recipe, sel) -> dict:
     from curation.select.recipes import Pool, apply_recipe
     from curation.select.semdedup import semdedup_scores
 
+    from curation.select.clustering import FLAT_MAX_K
+
     pe = read_pool(lake, columns=("image",))
-    ids, cos = assign(pe.image, cent)
+    if cent.shape[0] <= FLAT_MAX_K:
+        ids, cos = assign(pe.image, cent)
+    else:  # the two-level assignment is approximate (its recall is reported apart): compare what follows it
+        a = pl.DataFrame({"uid": pe.uids}).join(pl.read_delta(lake.uri("assignments")), on="uid", how="left", maintain_order="left")
+        ids, cos = a["cluster_id"].to_numpy(), a["cos_to_centroid"].to_numpy()
     m = semdedup_scores(pe.image, ids, cos, pe.uids)
     stored = pl.read_delta(lake.uri("dedup_scores"))
     j = pl.DataFrame({"uid": pe.uids, "m": m}).join(stored, on="uid")
@@ -551,6 +569,11 @@ def _fmt_lake(r: dict) -> str:
     lines.append(f"incremental: {r['incr_new_rows']:,} new rows touched {r['incr_touched_clusters']} clusters, "
                  f"{r['incr_rows_scored']:,} rows scored ({r['incr_mode']}); removed at eps {r['eps']}: {r['removed_at_eps']:.4f}; "
                  f"dbp kept {r['dbp_kept']:,}, uids hash {r['kept_uids_hash']}")
+    for name, a in (r.get("assignment_audit") or {}).items():
+        if a and a["method"] != "flat":
+            lines.append(f"{name}: two-level assignment, nprobe {a['nprobe']} of {a['nlist']} cells"
+                         + (f" (target recall {r['target_recall']})" if r.get("target_recall") else "")
+                         + f": audited recall {a['recall']:.3f} +- {a['stderr']:.3f} on {a['audited']:,} rows")
     if r.get("two_level_recall"):
         lines.append(f"two-level assignment of the new shards vs the exact nearest centroid: {r['two_level_recall']}")
     if r.get("parity_with_in_memory"):
@@ -594,6 +617,8 @@ def main(argv=None) -> int:
                          "library functions on one in-memory matrix (the pre-layout path)")
     ap.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="pool_by_cluster vector type")
     ap.add_argument("--shard-rows", type=int, default=10_000)
+    ap.add_argument("--target-recall", type=float, default=None,
+                    help="two-level assignment (k > 2048): calibrate nprobe for this recall (default: fixed nprobe)")
     ap.add_argument("--root", type=str, default=None, help="lake directory (default: a temporary one, removed)")
     ap.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -613,9 +638,9 @@ def main(argv=None) -> int:
             subprocess.run(gen, check=True, env=os.environ.copy())
             gen_s = time.perf_counter() - t
             cmd = [sys.executable, "-c", "import sys, json; sys.path.insert(0, %r); import prune_scale as p; "
-                   "print(json.dumps(p.run_lake(%r, %d, %d, %d, %d, %r, %d, %r, %d, %r)))" % (
+                   "print(json.dumps(p.run_lake(%r, %d, %d, %d, %d, %r, %d, %r, %d, %r, target_recall=%r)))" % (
                        str(Path(__file__).parent), root, n, args.d, args.k, args.niter, args.eps, args.seed,
-                       args.dtype, args.shard_rows, args.dup_fraction)]
+                       args.dtype, args.shard_rows, args.dup_fraction, args.target_recall)]
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
             if not args.root:
                 shutil.rmtree(root, ignore_errors=True)

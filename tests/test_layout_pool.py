@@ -555,6 +555,70 @@ def test_layout_nprobe_reaches_the_two_level_assignment(tmp_path):
         LayoutConfig(nprobe=0)
 
 
+def test_recall_curve_is_the_measured_recall_of_every_nprobe_and_calibration_picks_the_fewest():
+    """The recall curve from one exact search (rank of each row's true cell) equals, for every
+    nprobe, the fraction of rows the scan with that nprobe puts in their exact nearest cluster;
+    calibrating for a target picks the fewest cells reaching it."""
+    from curation.select.clustering import TwoLevelAssigner, exact_nearest
+
+    rng = np.random.default_rng(7)
+    cent = train_centroids(_unit(rng.standard_normal((5000, 16))), 900, niter=5)
+    x = _unit(cent[rng.integers(0, 900, 2000)] + 0.35 * rng.standard_normal((2000, 16)))
+    a = TwoLevelAssigner(cent)
+    curve = a.recall_curve(x)
+    exact = exact_nearest(x, cent)[0]
+    assert np.array_equal(exact, assign(x, cent)[0])
+    assert curve.shape == (a.nlist,) and curve[-1] == 1.0 and np.all(np.diff(curve) >= 0)
+    for p in (1, 2, 5, a.nlist // 2, a.nlist):
+        ids, _ = TwoLevelAssigner(cent, nprobe=p)(x)
+        assert curve[p - 1] == pytest.approx((ids == exact).mean(), abs=1e-12), p
+    assert curve[0] < 0.9  # the case is not trivial: one cell misses rows
+    target = float(curve[3]) - 1e-6  # reached first at nprobe 4 (or fewer when the curve is flat)
+    a.calibrate(x, target)
+    assert curve[a.nprobe - 1] >= target and (a.nprobe == 1 or curve[a.nprobe - 2] < target)
+    assert (a(x)[0] == exact).mean() >= target
+    with pytest.raises(ValueError, match="target_recall"):
+        a.calibrate(x, 0.0)
+
+
+def test_layout_reports_its_assignment_recall_and_a_target_recall_sets_nprobe(tmp_path):
+    """Every two-level layout write audits some rows of each shard against the exact search and
+    reports the recall; with ``target_recall`` the first shard calibrates nprobe (here every row
+    of it, so its audited rows are all found); a flat layout reports recall 1."""
+    p = SynPool(tmp_path / "lake")
+    for i in range(3):
+        p.shard(f"{i:05d}", 600)
+    cent, _ = fit_centroids(p.lake, K, niter=10)
+    flat = build_layout(p.lake, cent, LayoutConfig(clusters_per_bucket=4), assign_method="flat")
+    assert flat.assignment.recall == 1.0 and flat.assignment.metadata() == {"assign_method": "flat", "assign_recall": 1.0}
+    one = build_layout(p.lake, cent, LayoutConfig(clusters_per_bucket=4, nprobe=1), assign_method="two-level")
+    a = one.assignment
+    assert (a.method, a.nprobe, a.audited) == ("two-level", 1, 3 * 32) and a.calibration is None
+    # the reported hits are the audited rows whose WRITTEN cluster is the exact nearest one
+    from curation.embed.pool_reader import iter_pool_partitions
+    from curation.select.layout import _audit_rows
+
+    stored = dict(zip(*p.lake.read("assignments", columns=["uid", "cluster_id"]).to_dict(as_series=False).values()))
+    hits = 0
+    for shard, uids, mats, _ in iter_pool_partitions(p.lake, columns=("image",)):
+        pick = _audit_rows(shard, len(uids), 32)
+        exact = assign(mats["image"][pick], cent)[0]
+        hits += sum(stored[str(u)] == int(c) for u, c in zip(np.asarray(uids)[pick], exact))
+    assert a.hits == hits and 0 < a.recall < 1 and a.recall_stderr > 0
+    tuned = build_layout(p.lake, cent, LayoutConfig(clusters_per_bucket=4, target_recall=1.0), assign_method="two-level")
+    t = tuned.assignment
+    assert t.calibration is not None and t.calibration[t.nprobe - 1] == 1.0 and t.nprobe > 1
+    assert t.hits >= 32  # the first shard's audited rows were all calibration rows
+    md = t.metadata()
+    assert md["assign_nprobe"] == t.nprobe and md["assign_audited_rows"] == 96
+    up = update_layout(p.lake, cent, LayoutConfig(clusters_per_bucket=4, target_recall=1.0), assign_method="two-level")
+    assert up.assignment is None  # nothing streamed
+    with pytest.raises(ValueError, match="at most one"):
+        LayoutConfig(nprobe=3, target_recall=0.9)
+    with pytest.raises(ValueError, match="target_recall"):
+        LayoutConfig(target_recall=1.5)
+
+
 def test_dedup_groups_view_reads_the_chosen_clusters_from_the_layout(tmp_path, monkeypatch):
     """The duplicate-groups view takes its clusters' vectors from pool_by_cluster (only those
     clusters' rows) and shows the same groups as from the embeddings of their shards."""

@@ -173,6 +173,7 @@ def test_incremental_assignment_and_retrain(pool):
     res = _run(pool, [concept_clusters])  # mode auto, k unset: keeps k, assigns only the new shard
     md = res.asset_materializations_for_node("concept_clusters")[0].metadata
     assert md["mode"].value == "assign" and md["newly_assigned"].value == PER_SHARD
+    assert md["assign_method"].value == "flat" and md["assign_recall"].value == 1.0  # k = 4: exact
     cent1 = list_column_to_matrix(db.read("centroids").sort("cluster_id")["centroid"])
     np.testing.assert_array_equal(cent0, cent1)
     asg1 = db.read("assignments")
@@ -188,6 +189,12 @@ def test_incremental_assignment_and_retrain(pool):
     res = _run(pool, [concept_clusters], config={"concept_clusters": {"config": {"k": 3, "niter": 10}}})
     md = res.asset_materializations_for_node("concept_clusters")[0].metadata
     assert md["mode"].value == "retrain" and db.read("centroids").height == 3
+    # the two-level assignment, nprobe calibrated for full recall on the first shard: audited
+    res = _run(pool, [concept_clusters], config={"concept_clusters": {"config": {
+        "k": 3, "niter": 10, "mode": "retrain", "method": "two-level", "target_recall": 1.0}}})
+    md = res.asset_materializations_for_node("concept_clusters")[0].metadata
+    assert md["assign_method"].value == "two-level" and md["assign_audited_rows"].value == 3 * min(32, PER_SHARD)
+    assert 1 <= md["assign_nprobe"].value <= md["assign_nlist"].value and 0 < md["assign_recall"].value <= 1
 
 
 def test_new_shard_recomputes_only_touched_clusters(pool):

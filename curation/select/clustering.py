@@ -233,15 +233,15 @@ class TwoLevelAssigner:
         index.cp.spherical = True
         index.train(cent)
         self.cent = cent
+        self.coarse = quant.reconstruct_n(0, self.nlist)
+        _, cell = quant.search(cent, 1)  # the cell each centroid is stored in (what IVF's add does)
+        self.cell_of = cell = cell[:, 0].astype(np.int64)
         self.gpu = use_gpu() if gpu is None else gpu
         if self.gpu:  # pragma: no cover - GPU boxes only
             index.add(cent)
             index.nprobe = self.nprobe
             self.index = faiss.index_cpu_to_all_gpus(index)
             return
-        self.coarse = quant.reconstruct_n(0, self.nlist)
-        _, cell = quant.search(cent, 1)  # the cell each centroid is stored in (what IVF's add does)
-        cell = cell[:, 0]
         order = np.argsort(cell, kind="stable")
         bounds = np.searchsorted(cell[order], np.arange(self.nlist + 1))
         self.members = [order[a:b].astype(np.int32) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -266,6 +266,33 @@ class TwoLevelAssigner:
             bad = np.flatnonzero(ids < 0)
             ids[bad], cos[bad] = assign(x[bad], self.cent, gpu=False)
         return ids, cos
+
+    def recall_curve(self, x: np.ndarray) -> np.ndarray:
+        """``(nlist,)`` float: entry ``p - 1`` is the fraction of the rows of ``x`` whose exact
+        nearest centroid this search finds with ``nprobe = p`` (up to ties of equal inner
+        products). The search finds it exactly when that centroid's cell is among the ``p``
+        cells nearest the row, so one exact search and one coarse product give every nprobe's
+        recall at once: the curve is the distribution of the true cell's rank."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.d or x.shape[0] == 0:
+            raise ValueError(f"x: got shape {x.shape}; expected (n >= 1, {self.d})")
+        exact = exact_nearest(x, self.cent)[0]
+        cs = x @ self.coarse.T
+        true_cell = cs[np.arange(x.shape[0]), self.cell_of[exact]]
+        rank = (cs > true_cell[:, None]).sum(axis=1)  # cells strictly nearer than the true one
+        return np.cumsum(np.bincount(rank, minlength=self.nlist)[: self.nlist]) / x.shape[0]
+
+    def calibrate(self, x: np.ndarray, target_recall: float) -> np.ndarray:
+        """Set ``nprobe`` to the fewest cells whose recall on the rows of ``x`` (a sample of
+        the pool) reaches ``target_recall``; returns the :meth:`recall_curve`."""
+        if not 0.0 < float(target_recall) <= 1.0:
+            raise ValueError(f"target_recall: got {target_recall}; expected 0 < target_recall <= 1")
+        curve = self.recall_curve(x)
+        self.nprobe = int(np.searchsorted(curve, float(target_recall) - 1e-12) + 1)
+        self.nprobe = min(self.nlist, self.nprobe)
+        if self.gpu:  # pragma: no cover - GPU boxes only
+            faiss.extract_index_ivf(self.index).nprobe = self.nprobe
+        return curve
 
     def _scan(self, xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         b = xb.shape[0]
@@ -292,6 +319,19 @@ class TwoLevelAssigner:
             best[q[up]] = v[up]
             arg[q[up]] = mem[j[up]]
         return arg, best
+
+
+def exact_nearest(x: np.ndarray, centroids: np.ndarray, block: int = ASSIGN_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """The exact nearest centroid of a few rows by one product per block (no index built):
+    ``(ids (n,) int64, cos (n,) float32)``. For audits of an approximate assignment."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    ids = np.empty(x.shape[0], np.int64)
+    cos = np.empty(x.shape[0], np.float32)
+    for s in range(0, x.shape[0], block):
+        g = x[s : s + block] @ centroids.T
+        ids[s : s + block] = g.argmax(axis=1)
+        cos[s : s + block] = g[np.arange(g.shape[0]), ids[s : s + block]]
+    return ids, cos
 
 
 def assign_two_level(

@@ -47,6 +47,7 @@ import os
 import tempfile
 import threading
 import uuid
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,7 +69,9 @@ from curation.ingest.ids import (
 from curation.select.clustering import (
     DEFAULT_MAX_POINTS_PER_CENTROID,
     DEFAULT_NITER,
+    TwoLevelAssigner,
     assigner,
+    exact_nearest,
     train_centroids_any,
 )
 from curation.select.similarity import (
@@ -90,6 +93,11 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 #: rows per Parquet row group of ``pool_by_cluster`` (512 KiB of float32 x 512 vectors): the
 #: granularity at which a read of some clusters skips the rest of a bucket
 LAYOUT_ROW_GROUP_ROWS = 256
+#: rows of every streamed shard whose two-level assignment is checked against the exact nearest
+#: centroid (seeded by the shard name): the pool-wide recall estimate of :class:`LayoutUpdate`
+AUDIT_ROWS_PER_SHARD = 32
+#: rows of the first streamed shard that calibrate nprobe for ``LayoutConfig.target_recall``
+CALIBRATION_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,10 @@ class LayoutConfig:
             8)``, 12 of 100 cells at k = 10,000; ``nlist`` is exact). Recall against the exact
             nearest centroid depends on the data: 76% at 12, 96% at 50 on the synthetic 10M
             pool (docs/benchmarks.md), where 50 costs as much as the flat search.
+        target_recall: instead of a fixed ``nprobe``, the fewest cells whose recall reaches
+            this fraction on :data:`CALIBRATION_ROWS` rows of the first streamed shard (one exact
+            search of those rows). Either way the pool-wide recall is estimated on
+            :data:`AUDIT_ROWS_PER_SHARD` rows of every shard and reported (:class:`LayoutUpdate`).
     """
 
     clusters_per_bucket: int = DEFAULT_CLUSTERS_PER_BUCKET
@@ -120,6 +132,7 @@ class LayoutConfig:
     block: int = DEFAULT_BLOCK
     with_text: bool = False
     nprobe: int | None = None
+    target_recall: float | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -129,6 +142,10 @@ class LayoutConfig:
                 raise ValueError(f"{name}: got {getattr(self, name)}; expected >= 1")
         if self.nprobe is not None and int(self.nprobe) < 1:
             raise ValueError(f"nprobe: got {self.nprobe}; expected >= 1 or None")
+        if self.target_recall is not None and not 0.0 < float(self.target_recall) <= 1.0:
+            raise ValueError(f"target_recall: got {self.target_recall}; expected 0 < target_recall <= 1 or None")
+        if self.target_recall is not None and self.nprobe is not None:
+            raise ValueError("nprobe and target_recall: got both; expected at most one (target_recall picks nprobe)")
 
 
 def text_column(dtype: str) -> str:
@@ -307,6 +324,7 @@ class LayoutUpdate:
         touched_clusters: (t,) int32 clusters that gained or lost members.
         encoders: encoder ids seen in the streamed partitions.
         rows_written: rows appended to ``pool_by_cluster``.
+        assignment: how exact the streamed rows' assignment was (:class:`AssignmentAudit`).
     """
 
     mode: str
@@ -317,6 +335,58 @@ class LayoutUpdate:
     touched_clusters: np.ndarray
     encoders: list[str] = field(default_factory=list)
     rows_written: int = 0
+    assignment: "AssignmentAudit | None" = None
+
+
+@dataclass
+class AssignmentAudit:
+    """The nearest-centroid assignment of one layout write, checked on a sample of its rows.
+
+    Attributes:
+        method: ``"flat"`` (exact by construction) or ``"two-level"``.
+        nprobe: coarse cells scanned per row (two-level; None when flat).
+        nlist: coarse cells in all (two-level).
+        audited: rows checked against the exact nearest centroid (:data:`AUDIT_ROWS_PER_SHARD`
+            per shard); hits: of those, rows the assignment put in their exact nearest cluster.
+        calibration: the recall per nprobe on the calibration rows when ``target_recall``
+            picked nprobe (entry ``p - 1`` for ``nprobe = p``).
+    """
+
+    method: str
+    nprobe: int | None = None
+    nlist: int | None = None
+    audited: int = 0
+    hits: int = 0
+    calibration: list[float] | None = None
+
+    @property
+    def recall(self) -> float | None:
+        """Fraction of audited rows in their exact nearest cluster (1.0 when flat; None: none audited)."""
+        if self.method == "flat":
+            return 1.0
+        return self.hits / self.audited if self.audited else None
+
+    @property
+    def recall_stderr(self) -> float | None:
+        """Binomial standard error of :attr:`recall` (the audit is a sample)."""
+        r = self.recall
+        if self.method == "flat" or r is None:
+            return 0.0 if self.method == "flat" else None
+        return float(np.sqrt(r * (1.0 - r) / self.audited))
+
+    def metadata(self) -> dict:
+        """Flat values for asset metadata."""
+        out = {"assign_method": self.method, "assign_recall": self.recall}
+        if self.method != "flat":
+            out.update(assign_nprobe=self.nprobe, assign_nlist=self.nlist, assign_audited_rows=self.audited,
+                       assign_recall_stderr=self.recall_stderr)
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def _audit_rows(shard: str, n: int, m: int) -> np.ndarray:
+    """Up to ``m`` of ``n`` row positions, sorted, seeded by the shard name (the same rows on a re-run)."""
+    rng = np.random.default_rng(zlib.crc32(str(shard).encode("utf-8")))
+    return np.sort(rng.choice(n, size=min(n, m), replace=False)) if n else np.zeros(0, np.int64)
 
 
 class _Writer:
@@ -434,13 +504,15 @@ def write_layout_rows(lake: Lake, rows: pa.Table, mode: str) -> None:
 
 
 def _stream_assign(lake: Lake, centroids: np.ndarray, config: LayoutConfig, shards, writer: _Writer,
-                   assign_method: str, gpu) -> tuple[int, set[int], set[str]]:
+                   assign_method: str, gpu) -> tuple[int, set[int], set[str], AssignmentAudit]:
     n = 0
     touched: set[int] = set()
     encoders: set[str] = set()
     cols = ("image", "text") if config.with_text else ("image",)
     # two-level cells trained once, not per shard
     assign_rows = assigner(centroids, method=assign_method, gpu=gpu, nprobe=config.nprobe)
+    two = isinstance(assign_rows, TwoLevelAssigner)
+    audit = AssignmentAudit("two-level", assign_rows.nprobe, assign_rows.nlist) if two else AssignmentAudit("flat")
     for shard, uids, mats, enc in iter_pool_partitions(lake, shards=shards, columns=cols):
         encoders |= enc
         if len(encoders) > 1:
@@ -448,12 +520,25 @@ def _stream_assign(lake: Lake, centroids: np.ndarray, config: LayoutConfig, shar
         x = mats["image"]
         if x.shape[1] != centroids.shape[1]:
             raise ValueError(f"shard {shard!r}: got {x.shape[1]}-dim embeddings; expected {centroids.shape[1]} (the centroids')")
+        if two and config.target_recall is not None and audit.calibration is None and len(x):
+            curve = assign_rows.calibrate(x[_audit_rows(shard, len(x), CALIBRATION_ROWS)], config.target_recall)
+            audit.nprobe, audit.calibration = assign_rows.nprobe, [round(float(v), 4) for v in curve]
+            log.info("two-level assignment: nprobe %d of %d cells for recall >= %.3f (%.3f on %d rows of shard %s)",
+                     assign_rows.nprobe, assign_rows.nlist, config.target_recall, curve[assign_rows.nprobe - 1],
+                     min(len(x), CALIBRATION_ROWS), shard)
         ids, cos = assign_rows(x)
+        if two and len(x):  # a few rows of every shard against the exact nearest centroid
+            pick = _audit_rows(shard, len(x), AUDIT_ROWS_PER_SHARD)
+            audit.hits += int((exact_nearest(x[pick], centroids)[0] == ids[pick]).sum())
+            audit.audited += int(pick.size)
         touched |= set(np.unique(ids).tolist())
         writer.add(shard, uids, x, ids, cos, mats.get("text"))
         n += len(uids)
     writer.flush()
-    return n, touched, encoders
+    if two and audit.audited:
+        log.info("two-level assignment: recall %.3f +- %.3f (nprobe %d of %d cells; %d audited rows)",
+                 audit.recall, audit.recall_stderr, audit.nprobe, audit.nlist, audit.audited)
+    return n, touched, encoders, audit
 
 
 def _write_shard_state(lake: Lake, fps: dict[str, str], config: LayoutConfig, layout_id: str) -> None:
@@ -479,12 +564,12 @@ def build_layout(lake: Lake, centroids: np.ndarray, config: LayoutConfig = Layou
     """Assign every row (streaming) and write ``assignments`` + ``pool_by_cluster`` from scratch."""
     fps = partition_fingerprints(lake)
     writer = _Writer(lake, config, overwrite=True)
-    n, _touched, enc = _stream_assign(lake, centroids, config, None, writer, assign_method, gpu)
+    n, _touched, enc, audit = _stream_assign(lake, centroids, config, None, writer, assign_method, gpu)
     if n == 0:
         raise ValueError("embeddings table: got no rows; expected embedded samples (materialize embeddings first)")
     _write_shard_state(lake, fps, config, uuid.uuid4().hex)
     return LayoutUpdate("rebuild", n, n, sorted(fps), [], np.arange(centroids.shape[0], dtype=np.int32),
-                        sorted(enc), writer.written)
+                        sorted(enc), writer.written, audit)
 
 
 def _layout_id(state: pl.DataFrame | None) -> str:
@@ -546,14 +631,15 @@ def update_layout(lake: Lake, centroids: np.ndarray, config: LayoutConfig = Layo
         lake.table("assignments").delete(pred)
         lake.table(LAYOUT_TABLE).delete(pred)
     writer = _Writer(lake, config, overwrite=False)
-    n_new, t_new, enc = _stream_assign(lake, centroids, config, new + changed, writer, assign_method, gpu) if (new or changed) else (0, set(), set())
+    n_new, t_new, enc, audit = (_stream_assign(lake, centroids, config, new + changed, writer, assign_method, gpu)
+                                if (new or changed) else (0, set(), set(), None))
     touched |= t_new
     _write_shard_state(lake, fps, config, _layout_id(state))
     n_rows = lake.count_rows("assignments")
     log.info("layout update: %d new rows from %d shards, %d shards removed, %d clusters touched",
              n_new, len(new) + len(changed), len(removed), len(touched))
     return LayoutUpdate("incremental", n_rows, n_new, new + changed, removed,
-                        np.array(sorted(touched), dtype=np.int32), sorted(enc), writer.written)
+                        np.array(sorted(touched), dtype=np.int32), sorted(enc), writer.written, audit)
 
 
 # --------------------------------------------------------------------------- reading buckets
