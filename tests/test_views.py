@@ -171,6 +171,33 @@ def test_kept_removed_reasons_and_waterfall(toy):
     assert wf["random@0.5"]["pruning"] == 3 and wf["random@0.5"]["dedup"] == 0
 
 
+def test_kept_removed_draws_rows_without_reading_the_pool(tmp_path):
+    """On a pool larger than the pick, kept and removed samples are drawn by position: every
+    removed pick is a pool uid the recipe did not keep, every kept pick one it kept, the same
+    seed gives the same picks; when almost nothing was removed the draw grows until it finds
+    exactly those rows."""
+    db = Lake(str(tmp_path / "lake"))
+    uids = [make_uid("big", "s", str(i)) for i in range(3000)]
+    db.write("assignments", pl.DataFrame({"uid": uids, "shard": ["s"] * 3000, "cluster_id": [0] * 3000,
+                                          "cos_to_centroid": [0.5] * 3000}))
+    kept = set(uids[::3]) | set(uids[1::3])  # 2,000 kept
+    db.write("subsets", pl.DataFrame({"recipe": ["two-thirds"] * 2000, "uid": sorted(kept)}), partition="two-thirds")
+    almost = set(uids) - {uids[17], uids[2900]}
+    db.write("subsets", pl.DataFrame({"recipe": ["almost-all"] * 2998, "uid": sorted(almost)}), partition="almost-all")
+    rows = {r["recipe"]: r for r in views.kept_removed(db, tmp_path / "landing", n=6)}
+    tt = rows["two-thirds"]
+    assert (tt["n_pool"], tt["n_kept"]) == (3000, 2000)
+    got_k, got_r = [s["uid"] for s in tt["kept"]], [s["uid"] for s in tt["removed"]]
+    assert len(set(got_k)) == 6 and set(got_k) <= kept
+    assert len(set(got_r)) == 6 and set(got_r) <= set(uids) - kept
+    assert all(s["reason"] == "pruned by two-thirds" for s in tt["removed"])
+    again = {r["recipe"]: r for r in views.kept_removed(db, tmp_path / "landing", n=6)}
+    assert [s["uid"] for s in again["two-thirds"]["removed"]] == got_r and [s["uid"] for s in again["two-thirds"]["kept"]] == got_k
+    other = {r["recipe"]: r for r in views.kept_removed(db, tmp_path / "landing", n=6, seed=1)}
+    assert [s["uid"] for s in other["two-thirds"]["removed"]] != got_r
+    assert {s["uid"] for s in rows["almost-all"]["removed"]} == {uids[17], uids[2900]}
+
+
 def test_quarantine_examples_show_the_reason(toy):
     (q,) = views.quarantine_examples(toy["db"], toy["landing"])
     assert (q["reason"], q["count"]) == ("corrupt_image", 1)

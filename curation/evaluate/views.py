@@ -332,21 +332,56 @@ def dedup_groups(
 
 def removal_reasons(db: Lake, recipe: str, rec: Recipe | None, removed_uids: Sequence[str]) -> dict[str, str]:
     """Why each removed uid was removed by ``recipe``: ``dedup`` (with M and eps) or the
-    recipe's own pruning step."""
+    recipe's own pruning step. Reads the ``dedup_scores`` rows of those uids only (streamed)."""
     eps = recipe_eps(rec)
     reasons = {u: f"pruned by {rec.method if rec else recipe}" for u in removed_uids}
     if eps is not None and db.exists("dedup_scores") and removed_uids:
-        ds = db.read("dedup_scores", columns=["uid", "max_sim_to_earlier"]).filter(pl.col("uid").is_in(list(removed_uids)))
+        ds = db.read_uids("dedup_scores", list(removed_uids), ["max_sim_to_earlier"])
         for u, m in ds.iter_rows():
             if m > 1.0 - eps:
                 reasons[u] = f"SemDeDup duplicate: M={m:.3f} > 1-eps={1 - eps:.3f}"
     return reasons
 
 
+def _uids_at(ds, positions: np.ndarray) -> list[str]:
+    """The ``uid`` of the rows at ``positions`` of a pyarrow dataset, in that order."""
+    if not len(positions):
+        return []
+    return [str(u) for u in ds.take(np.asarray(positions, np.int64), columns=["uid"]).column("uid").to_pylist()]
+
+
+def _pick_removed(db: Lake, recipe: str, n_pool: int, n_removed: int, n: int, rng: np.random.Generator) -> list[str]:
+    """``n`` uniformly drawn uids of the pool (``assignments``) that ``recipe`` did not keep,
+    without reading the pool's uids: rows are drawn by position (seeded), the kept ones among
+    them found by a filtered scan of the recipe's ``subsets`` uids, and the draw grows until
+    enough removed rows came up (all rows at worst: then exact)."""
+    want = min(n, n_removed)
+    if want <= 0:
+        return []
+    pool = db.dataset("assignments")
+    order = None
+    draw = min(n_pool, 3 * want * n_pool // n_removed + 32)
+    while True:
+        # one permutation prefix: a larger draw extends the smaller one (same seed, same rows first)
+        order = rng.permutation(n_pool) if order is None else order
+        cand = _uids_at(pool, order[:draw])
+        kept = set(db.scan("subsets").filter((pl.col("recipe") == recipe) & pl.col("uid").is_in(cand))
+                   .select("uid").collect(engine="streaming")["uid"].to_list())
+        removed = [u for u in cand if u not in kept]
+        if len(removed) >= want or draw == n_pool:
+            return removed[:want]
+        draw = min(n_pool, 2 * draw)
+
+
 def kept_removed(
     db: Lake, landing: str | os.PathLike, recipes: Sequence[str] | None = None, n: int = 6, size: int = 64, seed: int = 0
 ) -> list[dict]:
     """Per recipe, ``n`` seeded random kept and ``n`` removed samples (with the reason).
+
+    Bounded by ``n``, not by the pool: counts come from Parquet footers, kept samples are rows
+    of the recipe's ``subsets`` partition drawn by position, removed ones pool rows drawn by
+    position whose uid the recipe did not keep (:func:`_pick_removed`); the same seed and
+    tables give the same samples.
 
     Returns:
         ``[{"recipe", "method", "n_pool", "n_kept", "kept": [sample], "removed": [sample + "reason"]}]``.
@@ -355,16 +390,15 @@ def kept_removed(
     names = [r for r in (recipes or list(known)) if r in known]
     if not names or not db.exists("assignments"):
         return []
-    pool = db.read("assignments", columns=["uid"])["uid"].sort()
-    subsets = db.read("subsets", columns=["recipe", "uid"]).filter(pl.col("recipe").is_in(names))
+    n_pool = db.count_rows("assignments")
     picks: list[tuple[str, list[str], list[str], int]] = []
     for name in names:
-        kept = subsets.filter(pl.col("recipe") == name)["uid"].sort()
-        removed = pool.filter(~pool.is_in(kept.implode()))  # sorted: a stable seeded pick
+        sub = db.dataset("subsets", file_pruning_predicate=[("recipe", "=", name)])
+        n_kept = sub.count_rows()
         rng = np.random.default_rng([seed, len(name)])
-        k = [kept[int(i)] for i in sorted(rng.choice(kept.len(), size=min(n, kept.len()), replace=False))] if kept.len() else []
-        r = [removed[int(i)] for i in sorted(rng.choice(removed.len(), size=min(n, removed.len()), replace=False))] if removed.len() else []
-        picks.append((name, k, r, kept.len()))
+        k = _uids_at(sub, np.sort(rng.choice(n_kept, size=min(n, n_kept), replace=False))) if n_kept else []
+        r = _pick_removed(db, name, n_pool, n_pool - n_kept, n, rng)
+        picks.append((name, k, r, n_kept))
     info = attach_thumbnails(db, landing, [u for _, k, r, _ in picks for u in k + r], size=size, max_count=2000)
     out = []
     for name, k, r, n_kept in picks:
@@ -374,7 +408,7 @@ def kept_removed(
             {
                 "recipe": name,
                 "method": rec.method if rec else "",
-                "n_pool": int(pool.len()),
+                "n_pool": int(n_pool),
                 "n_kept": int(n_kept),
                 "kept": [info.get(u, {"uid": u, "caption": "", "thumb": None}) for u in k],
                 "removed": [{**info.get(u, {"uid": u, "caption": "", "thumb": None}), "reason": why[u]} for u in r],
