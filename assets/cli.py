@@ -641,7 +641,7 @@ def run_audit(args: argparse.Namespace) -> int:
     )  # fmt: skip
     models = None
     if db.exists("eval_results"):
-        kept = dict(db.read("subsets", columns=["recipe", "uid"]).group_by("recipe").len().iter_rows())
+        kept = db.partition_counts("subsets")
         cmp = build_comparison(db.read("eval_results"), db.read("checkpoints"), kept)
         models = cmp.select("recipe", "kept", "seeds", "average", "delta_full")
     counts = dict(res.labels.group_by("kind").len().sort("kind").iter_rows())

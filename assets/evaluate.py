@@ -129,11 +129,8 @@ def eval_reports(
 
 def subset_sizes(db: Lake) -> tuple[dict[str, int], int | None]:
     """``({recipe: kept}, pool size)`` from the ``subsets`` and ``samples`` tables."""
-    kept: dict[str, int] = {}
-    if db.exists("subsets"):
-        counts = db.read("subsets", columns=["recipe", "uid"]).group_by("recipe").len()
-        kept = dict(zip(counts["recipe"].to_list(), counts["len"].to_list()))
-    pool = db.read("embeddings", columns=["uid"]).height if db.exists("embeddings") else None
+    kept = db.partition_counts("subsets")
+    pool = db.count_rows("embeddings") if db.exists("embeddings") else None
     return kept, pool
 
 

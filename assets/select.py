@@ -346,7 +346,7 @@ def pruned_subsets(
     # complexity_scores' d_inter
     pool = read_recipe_pool(db, recipe, needs_dedup=needs_dedup_scores(context.partition_key))
     aligned = aligned_source(db) if recipe.needs_aligned else ""
-    recipe = finalize_control(recipe, pool, subset_size=lambda name: db.read("subsets", columns=["uid"], partitions=[name]).height)
+    recipe = finalize_control(recipe, pool, subset_size=lambda name: db.count_rows("subsets", name))
     with distributed.executor(compute.spec()) as ex:  # per-class CLIPCov on Ray when configured
         sel = apply_recipe(recipe, pool, executor=ex)
     table = sel.to_arrow()

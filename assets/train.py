@@ -274,7 +274,7 @@ def curve_configs(config: TrainedCheckpointsConfig, db: Lake, workers: int = 0, 
     bad = [m for m in config.samples_seen_multiples if not m > 0]
     if bad:
         raise ValueError(f"samples_seen_multiples: got {bad}; expected positive multiples of the pool size")
-    pool = db.read("embeddings", columns=["uid"]).height if db.exists("embeddings") else 0
+    pool = db.count_rows("embeddings") if db.exists("embeddings") else 0
     if pool == 0:
         raise ValueError("samples_seen_multiples: got an empty pool (no embeddings rows); expected the pool materialized")
     # every recipe's curve point is the same compute, and open_clip_train sees exactly that many

@@ -426,7 +426,7 @@ def waterfall(db: Lake) -> list[dict]:
     """
     known = _recipes_in_lake(db)
     n_samples = db.count_rows("samples") if db.exists("samples") else 0
-    n_quar = db.read("quarantine", columns=["key"]).height if db.exists("quarantine") else 0
+    n_quar = db.count_rows("quarantine") if db.exists("quarantine") else 0
     n_embed_q = 0
     if db.exists("quarantine"):
         n_embed_q = db.read("quarantine", columns=["stage"]).filter(pl.col("stage") == "embed").height
@@ -435,8 +435,7 @@ def waterfall(db: Lake) -> list[dict]:
     m = None
     if db.exists("dedup_scores"):
         m = db.read("dedup_scores", columns=["max_sim_to_earlier"])["max_sim_to_earlier"].to_numpy()
-    kept = db.read("subsets", columns=["recipe"]).group_by("recipe").len() if known else pl.DataFrame({"recipe": [], "len": []})
-    kept_of = dict(zip(kept["recipe"].to_list(), kept["len"].to_list()))
+    kept_of = db.partition_counts("subsets") if known else {}
     out = []
     for name, rec in known.items():
         eps = recipe_eps(rec)

@@ -121,9 +121,19 @@ class Lake:
         dt = dt if dt is not None else self.table(table)
         return dt.to_pyarrow_dataset(filesystem=self.filesystem(table), file_pruning_predicate=file_pruning_predicate)
 
-    def count_rows(self, table: str) -> int:
-        """Rows of ``table`` (from the Parquet footers: no data page is read)."""
-        return self.dataset(table).count_rows()
+    def count_rows(self, table: str, partition: str | None = None) -> int:
+        """Rows of ``table`` or of one of its partitions (from the Parquet footers: no data page
+        is read, so counting 10M rows costs what listing their files does)."""
+        if partition is None:
+            return self.dataset(table).count_rows()
+        part_col = TABLES[table]
+        if part_col is None:
+            raise ValueError(f"table {table!r} is not partitioned")
+        return self.dataset(table, file_pruning_predicate=[(part_col, "=", partition)]).count_rows()
+
+    def partition_counts(self, table: str) -> dict[str, int]:
+        """``{partition: rows}`` of a partitioned table (empty when it does not exist)."""
+        return {p: self.count_rows(table, p) for p in self.partitions(table)}
 
     def write(
         self,
