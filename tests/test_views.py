@@ -204,6 +204,28 @@ def test_quarantine_examples_show_the_reason(toy):
     assert q["examples"][0]["key"] == "bad" and q["examples"][0]["thumb"] is None
 
 
+def test_explain_reads_only_the_explained_samples_rows(toy, monkeypatch):
+    """One explanation reads its uid's rows of the uid-keyed tables (streamed), never a whole
+    pool table; the explorer's cache holds only the shown samples' rows and gives the same."""
+    from curation.evaluate.explain import explain_cache
+
+    whole = []
+    real = Lake.read
+
+    def spy(self, table, *a, **k):
+        whole.append(table)
+        return real(self, table, *a, **k)
+
+    monkeypatch.setattr(Lake, "read", spy)
+    e = explain(toy["db"], toy["uids"][1])
+    assert e["found"] and e["M"] == pytest.approx(float(toy["m"][1]))
+    assert not set(whole) & {"samples", "assignments", "dedup_scores", "filter_embeddings", "subsets"}, whole
+    cache = explain_cache(toy["db"], toy["uids"][:2])
+    assert cache["samples"]["uid"].sort().to_list() == sorted(toy["uids"][:2])
+    assert cache["assignments"].height == 2
+    assert explain(toy["db"], toy["uids"][1], cache) == e
+
+
 def test_explain_a_removed_duplicate_and_a_quarantined_sample(toy):
     e = explain(toy["db"], toy["uids"][1])
     assert e["found"] and e["source"]["key"] == "k1" and e["cluster"]["cluster_id"] == 0

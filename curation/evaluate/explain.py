@@ -22,22 +22,45 @@ UID_RE = re.compile(r"^[0-9a-f]{32}$")
 _COLUMNS = {"filter_embeddings": ["uid", "clip_score"], "clusters": ["cluster_id", "size", "complexity", "weight"]}
 
 
-def _table(db: Lake, table: str, cache: dict | None) -> pl.DataFrame | None:
-    """The whole table (``None`` if absent), read once per ``cache``."""
-    if cache is not None and table in cache:
-        return cache[table]
-    df = db.read(table, columns=_COLUMNS.get(table)) if db.exists(table) else None
-    if table == "quarantine" and df is not None:
+#: the uid-keyed tables an explanation reads (quarantine is keyed by dataset/shard/key, clusters by cluster)
+_UID_TABLES = ("samples", "assignments", "dedup_scores", "filter_embeddings", "subsets")
+
+
+def _read(db: Lake, table: str, uids: Sequence[str] | None) -> pl.DataFrame | None:
+    """``table`` (None if absent): for a uid-keyed table with ``uids`` only their rows, streamed
+    (a 10M-row pool is never read whole to explain a few samples); else the whole table."""
+    if not db.exists(table):
+        return None
+    if uids is not None and table in _UID_TABLES:
+        cols = _COLUMNS.get(table) or [f.name for f in db.dataset(table).schema if f.name != "uid"]
+        return db.read_uids(table, list(uids), [c for c in cols if c != "uid"])
+    df = db.read(table, columns=_COLUMNS.get(table))
+    if table == "quarantine":
         df = df.with_columns(
             pl.struct("dataset", "shard", "key").map_elements(lambda r: make_uid(r["dataset"], r["shard"], r["key"]), return_dtype=pl.String).alias("uid")
         )
+    return df
+
+
+def explain_cache(db: Lake, uids: Sequence[str]) -> dict:
+    """The tables :func:`explain` reads, restricted to ``uids`` (one streamed read per table):
+    pass it as ``cache`` to explain each of those uids."""
+    uids = list(dict.fromkeys(uids))
+    return {t: _read(db, t, uids) for t in (*_UID_TABLES, "quarantine", "clusters")}
+
+
+def _table(db: Lake, table: str, cache: dict | None, uid: str) -> pl.DataFrame | None:
+    """``table`` for explaining ``uid``: from ``cache`` (filled on first use), else its rows of ``uid``."""
+    if cache is not None and table in cache:
+        return cache[table]
+    df = _read(db, table, [uid] if cache is None else None)
     if cache is not None:
         cache[table] = df
     return df
 
 
 def _one(db: Lake, table: str, uid: str, columns: Sequence[str] | None = None, cache: dict | None = None) -> dict | None:
-    df = _table(db, table, cache)
+    df = _table(db, table, cache, uid)
     if df is None:
         return None
     df = df.filter(pl.col("uid") == uid)
@@ -47,10 +70,10 @@ def _one(db: Lake, table: str, uid: str, columns: Sequence[str] | None = None, c
 
 
 def find_uids(db: Lake, prefix: str, limit: int = 10) -> list[str]:
-    """Sample uids starting with ``prefix`` (at most ``limit``, sorted)."""
+    """Sample uids starting with ``prefix`` (at most ``limit``, sorted; a streamed scan)."""
     if not db.exists("samples"):
         return []
-    s = db.read("samples", columns=["uid"]).filter(pl.col("uid").str.starts_with(prefix.lower()))
+    s = db.read_where("samples", ["uid"], pl.col("uid").str.starts_with(prefix.lower()))
     return sorted(s["uid"].to_list())[:limit]
 
 
@@ -60,7 +83,9 @@ def explain(db: Lake, uid: str, cache: dict | None = None) -> dict:
     Args:
         db: the lake.
         uid: 32 hex chars (``curation.ingest.ids.make_uid``).
-        cache: a dict to keep the tables read between calls (explaining many samples).
+        cache: a dict to keep the tables read between calls (explaining many samples; from
+            :func:`explain_cache` it holds only those samples' rows). Without it only
+            ``uid``'s rows of the uid-keyed tables are read.
 
     Returns:
         ``{"uid", "found", "source": {dataset, shard, key, member, caption, width, height,
@@ -80,7 +105,7 @@ def explain(db: Lake, uid: str, cache: dict | None = None) -> dict:
     if src is not None:
         out["found"] = True
         out["source"] = {k: v for k, v in src.items() if k != "uid"}
-    q = _table(db, "quarantine", cache)
+    q = _table(db, "quarantine", cache, uid)
     if q is not None:
         hits = list(q.filter(pl.col("uid") == uid).iter_rows(named=True))
         if hits:
@@ -91,7 +116,7 @@ def explain(db: Lake, uid: str, cache: dict | None = None) -> dict:
                 out["source"] = {"dataset": r["dataset"], "shard": r["shard"], "key": r["key"]}
     a = _one(db, "assignments", uid, ["uid", "cluster_id", "cos_to_centroid"], cache)
     if a is not None:
-        cl = _table(db, "clusters", cache).filter(pl.col("cluster_id") == a["cluster_id"])
+        cl = _table(db, "clusters", cache, uid).filter(pl.col("cluster_id") == a["cluster_id"])
         out["cluster"] = {"cluster_id": int(a["cluster_id"]), "cos_to_centroid": float(a["cos_to_centroid"]),
                           **({k: cl.row(0, named=True)[k] for k in ("size", "complexity", "weight")} if cl.height else {})}
     d = _one(db, "dedup_scores", uid, ["uid", "max_sim_to_earlier"], cache)
@@ -102,7 +127,7 @@ def explain(db: Lake, uid: str, cache: dict | None = None) -> dict:
         out["clip_score"] = float(f["clip_score"])
     in_pool = a is not None
     kept_rows = {}
-    subsets = _table(db, "subsets", cache)
+    subsets = _table(db, "subsets", cache, uid)
     if subsets is not None:
         for r in subsets.filter(pl.col("uid") == uid).iter_rows(named=True):
             kept_rows[r["recipe"]] = r

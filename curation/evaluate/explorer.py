@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 
 from curation.evaluate import views
-from curation.evaluate.explain import explain
+from curation.evaluate.explain import explain, explain_cache
 from curation.evaluate.figures import png_data_uri, removed_fraction_png, waterfall_png
 from curation.storage.lake import Lake
 
@@ -195,7 +195,7 @@ def write_explorer(db: Lake, landing: str | os.PathLike, out_dir: str | os.PathL
     """
     data = gather(db, landing, eps=eps, seed=seed)
     uids = shown_uids(data)
-    cache: dict = {}
+    cache = explain_cache(db, uids)  # only the shown samples' rows
     explanations = {u: explain(db, u, cache) for u in uids}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
