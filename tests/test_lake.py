@@ -120,4 +120,8 @@ def test_local_reads_go_through_arrows_own_filesystem(tmp_path):
     assert len(ours) == 9 and lake.count_rows("samples") == 9
     assert sorted(lake.read("samples")["uid"].to_list()) == sorted(r["uid"] for r in ours)
     assert lake.dataset("samples", file_pruning_predicate=[("shard", "=", "x/y")]).count_rows() == 2
+    assert lake.partition_counts("samples") == {"a b": 2, "plain": 1, "q?#&": 2, "x/y": 2, "é%=x": 2}
+    assert lake.count_rows("samples", "plain") == 1 and lake.count_rows("samples", "absent") == 0
+    with pytest.raises(ValueError, match="not partitioned"):
+        lake.count_rows("assignments", "x")
     assert Lake("s3://bucket/prefix").filesystem("samples") is None  # object stores: deltalake's own
