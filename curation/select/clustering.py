@@ -290,8 +290,8 @@ class TwoLevelAssigner:
         curve = self.recall_curve(x)
         self.nprobe = int(np.searchsorted(curve, float(target_recall) - 1e-12) + 1)
         self.nprobe = min(self.nlist, self.nprobe)
-        if self.gpu:  # pragma: no cover - GPU boxes only
-            faiss.extract_index_ivf(self.index).nprobe = self.nprobe
+        if self.gpu:  # pragma: no cover - GPU boxes only (a GPU IVF index or its replicas)
+            faiss.GpuParameterSpace().set_index_parameter(self.index, "nprobe", self.nprobe)
         return curve
 
     def _scan(self, xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
