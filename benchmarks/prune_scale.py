@@ -504,12 +504,8 @@ def assignment_recall(root: str, shards: list[str], nprobes=(None,)) -> dict:
 
 
 def _audit(up) -> dict | None:
-    """What the layout write reported of its assignment (recall on audited rows; nprobe)."""
-    a = up.assignment
-    if a is None:
-        return None
-    return {"method": a.method, "nprobe": a.nprobe, "nlist": a.nlist, "audited": a.audited, "recall": a.recall,
-            "stderr": a.recall_stderr}
+    """What the layout write reported of its assignment (what concept_clusters' metadata shows)."""
+    return None if up.assignment is None else up.assignment.metadata()
 
 
 def _uids_hash(uids) -> str:
@@ -575,10 +571,11 @@ def _fmt_lake(r: dict) -> str:
                  f"{r['incr_rows_scored']:,} rows scored ({r['incr_mode']}); removed at eps {r['eps']}: {r['removed_at_eps']:.4f}; "
                  f"dbp kept {r['dbp_kept']:,}, uids hash {r['kept_uids_hash']}")
     for name, a in (r.get("assignment_audit") or {}).items():
-        if a and a["method"] != "flat":
-            lines.append(f"{name}: two-level assignment, nprobe {a['nprobe']} of {a['nlist']} cells"
+        if a and a["assign_method"] != "flat":
+            lines.append(f"{name}: two-level assignment, nprobe {a['assign_nprobe']} of {a['assign_nlist']} cells"
                          + (f" (target recall {r['target_recall']})" if r.get("target_recall") else "")
-                         + f": audited recall {a['recall']:.3f} +- {a['stderr']:.3f} on {a['audited']:,} rows")
+                         + f": audited recall {a['assign_recall']:.3f} +- {a['assign_recall_stderr']:.3f} on "
+                         f"{a['assign_audited_rows']:,} rows")
     if r.get("two_level_recall"):
         lines.append(f"two-level assignment of the new shards vs the exact nearest centroid: {r['two_level_recall']}")
     if r.get("parity_with_in_memory"):

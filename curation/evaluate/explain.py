@@ -32,7 +32,7 @@ def _read(db: Lake, table: str, uids: Sequence[str] | None) -> pl.DataFrame | No
     if not db.exists(table):
         return None
     if uids is not None and table in _UID_TABLES:
-        cols = _COLUMNS.get(table) or [f.name for f in db.dataset(table).schema if f.name != "uid"]
+        cols = _COLUMNS.get(table) or db.dataset(table).schema.names
         return db.read_uids(table, list(uids), [c for c in cols if c != "uid"])
     df = db.read(table, columns=_COLUMNS.get(table))
     if table == "quarantine":

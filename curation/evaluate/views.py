@@ -359,11 +359,9 @@ def _pick_removed(db: Lake, recipe: str, n_pool: int, n_removed: int, n: int, rn
     if want <= 0:
         return []
     pool = db.dataset("assignments")
-    order = None
+    order = rng.permutation(n_pool)  # one permutation: a larger draw extends the smaller one
     draw = min(n_pool, 3 * want * n_pool // n_removed + 32)
     while True:
-        # one permutation prefix: a larger draw extends the smaller one (same seed, same rows first)
-        order = rng.permutation(n_pool) if order is None else order
         cand = _uids_at(pool, order[:draw])
         kept = set(db.scan("subsets").filter((pl.col("recipe") == recipe) & pl.col("uid").is_in(cand))
                    .select("uid").collect(engine="streaming")["uid"].to_list())
