@@ -15,6 +15,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from curation.engine.sorting import lex_order
+
 
 def make_uid(dataset: str, shard: str, key: str) -> str:
     """Return the 32-hex-character uid of sample ``key`` in ``shard`` of ``dataset``."""
@@ -146,12 +148,6 @@ def uids_to_bytes(uids) -> np.ndarray:
     return data[off[0] : off[-1]].reshape(len(arr), UID_BYTES).copy()
 
 
-_HEX_NIBBLE = np.full(256, 255, np.uint8)
-_HEX_NIBBLE[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
-_HEX_NIBBLE[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
-_HEX_NIBBLE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
-
-
 def _hex_decode(s) -> np.ndarray | None:
     """32-character hex strings -> ``(n, 16) uint8`` with one table lookup over the Arrow
     character buffer (~20x faster than a per-string decode at 1M uids); None when the
@@ -173,18 +169,26 @@ def _hex_decode(s) -> np.ndarray | None:
     return out
 
 
-def _hex_nibbles(chars: np.ndarray, n: int, rows: int = 1 << 20) -> np.ndarray:
-    """``n * 32`` hex characters (uint8) -> ``(n, 16) uint8``, ``rows`` uids at a time (the
-    lookup's temporaries stay ~50 MB, not 4x the output: 0.6 GB at 10M uids)."""
+def _hex_nibbles(chars: np.ndarray, n: int, rows: int = 1 << 14) -> np.ndarray:
+    """``n * 32`` hex characters (uint8) -> ``(n, 16) uint8``, ``rows`` uids at a time.
+
+    Arithmetic on the character codes, not a table lookup: a digit's value is ``c & 15`` plus
+    9 for a letter (``c >> 6`` is 1 for 'a'-'f' and 'A'-'F', 0 for '0'-'9'); 16k uids at a time
+    keep the temporaries in cache (31 ms for 1M uids vs 104 ms for the lookup, this machine)."""
     out = np.empty((n, UID_BYTES), np.uint8)
     chars = chars.reshape(n, 2 * UID_BYTES)
     for s in range(0, n, rows):
-        nib = _HEX_NIBBLE[chars[s : s + rows]]
-        if (nib == 255).any():
+        c = chars[s : s + rows]
+        letter = c | np.uint8(0x20)  # lower case
+        letter -= np.uint8(ord("a"))  # 0..5 for a hex letter (uint8 wraps below 'a')
+        digit = c - np.uint8(ord("0"))  # 0..9 for a decimal digit
+        if ((digit > 9) & (letter > 5)).any():
             raise ValueError("uids: got a non-hex uid; expected 32 hex characters each")
-        nib = nib.reshape(-1, UID_BYTES, 2)
-        np.left_shift(nib[:, :, 0], 4, out=out[s : s + rows])
-        out[s : s + rows] |= nib[:, :, 1]
+        v = c & np.uint8(15)
+        v += np.uint8(9) * (c >> np.uint8(6))
+        v = v.reshape(-1, UID_BYTES, 2)
+        np.left_shift(v[:, :, 0], 4, out=out[s : s + rows])
+        out[s : s + rows] |= v[:, :, 1]
     return out
 
 
@@ -198,18 +202,18 @@ def bytes_to_uids(arr) -> np.ndarray:
     return pl.Series(_fixed_binary(a)).bin.encode("hex").to_numpy().astype("<U32")
 
 
-_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
-
-
-def bytes_to_hex(arr, rows: int = 1 << 20) -> np.ndarray:
-    """``(n, 16) uint8`` -> ``(n,)`` ``S32`` lowercase hex uids (numpy lookups, ``rows`` at a
-    time; no Python string per uid). :func:`uid_arrow` makes it an Arrow column without a copy."""
+def bytes_to_hex(arr, rows: int = 1 << 14) -> np.ndarray:
+    """``(n, 16) uint8`` -> ``(n,)`` ``S32`` lowercase hex uids (arithmetic on the nibbles,
+    ``rows`` at a time; no Python string per uid). :func:`uid_arrow` makes it an Arrow column
+    without a copy."""
     a = np.ascontiguousarray(arr, dtype=np.uint8).reshape(-1, UID_BYTES)
     out = np.empty((a.shape[0], 2 * UID_BYTES), np.uint8)
     for s in range(0, a.shape[0], rows):
         b = a[s : s + rows]
-        out[s : s + rows, 0::2] = _HEX_DIGITS[b >> 4]
-        out[s : s + rows, 1::2] = _HEX_DIGITS[b & 15]
+        for col, nib in ((0, b >> np.uint8(4)), (1, b & np.uint8(15))):
+            nib += np.uint8(ord("0"))  # '0'..'9', and 39 more for 'a'..'f'
+            nib += np.uint8(ord("a") - ord("0") - 10) * (nib > np.uint8(ord("9")))
+            out[s : s + rows, col::2] = nib
     return out.view(UID_DTYPE).reshape(-1)
 
 
@@ -261,5 +265,5 @@ def sorted_uid_array(uids) -> np.ndarray:
     arr = uids_to_u128(uids)
     if len(arr) == 0:
         return arr
-    order = np.lexsort((arr[:, 1], arr[:, 0]))
+    order = lex_order((arr[:, 1], arr[:, 0]))
     return arr[order]

@@ -23,6 +23,7 @@ import math
 import numpy as np
 import polars as pl
 
+from curation.engine.sorting import lex_order
 from curation.ingest.ids import uid_series
 
 ORDERS = ("hard", "easy", "random")
@@ -219,7 +220,7 @@ def in_cluster_order(
             uids.size < 2 or bool(np.all(uids[1:] > uids[:-1]))):
         # uids strictly increasing (pools are read sorted by uid): the uid tie-break is the row
         # order, so a stable sort on (cluster, score) gives the same permutation without the uids
-        return np.lexsort((s, c)).astype(np.int64)
+        return lex_order((s, c))
     df = pl.DataFrame({"c": c, "s": s, "u": uid_series(uids)}).with_row_index("i")
     return df.sort(["c", "s", "u"])["i"].to_numpy().astype(np.int64)
 

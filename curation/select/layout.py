@@ -57,6 +57,7 @@ import pyarrow.compute as pc
 
 from curation.embed.pool_reader import iter_pool_partitions, partition_fingerprints
 from curation.engine.executor import Executor, InProcessExecutor
+from curation.engine.sorting import lex_order
 from curation.ingest.ids import (
     UID_BYTES,
     _fixed_binary,
@@ -1223,7 +1224,7 @@ def _scores_table(u: np.ndarray, cid: np.ndarray, cos: np.ndarray, m: np.ndarray
     uint64 halves of the uid bytes (they sort like the hex strings), and the hex strings are
     made once, in that order, as one Arrow column (no ``<U32`` array, no string sort)."""
     hi, lo = uid_sort_keys(u)
-    order = np.lexsort((lo, hi))
+    order = lex_order((lo, hi))
     del hi, lo
     return pa.table({
         "uid": uid_arrow(bytes_to_hex(u[order])),

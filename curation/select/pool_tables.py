@@ -21,6 +21,7 @@ import polars as pl
 import pyarrow as pa
 
 from curation.embed.pool_reader import read_pool
+from curation.engine.sorting import lex_order
 from curation.ingest.ids import UID_DTYPE, uid_series, uid_strings, uids_to_bytes
 from curation.select.clustering import Complexity
 from curation.select.recipes import Pool, Recipe
@@ -185,8 +186,16 @@ def sort_order(uids: np.ndarray) -> np.ndarray | None:
         from curation.select.layout import uid_sort_keys
 
         hi, lo = uid_sort_keys(uids_to_bytes(uids))
-        return np.lexsort((lo, hi))
+        return lex_order((lo, hi))
     return np.argsort(uids, kind="stable")
+
+
+def _same_strings(a: np.ndarray, b: np.ndarray) -> bool:
+    """``np.array_equal`` for two ``S`` arrays of one width, compared as bytes (a string
+    compare per element is ~8x slower: 31 ms vs 4 ms for 1M uids)."""
+    if a.dtype == b.dtype and a.dtype.kind == "S":
+        return np.array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8))
+    return np.array_equal(a, b)
 
 
 def align_compact(uids: np.ndarray, keys: np.ndarray, values: np.ndarray, table: str, hint: str = "") -> np.ndarray:
@@ -195,7 +204,7 @@ def align_compact(uids: np.ndarray, keys: np.ndarray, values: np.ndarray, table:
     Raises:
         ValueError: some uids have no row in ``table`` (the same message as :func:`align_to`).
     """
-    if keys.shape == uids.shape and np.array_equal(keys, uids):
+    if keys.shape == uids.shape and _same_strings(keys, uids):
         return np.asarray(values)  # both sorted by uid, the usual case: no search
     order = sort_order(keys)
     sk = keys if order is None else keys[order]

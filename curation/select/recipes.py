@@ -51,6 +51,7 @@ import numpy as np
 import polars as pl
 import yaml
 
+from curation.engine.sorting import lex_order
 from curation.ingest.ids import uid_arrow, uid_series
 from curation.select.budgets import (
     ORDERS,
@@ -410,7 +411,7 @@ def expected_keep(recipe: Recipe, n_candidates: int) -> int | None:
 
 def _interleaved_rank(cluster: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """Order (position in cluster, cluster id): a round-robin over clusters."""
-    return np.lexsort((cluster, pos)).astype(np.int64)
+    return lex_order((cluster, pos))
 
 
 def _per_cluster(recipe: Recipe, pool: Pool, cand: np.ndarray, weights_fn) -> tuple[np.ndarray, np.ndarray, dict]:

@@ -1,0 +1,101 @@
+"""Exact, faster replacements for ``np.lexsort`` on the pool-wide orders.
+
+``np.lexsort`` is a stable merge sort over every key: ~180-200 ms for 1M rows of two keys on
+this machine, and the pool-wide stages sort by uid or by (cluster, score) several times per
+recipe. :func:`lex_order` returns the SAME permutation (stable: ties keep their index order)
+from one unstable ``np.argsort`` of the keys packed into a uint64 (numpy's vectorized sort,
+~25 ms at 1M), then restores index order inside the (usually few) groups of equal keys.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: above this fraction of rows in groups of equal packed keys, plain ``np.lexsort`` is cheaper
+_TIE_FALLBACK = 0.25
+
+
+def _sortable(key: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """``key`` as uint64 values that sort like it, and their bit width; None when that needs
+    more than 64 bits (never) or the dtype is not a number."""
+    k = np.asarray(key)
+    if k.dtype == np.bool_:
+        return k.astype(np.uint64), 1
+    if k.dtype.kind in "iu":
+        if k.size == 0:
+            return k.astype(np.uint64), 1
+        lo, hi = int(k.min()), int(k.max())
+        span = hi - lo
+        if span >= 2**64:
+            return None
+        # k - lo in Python ints would overflow int64 for a uint64 span; numpy's wrapping does not
+        shifted = (k.astype(np.uint64) - np.uint64(lo % 2**64)) if lo >= 0 else (k.astype(np.int64) - lo).astype(np.uint64)
+        return shifted, max(1, span.bit_length())
+    if k.dtype.kind == "f":
+        f = k.astype(np.float64) + 0.0  # -0.0 -> 0.0: lexsort counts them equal
+        nan = np.isnan(f)
+        if nan.any():
+            f[nan] = 0.0
+        f32 = f.astype(np.float32)
+        if np.array_equal(f32.astype(np.float64), f):  # exactly float32: 32 bits suffice
+            bits, width, sign = f32.view(np.uint32).astype(np.uint64), 32, np.uint64(1 << 31)
+        else:
+            bits, width, sign = f.view(np.uint64), 64, np.uint64(1 << 63)
+        full = np.uint64((1 << width) - 1)
+        out = np.where((bits & sign) != 0, ~bits & full, bits | sign)  # negatives reversed below positives
+        if nan.any():  # NaN sorts last, after +inf (lexsort's order), and all NaNs tie (no float maps to all ones)
+            out[nan] = full
+        return out, width
+    return None
+
+
+def lex_order(keys) -> np.ndarray:
+    """``np.lexsort(keys)`` (the LAST key is the primary one), the same permutation, faster.
+
+    Args:
+        keys: a sequence of equal-length 1-D numeric arrays (bool, int, uint, float).
+
+    Returns:
+        (n,) int64 permutation: ascending by the last key, then the one before it, ...,
+        then by index (stable).
+    """
+    keys = [np.asarray(k) for k in keys]
+    if not keys:
+        raise ValueError("lex_order: got no keys; expected at least one")
+    n = keys[0].shape[0]
+    if n < 2048:  # small: lexsort's setup is cheaper than packing
+        return np.lexsort(keys).astype(np.int64)
+    conv = [_sortable(k) for k in keys]
+    if any(c is None for c in conv):
+        return np.lexsort(keys).astype(np.int64)
+    # pack from the primary key down into as few 64-bit words as fit (usually one or two)
+    words: list[np.ndarray] = []
+    cur, used = None, 0
+    for val, width in reversed(conv):
+        if cur is not None and used + width <= 64:
+            cur = (cur << np.uint64(width)) | val
+            used += width
+        else:
+            if cur is not None:
+                words.append(cur)
+            cur, used = val.copy(), width
+    words.append(cur)
+    first = words[0]
+    order = np.argsort(first)  # numpy's fast (unstable) sort; ties fixed below
+    s = first[order]
+    tie = np.empty(n, bool)
+    tie[0] = False
+    np.equal(s[1:], s[:-1], out=tie[1:])
+    if not tie.any():
+        return order.astype(np.int64)
+    in_group = tie.copy()
+    in_group[:-1] |= tie[1:]  # the first row of each group too
+    pos = np.flatnonzero(in_group)
+    if pos.size > _TIE_FALLBACK * n:
+        return np.lexsort(keys).astype(np.int64)
+    gid = np.cumsum(~tie[pos])  # one id per group of equal first words, increasing along pos
+    sub = order[pos]
+    rest = [w[sub] for w in reversed(words[1:])]
+    # within a group: by the remaining words, then by index (the stable tie-break)
+    order[pos] = sub[np.lexsort((sub, *rest, gid))]
+    return order.astype(np.int64)
