@@ -515,9 +515,9 @@ def test_compact_alignment_sorts_hashed_uids_and_names_missing_rows():
 
 
 def test_flush_sort_gathers_fixed_width_columns_across_chunks():
-    """The layout writer's sort: rows of a chunked table by cluster (stable), fixed-width binary
-    columns gathered by numpy, a variable-width one through Arrow's take: the same rows as
-    Arrow's own sort."""
+    """The layout writer's sort: rows of a chunked table by cluster and inside a cluster in
+    SemDeDup order (cos ascending, ties by uid), fixed-width binary columns gathered by numpy,
+    a variable-width one through Arrow's take: the same rows as Arrow's own sort."""
     from curation.select.layout import _sorted_by_cluster
 
     rng = np.random.default_rng(3)
@@ -526,6 +526,7 @@ def test_flush_sort_gathers_fixed_width_columns_across_chunks():
         ids = rng.integers(0, 4, n).astype(np.int32)
         chunks.append(pa.table({
             "cluster_id": pa.array(ids, pa.int32()),
+            "cos_to_centroid": pa.array(rng.integers(0, 3, n) / 4, pa.float32()),  # ties: broken by uid
             "uid": pa.array([rng.bytes(16) for _ in range(n)], pa.binary()),
             "emb_float32": encode_vectors(rng.standard_normal((n, 3)).astype(np.float32), "float32"),
             "shard": pa.array([f"s{'x' * int(i)}" for i in rng.integers(0, 3, n)], pa.string()),
@@ -533,7 +534,7 @@ def test_flush_sort_gathers_fixed_width_columns_across_chunks():
         }))
     t = pa.concat_tables(chunks)
     got = _sorted_by_cluster(t, ["uid", "emb_float32", "note"])
-    want = t.sort_by([("cluster_id", "ascending")])
+    want = t.sort_by([("cluster_id", "ascending"), ("cos_to_centroid", "ascending"), ("uid", "ascending")])
     assert got.schema == t.schema and got.num_rows == 21
     assert got.combine_chunks().equals(want.combine_chunks())
 
@@ -665,3 +666,16 @@ def test_two_level_kmeans_refinement_recovers_concepts_cut_by_cell_borders():
         cent = train_centroids_two_level(x, 300, niter=10, seed=0, refine=refine)
         recovery[refine] = float((centers @ cent.T).max(axis=1).mean())
     assert recovery[0] < 0.93 and recovery[5] > 0.96
+
+
+def test_row_chunks_gather_runs_and_scattered_rows():
+    """``RowChunks[idx]`` equals indexing the concatenated chunks, whether a chunk's wanted rows
+    form one run in order (copied whole), are out of order, or repeat."""
+    from curation.select.layout import RowChunks
+
+    rng = np.random.default_rng(5)
+    chunks = [rng.standard_normal((n, 4)).astype(np.float32) for n in (6, 1, 9)]
+    whole = np.concatenate(chunks)
+    rc = RowChunks(chunks)
+    for idx in ([7, 0, 1, 2, 8, 9, 3], [2, 1, 0, 6, 15, 14], [3, 3, 10], [6], list(range(16)), [12, 9, 10, 11, 13]):
+        np.testing.assert_array_equal(rc[np.array(idx)], whole[idx])

@@ -91,9 +91,11 @@ DTYPES = ("float32", "float16")
 DEFAULT_CLUSTERS_PER_BUCKET = 32
 DEFAULT_FLUSH_ROWS = 131_072
 DEFAULT_MEMORY_BUDGET = 1 << 30
-#: rows per Parquet row group of ``pool_by_cluster`` (512 KiB of float32 x 512 vectors): the
-#: granularity at which a read of some clusters skips the rest of a bucket
-LAYOUT_ROW_GROUP_ROWS = 256
+#: rows per Parquet row group of ``pool_by_cluster`` (2 MiB of float32 x 512 vectors): the
+#: granularity at which a read of some clusters skips the rest of a bucket. 1,024 rows read a
+#: bucket ~30% faster than 256 (fewer, larger column chunks to decode: 245 vs 343 ms for 8
+#: buckets of the 1M pool) and, at ~1,000 members per cluster, still skip most of a bucket
+LAYOUT_ROW_GROUP_ROWS = 1024
 #: rows of every streamed shard whose two-level assignment is checked against the exact nearest
 #: centroid (seeded by the shard name): the pool-wide recall estimate of :class:`LayoutUpdate`
 AUDIT_ROWS_PER_SHARD = 32
@@ -443,11 +445,17 @@ def _concat_clearing(tables: list[pa.Table]) -> pa.Table:
 
 
 def _sorted_by_cluster(rows: pa.Table, fixed: list[str]) -> pa.Table:
-    """``rows`` sorted by cluster (and so by bucket, ``cluster_id // clusters_per_bucket``),
-    stable. The ``fixed`` columns (uids, vectors: every value the same byte width) are gathered
-    by numpy from their chunks into one new buffer; Arrow's ``take`` on a chunked binary
-    column concatenates it first, a third copy of the flush (+0.85 GiB peak at 1M)."""
-    order = np.argsort(rows.column("cluster_id").to_numpy(), kind="stable")
+    """``rows`` sorted by cluster (and so by bucket, ``cluster_id // clusters_per_bucket``) and
+    inside a cluster in SemDeDup order (cos_to_centroid ascending, ties by uid): a reader then
+    finds each cluster's rows of one record batch as one run already in that order, and copies
+    it whole (:class:`RowChunks`). The ``fixed`` columns (uids, vectors: every value the same
+    byte width) are gathered by numpy from their chunks into one new buffer; Arrow's ``take``
+    on a chunked binary column concatenates it first, a third copy of the flush (+0.85 GiB
+    peak at 1M)."""
+    cid = rows.column("cluster_id").to_numpy()
+    hi, lo = uid_sort_keys(binary_column_to_bytes(rows.column("uid")))
+    order = lex_order((lo, hi, rows.column("cos_to_centroid").to_numpy().astype(np.float64), cid))
+    del hi, lo
     cols = {}
     for name in rows.column_names:
         col = rows.column(name)
@@ -483,11 +491,10 @@ def write_layout_rows(lake: Lake, rows: pa.Table, mode: str) -> None:
     file before it falls back, and stores 2 KiB min/max values nobody filters on): writes
     ~30% faster, reads ~10% (131k rows x 512, 32 buckets, this machine).
 
-    Rows are written sorted by (bucket, cluster) in row groups of ``LAYOUT_ROW_GROUP_ROWS``, so
-    a file's ``cluster_id`` statistics say which row groups hold a cluster: reading a few
-    clusters of a bucket (an incremental update touching them) skips the others' row groups
-    instead of reading the whole bucket (one cluster of a 40k-row bucket: 2.6 MiB read
-    instead of 78 MiB).
+    Rows are written sorted by (bucket, cluster, SemDeDup order) in row groups of
+    ``LAYOUT_ROW_GROUP_ROWS``, so a file's ``cluster_id`` statistics say which row groups hold
+    a cluster: reading a few clusters of a bucket (an incremental update touching them) skips
+    the others' row groups instead of reading the whole bucket.
     """
     from deltalake import ColumnProperties, WriterProperties, write_deltalake
 
@@ -686,8 +693,13 @@ class RowChunks:
         out = np.empty((idx.size, self.shape[1]), np.float32)
         which = np.searchsorted(self.starts, idx, side="right") - 1
         for k in np.unique(which).tolist():
-            sel = which == k
-            out[sel] = self.chunks[k][idx[sel] - self.starts[k]]
+            dest = np.flatnonzero(which == k)
+            local = idx[dest] - self.starts[k]
+            a, b = int(local[0]), int(local[-1]) + 1
+            if b - a == local.size and (local.size == 1 or bool(np.all(local[1:] > local[:-1]))):
+                out[dest] = self.chunks[k][a:b]  # one run in order (how write_layout_rows sorts): one copy
+            else:
+                out[dest] = self.chunks[k][local]
         return out
 
 
