@@ -106,9 +106,9 @@ class ConceptClustersConfig(dg.Config):
     ``method``: ``flat`` (exact), ``two-level`` (sub-linear in k) or ``auto`` (flat up to
     k = 2048). ``nprobe``: cells the two-level assignment scans (None: ``max(8, sqrt(k) // 8)``;
     more is slower and closer to exact, ``round(sqrt(k))`` is exact). ``target_recall``: instead,
-    the fewest cells whose recall against the exact search reaches this fraction on rows of the
-    first streamed shard. Either way the metadata reports the recall measured on 32 rows of every
-    shard (``assign_recall``). ``layout_dtype``: vector type of ``pool_by_cluster`` (float32 or
+    the fewest cells whose recall against the exact search reaches this fraction on 4,096 rows of
+    up to 8 shards spread over the streamed ones. Either way the metadata reports the recall
+    measured on 32 other rows of every shard (``assign_recall``). ``layout_dtype``: vector type of ``pool_by_cluster`` (float32 or
     float16)."""
 
     k: Optional[int] = None

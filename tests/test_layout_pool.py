@@ -609,7 +609,7 @@ def test_layout_reports_its_assignment_recall_and_a_target_recall_sets_nprobe(tm
     tuned = build_layout(p.lake, cent, LayoutConfig(clusters_per_bucket=4, target_recall=1.0), assign_method="two-level")
     t = tuned.assignment
     assert t.calibration is not None and t.calibration[t.nprobe - 1] == 1.0 and t.nprobe > 1
-    assert t.hits >= 32  # the first shard's audited rows were all calibration rows
+    assert t.hits == t.audited == 96  # shards of 600 rows: every row calibrated, so every audited row found
     md = t.metadata()
     assert md["assign_nprobe"] == t.nprobe and md["assign_audited_rows"] == 96
     up = update_layout(p.lake, cent, LayoutConfig(clusters_per_bucket=4, target_recall=1.0), assign_method="two-level")
@@ -618,6 +618,31 @@ def test_layout_reports_its_assignment_recall_and_a_target_recall_sets_nprobe(tm
         LayoutConfig(nprobe=3, target_recall=0.9)
     with pytest.raises(ValueError, match="target_recall"):
         LayoutConfig(target_recall=1.5)
+
+
+def test_calibration_rows_come_from_shards_spread_over_the_pool(tmp_path, monkeypatch):
+    """``target_recall`` calibrates on rows of up to CALIBRATION_SHARDS shards spread evenly
+    over the streamed ones (the first and the last included), an equal share of each, drawn
+    apart from the audit's rows; with fewer shards, from every one of them."""
+    from curation.select import layout as layout_mod
+    from curation.select.layout import _audit_rows, _calibration_rows
+
+    p = SynPool(tmp_path / "lake")
+    for i in range(20):
+        p.shard(f"{i:05d}", 100)
+    names = [f"syn-{i:05d}" for i in range(20)]
+    monkeypatch.setattr(layout_mod, "CALIBRATION_ROWS", 240)
+    x, picked = _calibration_rows(p.lake, None)
+    assert picked == [names[i] for i in (0, 3, 5, 8, 11, 14, 16, 19)]
+    assert x.shape == (8 * 30, D)
+    from curation.embed.pool_reader import iter_pool_partitions
+
+    for shard, _u, mats, _ in iter_pool_partitions(p.lake, shards=[picked[0]], columns=("image",)):
+        rows = _audit_rows(shard, 100, 30, "calibrate")
+        np.testing.assert_array_equal(x[:30], mats["image"][rows])
+        assert not np.array_equal(rows, _audit_rows(shard, 100, 30))  # not the audit's rows
+    x2, picked2 = _calibration_rows(p.lake, names[5:7])  # an update streaming two shards
+    assert picked2 == names[5:7] and x2.shape[0] == 2 * 100  # 120 wanted from each, 100 there
 
 
 def test_dedup_groups_view_reads_the_chosen_clusters_from_the_layout(tmp_path, monkeypatch):

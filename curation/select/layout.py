@@ -99,8 +99,11 @@ LAYOUT_ROW_GROUP_ROWS = 1024
 #: rows of every streamed shard whose two-level assignment is checked against the exact nearest
 #: centroid (seeded by the shard name): the pool-wide recall estimate of :class:`LayoutUpdate`
 AUDIT_ROWS_PER_SHARD = 32
-#: rows of the first streamed shard that calibrate nprobe for ``LayoutConfig.target_recall``
+#: rows that calibrate nprobe for ``LayoutConfig.target_recall``, drawn from up to
+#: :data:`CALIBRATION_SHARDS` shards spread evenly over the streamed ones (a first shard alone
+#: could be topical and set nprobe for its few concepts only)
 CALIBRATION_ROWS = 4096
+CALIBRATION_SHARDS = 8
 
 
 @dataclass(frozen=True)
@@ -123,9 +126,11 @@ class LayoutConfig:
             nearest centroid depends on the data: 76% at 12, 96% at 50 on the synthetic 10M
             pool (docs/benchmarks.md), where 50 costs as much as the flat search.
         target_recall: instead of a fixed ``nprobe``, the fewest cells whose recall reaches
-            this fraction on :data:`CALIBRATION_ROWS` rows of the first streamed shard (one exact
-            search of those rows). Either way the pool-wide recall is estimated on
-            :data:`AUDIT_ROWS_PER_SHARD` rows of every shard and reported (:class:`LayoutUpdate`).
+            this fraction on :data:`CALIBRATION_ROWS` rows drawn from up to
+            :data:`CALIBRATION_SHARDS` shards spread over the streamed ones (one exact search of
+            those rows). Either way the pool-wide recall is estimated on
+            :data:`AUDIT_ROWS_PER_SHARD` rows of every shard, drawn independently of the
+            calibration rows, and reported (:class:`LayoutUpdate`).
     """
 
     clusters_per_bucket: int = DEFAULT_CLUSTERS_PER_BUCKET
@@ -386,10 +391,30 @@ class AssignmentAudit:
         return {k: v for k, v in out.items() if v is not None}
 
 
-def _audit_rows(shard: str, n: int, m: int) -> np.ndarray:
-    """Up to ``m`` of ``n`` row positions, sorted, seeded by the shard name (the same rows on a re-run)."""
-    rng = np.random.default_rng(zlib.crc32(str(shard).encode("utf-8")))
+def _audit_rows(shard: str, n: int, m: int, purpose: str = "audit") -> np.ndarray:
+    """Up to ``m`` of ``n`` row positions, sorted, seeded by the shard name and ``purpose``
+    (the same rows on a re-run; the calibration draws other rows than the audit)."""
+    key = str(shard) if purpose == "audit" else f"{purpose}:{shard}"
+    rng = np.random.default_rng(zlib.crc32(key.encode("utf-8")))
     return np.sort(rng.choice(n, size=min(n, m), replace=False)) if n else np.zeros(0, np.int64)
+
+
+def _calibration_rows(lake: Lake, shards) -> tuple[np.ndarray, list[str]]:
+    """:data:`CALIBRATION_ROWS` embedding rows from up to :data:`CALIBRATION_SHARDS` shards
+    spread evenly over ``shards`` (None: all), an equal share of each (all rows of a smaller
+    shard); and the shards they came from."""
+    parts = lake.partitions("embeddings") if lake.exists("embeddings") else []
+    if shards is not None:
+        parts = sorted(set(parts) & set(shards))
+    if not parts:
+        return np.zeros((0, 0), np.float32), []
+    m = min(len(parts), CALIBRATION_SHARDS)
+    picked = [parts[i] for i in sorted({int(j) for j in np.linspace(0, len(parts) - 1, m).round()})]
+    per = -(-CALIBRATION_ROWS // len(picked))
+    rows = [mats["image"][_audit_rows(shard, len(uids), per, "calibrate")]
+            for shard, uids, mats, _ in iter_pool_partitions(lake, shards=picked, columns=("image",))]
+    rows = [r for r in rows if len(r)]
+    return (np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)), picked
 
 
 class _Writer:
@@ -521,6 +546,15 @@ def _stream_assign(lake: Lake, centroids: np.ndarray, config: LayoutConfig, shar
     assign_rows = assigner(centroids, method=assign_method, gpu=gpu, nprobe=config.nprobe)
     two = isinstance(assign_rows, TwoLevelAssigner)
     audit = AssignmentAudit("two-level", assign_rows.nprobe, assign_rows.nlist) if two else AssignmentAudit("flat")
+    if two and config.target_recall is not None:
+        xc, picked = _calibration_rows(lake, shards)
+        if len(xc) and xc.shape[1] == centroids.shape[1]:  # a width mismatch is reported by the loop below
+            curve = assign_rows.calibrate(xc, config.target_recall)
+            audit.nprobe, audit.calibration = assign_rows.nprobe, [round(float(v), 4) for v in curve]
+            log.info("two-level assignment: nprobe %d of %d cells for recall >= %.3f (%.3f on %d rows of %d shards)",
+                     assign_rows.nprobe, assign_rows.nlist, config.target_recall, curve[assign_rows.nprobe - 1],
+                     len(xc), len(picked))
+        del xc
     for shard, uids, mats, enc in iter_pool_partitions(lake, shards=shards, columns=cols):
         encoders |= enc
         if len(encoders) > 1:
@@ -528,12 +562,6 @@ def _stream_assign(lake: Lake, centroids: np.ndarray, config: LayoutConfig, shar
         x = mats["image"]
         if x.shape[1] != centroids.shape[1]:
             raise ValueError(f"shard {shard!r}: got {x.shape[1]}-dim embeddings; expected {centroids.shape[1]} (the centroids')")
-        if two and config.target_recall is not None and audit.calibration is None and len(x):
-            curve = assign_rows.calibrate(x[_audit_rows(shard, len(x), CALIBRATION_ROWS)], config.target_recall)
-            audit.nprobe, audit.calibration = assign_rows.nprobe, [round(float(v), 4) for v in curve]
-            log.info("two-level assignment: nprobe %d of %d cells for recall >= %.3f (%.3f on %d rows of shard %s)",
-                     assign_rows.nprobe, assign_rows.nlist, config.target_recall, curve[assign_rows.nprobe - 1],
-                     min(len(x), CALIBRATION_ROWS), shard)
         ids, cos = assign_rows(x)
         if two and len(x):  # a few rows of every shard against the exact nearest centroid
             pick = _audit_rows(shard, len(x), AUDIT_ROWS_PER_SHARD)
