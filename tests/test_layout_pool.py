@@ -694,9 +694,8 @@ def test_two_level_kmeans_refinement_recovers_concepts_cut_by_cell_borders():
 
 
 def test_row_chunks_gather_runs_and_scattered_rows():
-    """``RowChunks[idx]`` equals indexing the concatenated chunks, and ``sims(idx, q)`` the
-    product of those rows with ``q``, whether a chunk's wanted rows form one run in order (copied
-    or multiplied whole), are out of order, or repeat."""
+    """``RowChunks[idx]`` equals indexing the concatenated chunks, whether a chunk's wanted rows
+    form one run in order (copied whole), are out of order, or repeat."""
     from curation.select.layout import RowChunks
 
     rng = np.random.default_rng(5)
@@ -705,5 +704,3 @@ def test_row_chunks_gather_runs_and_scattered_rows():
     rc = RowChunks(chunks)
     for idx in ([7, 0, 1, 2, 8, 9, 3], [2, 1, 0, 6, 15, 14], [3, 3, 10], [6], list(range(16)), [12, 9, 10, 11, 13]):
         np.testing.assert_array_equal(rc[np.array(idx)], whole[idx])
-        q = rng.standard_normal((3, 4)).astype(np.float32)
-        np.testing.assert_allclose(rc.sims(np.array(idx), q), whole[idx] @ q.T, rtol=1e-6, atol=1e-6)

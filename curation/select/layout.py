@@ -730,21 +730,6 @@ class RowChunks:
                 out[dest] = self.chunks[k][local]
         return out
 
-    def sims(self, idx, q: np.ndarray) -> np.ndarray:
-        """``self[idx] @ q.T`` (``q``: (b, d) float32) without gathering the rows: each chunk's
-        wanted rows are multiplied where they lie (one ordered run: a view, no copy)."""
-        idx = np.asarray(idx, dtype=np.int64)
-        q = np.ascontiguousarray(q, dtype=np.float32)
-        out = np.empty((idx.size, q.shape[0]), np.float32)
-        which = np.searchsorted(self.starts, idx, side="right") - 1
-        for k in np.unique(which).tolist():
-            dest = np.flatnonzero(which == k)
-            local = idx[dest] - self.starts[k]
-            a, b = int(local[0]), int(local[-1]) + 1
-            run = b - a == local.size and (local.size == 1 or bool(np.all(local[1:] > local[:-1])))
-            out[dest] = (self.chunks[k][a:b] if run else self.chunks[k][local]) @ q.T
-        return out
-
 
 def read_bucket(lake: Lake, bucket: str, clusters=None, vectors: bool = True, dtype: str | None = None,
                 dataset=None, chunked: bool = False) -> BucketRows:
@@ -806,36 +791,25 @@ def _cluster_m(x_ord: np.ndarray, block: int) -> np.ndarray:
     return max_sim_to_earlier(x_ord, block=block)
 
 
-def _update_m(x_ord, is_new: np.ndarray, old_m: np.ndarray, block: int) -> np.ndarray:
-    """Exact M after adding members: ``x_ord`` (n, d) in SemDeDup order (an array, or a
-    :class:`RowChunks` with the order: ``(chunks, order)``, multiplied where its rows lie, never
-    gathered), ``is_new`` (n,) bool, ``old_m`` (n,) float32 (ignored where new). One
-    ``(new x n)`` product, in row blocks.
+def _update_m(x_ord: np.ndarray, is_new: np.ndarray, old_m: np.ndarray, block: int) -> np.ndarray:
+    """Exact M after adding members: ``x_ord`` (n, d) in SemDeDup order, ``is_new`` (n,) bool,
+    ``old_m`` (n,) float32 (ignored where new). One ``(new x n)`` product, in row blocks.
 
     A new member's M is its max cosine to every member before it (``-1`` when first); an old
     member's is ``max(old_m, max cos to the NEW members before it)``. With ``old_m = -inf``
     for the old members this returns only their gain (``-inf`` where no new member precedes
     them), which the caller combines with the stored M by uid.
     """
+    n = x_ord.shape[0]
     out = np.where(is_new, np.float32(-np.inf), old_m).astype(np.float32)
-    n = out.size
     new_pos = np.flatnonzero(is_new)
     if new_pos.size == 0:
         return out
-    if isinstance(x_ord, tuple):  # (RowChunks, order): no (n, d) copy of the cluster
-        chunks, order = x_ord
-
-        def sims(p):
-            return chunks.sims(order, chunks[order[p]])
-    else:
-        x_ord = np.ascontiguousarray(x_ord, dtype=np.float32)
-
-        def sims(p):
-            return x_ord @ np.ascontiguousarray(x_ord[p]).T
+    x_ord = np.ascontiguousarray(x_ord, dtype=np.float32)
     cols = np.arange(n)
     for s in range(0, new_pos.size, block):
         p = new_pos[s : s + block]
-        g = sims(p)  # (n, b): row j = any member, col a = a new member
+        g = x_ord @ np.ascontiguousarray(x_ord[p]).T  # (n, b): row j = any member, col a = a new member
         # the new member's own M: max over every earlier member
         out[p] = np.where(cols[:, None] < p[None, :], g, -np.inf).max(axis=0)
         # every later member j gains the new member a as an earlier one
@@ -909,9 +883,7 @@ def _score_cluster(lake, ds, bucket, rows, sel, c, add, fits, dtype, d, block, m
     or the gain of the old members (``add = (new_uids, None, None)``)."""
     order = sel[semdedup_order(rows.cos[sel], rows.uids[sel])]
     u, cos = rows.uids[order], rows.cos[order]
-    if fits and add is not None and isinstance(rows.x, RowChunks):
-        x = (rows.x, order)  # the update multiplies the rows where they lie: no gather of the cluster
-    elif fits:
+    if fits:
         x = rows.x[order]
     elif len(order) * d * 4 <= memory_budget_bytes:
         one = read_bucket(lake, bucket, clusters=[c], vectors=True, dtype=dtype, dataset=ds)
@@ -923,11 +895,11 @@ def _score_cluster(lake, ds, bucket, rows, sel, c, add, fits, dtype, d, block, m
         new_u, old_u, old_m = add
         if old_u is None:  # gain mode
             is_new = np.isin(_void(u), _void(new_u))
-            m = _update_m(x if isinstance(x, tuple) else np.asarray(x), is_new, np.full(len(u), -np.inf, np.float32), block)
+            m = _update_m(np.asarray(x), is_new, np.full(len(u), -np.inf, np.float32), block)
             keep = is_new | ~np.isneginf(m)
         else:
             is_new, m_old = _match_old(u, new_u, old_u, old_m)
-            m = _update_m(x if isinstance(x, tuple) else np.asarray(x), is_new, m_old, block)
+            m = _update_m(np.asarray(x), is_new, m_old, block)
     elif isinstance(x, np.memmap):
         m = max_sim_to_earlier_blocked(x, block=block)
     else:
