@@ -704,3 +704,23 @@ def test_row_chunks_gather_runs_and_scattered_rows():
     rc = RowChunks(chunks)
     for idx in ([7, 0, 1, 2, 8, 9, 3], [2, 1, 0, 6, 15, 14], [3, 3, 10], [6], list(range(16)), [12, 9, 10, 11, 13]):
         np.testing.assert_array_equal(rc[np.array(idx)], whole[idx])
+
+
+def test_find_locates_hashed_and_counter_uids_in_any_query_order():
+    """``_find``: positions of query uids in sorted keys (and whether each is there), for hashed
+    uids (the high half decides), counters (the low half decides) and the general case."""
+    from curation.select.layout import _find, _keys
+
+    rng = np.random.default_rng(11)
+    hashed = rng.integers(0, 256, (5000, 16), dtype=np.uint8)
+    counters = np.zeros((5000, 16), np.uint8)
+    counters[:, 8:] = np.arange(5000, dtype=">u8").view(np.uint8).reshape(-1, 8)
+    mixed = hashed.copy()
+    mixed[:, :8] = rng.integers(0, 3, (5000, 1), dtype=np.uint8)  # the high half repeats: general path
+    for raw in (hashed, counters, mixed):
+        keys = np.unique(_keys(raw))
+        q = np.concatenate([rng.permutation(keys)[:3000], _keys(rng.integers(0, 256, (50, 16), dtype=np.uint8))])
+        pos, hit = _find(keys, q)
+        want_hit = np.isin(q, keys)
+        assert np.array_equal(hit, want_hit)
+        assert np.array_equal(keys[pos[hit]], q[hit])
