@@ -16,8 +16,8 @@ _TIE_FALLBACK = 0.25
 
 
 def _sortable(key: np.ndarray) -> tuple[np.ndarray, int] | None:
-    """``key`` as uint64 values that sort like it, and their bit width; None when that needs
-    more than 64 bits (never) or the dtype is not a number."""
+    """``key`` as uint64 values that sort like it, and their bit width; None when the dtype is
+    not a number."""
     k = np.asarray(key)
     if k.dtype == np.bool_:
         return k.astype(np.uint64), 1
@@ -25,12 +25,9 @@ def _sortable(key: np.ndarray) -> tuple[np.ndarray, int] | None:
         if k.size == 0:
             return k.astype(np.uint64), 1
         lo, hi = int(k.min()), int(k.max())
-        span = hi - lo
-        if span >= 2**64:
-            return None
-        # k - lo in Python ints would overflow int64 for a uint64 span; numpy's wrapping does not
-        shifted = (k.astype(np.uint64) - np.uint64(lo % 2**64)) if lo >= 0 else (k.astype(np.int64) - lo).astype(np.uint64)
-        return shifted, max(1, span.bit_length())
+        # k - lo fits uint64 (the span of any 64-bit integer dtype); int64 arithmetic wraps to it
+        shifted = k.astype(np.uint64) - np.uint64(lo) if lo >= 0 else (k.astype(np.int64) - lo).astype(np.uint64)
+        return shifted, max(1, (hi - lo).bit_length())
     if k.dtype.kind == "f":
         f = k.astype(np.float64) + 0.0  # -0.0 -> 0.0: lexsort counts them equal
         nan = np.isnan(f)

@@ -149,7 +149,7 @@ def uids_to_bytes(uids) -> np.ndarray:
 
 
 def _hex_decode(s) -> np.ndarray | None:
-    """32-character hex strings -> ``(n, 16) uint8`` with one table lookup over the Arrow
+    """32-character hex strings -> ``(n, 16) uint8`` by :func:`_hex_nibbles` over the Arrow
     character buffer (~20x faster than a per-string decode at 1M uids); None when the
     column is not a plain (large) string array, so the caller takes the general path.
 
