@@ -73,6 +73,32 @@ def test_table_is_created_once_with_its_schema_and_rewrites_are_idempotent(tmp_p
     assert lake.read("quarantine").columns == ["shard", "key"]
 
 
+def test_exists_agrees_with_opening_the_table(tmp_path):
+    """The local ``exists`` looks at the log instead of opening the table: a table whose log
+    holds only a killed first commit's temporary file, or no log at all, does not exist."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    lake = Lake(str(tmp_path / "lake"))
+
+    def opens(table: str) -> bool:
+        try:
+            DeltaTable(lake.uri(table))
+            return True
+        except TableNotFoundError:
+            return False
+
+    assert not lake.exists("samples") and not opens("samples")
+    log = tmp_path / "lake" / "samples" / "_delta_log"
+    log.mkdir(parents=True)
+    assert not lake.exists("samples") and not opens("samples")  # an empty log
+    (log / "_commit_0a1b.json.tmp").write_text("{}")  # a first commit killed before its rename
+    assert not lake.exists("samples") and not opens("samples")
+    lake.write("samples", pl.DataFrame({"uid": ["a"], "shard": ["s1"], "caption": ["x"]}), partition="s1")
+    assert lake.exists("samples") and opens("samples")
+    assert lake.exists("samples") == Lake("file://" + str(tmp_path / "lake")).exists("samples")
+
+
 def test_vacuum_removes_files_orphaned_by_a_killed_write(tmp_path):
     lake = Lake(str(tmp_path / "lake"))
     lake.write("samples", pl.DataFrame({"uid": ["a"], "shard": ["s1"]}), partition="s1")

@@ -862,26 +862,37 @@ def bucket_scores(
         rows = read_bucket(lake, bucket, clusters=wanted, vectors=True, dtype=dtype, dataset=ds, chunked=True)
     else:
         rows = read_bucket(lake, bucket, clusters=wanted, vectors=False, dtype=dtype, dataset=ds)
-    cids = np.unique(rows.cluster_ids)
+    # one SemDeDup sort of the bucket, grouped by cluster (not one small sort per cluster)
+    order = semdedup_order(rows.cos, rows.uids, rows.cluster_ids)
+    c_sorted = rows.cluster_ids[order]
+    cids = np.unique(c_sorted)
     if wanted is not None:
         cids = np.intersect1d(cids, np.asarray(wanted, dtype=cids.dtype))
-    by_c = np.argsort(rows.cluster_ids, kind="stable")
-    starts = np.searchsorted(rows.cluster_ids[by_c], cids, side="left")
-    ends = np.searchsorted(rows.cluster_ids[by_c], cids, side="right")
+    starts = np.searchsorted(c_sorted, cids, side="left")
+    ends = np.searchsorted(c_sorted, cids, side="right")
+    # the gain mode's new members, found for the whole bucket in one search of their keys
+    gain = {c: g[0] for c, g in adds.items() if g[1] is None}
+    is_new = None
+    if gain:
+        new_keys = np.sort(_keys(np.concatenate(list(gain.values()))))
+        is_new = _find(new_keys, _keys(rows.uids[order]))[1]
     # a bucket with only add-only clusters: many (few x n) products, run on one BLAS thread
     with single_thread_blas() if manage_blas and full is not None and not full else contextlib.nullcontext():
         for c, a, b in zip(cids.tolist(), starts.tolist(), ends.tolist()):
-            outs.append(_score_cluster(lake, ds, bucket, rows, by_c[a:b], c, adds.get(c), fits, dtype, d, block,
+            add = adds.get(c)
+            if add is not None and add[1] is None:
+                add = (is_new[a:b], None, None)
+            outs.append(_score_cluster(lake, ds, bucket, rows, order[a:b], c, add, fits, dtype, d, block,
                                        memory_budget_bytes))
     if not outs:
         return np.zeros((0, UID_BYTES), np.uint8), np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.float32)
     return tuple(np.concatenate([o[i] for o in outs]) for i in range(4))
 
 
-def _score_cluster(lake, ds, bucket, rows, sel, c, add, fits, dtype, d, block, memory_budget_bytes):
-    """M of one cluster's members (``sel`` rows of ``rows``): in full, the exact add-only update,
-    or the gain of the old members (``add = (new_uids, None, None)``)."""
-    order = sel[semdedup_order(rows.cos[sel], rows.uids[sel])]
+def _score_cluster(lake, ds, bucket, rows, order, c, add, fits, dtype, d, block, memory_budget_bytes):
+    """M of one cluster's members (``order``: its rows of ``rows`` in SemDeDup order): in full,
+    the exact add-only update, or the gain of the old members (``add = (is_new, None, None)``,
+    ``is_new`` (n,) bool along ``order``)."""
     u, cos = rows.uids[order], rows.cos[order]
     if fits:
         x = rows.x[order]
@@ -892,12 +903,12 @@ def _score_cluster(lake, ds, bucket, rows, sel, c, add, fits, dtype, d, block, m
         x = _spill_cluster(lake, bucket, c, dtype, d)
     keep = None
     if add is not None:
-        new_u, old_u, old_m = add
-        if old_u is None:  # gain mode
-            is_new = np.isin(_void(u), _void(new_u))
+        if add[1] is None:  # gain mode
+            is_new = add[0]
             m = _update_m(np.asarray(x), is_new, np.full(len(u), -np.inf, np.float32), block)
             keep = is_new | ~np.isneginf(m)
         else:
+            new_u, old_u, old_m = add
             is_new, m_old = _match_old(u, new_u, old_u, old_m)
             m = _update_m(np.asarray(x), is_new, m_old, block)
     elif isinstance(x, np.memmap):

@@ -91,6 +91,16 @@ class Lake:
         return dict(self.storage_options) or None
 
     def exists(self, table: str) -> bool:
+        """Whether ``table`` has a Delta log. Local: a look at its ``_delta_log`` for a commit
+        or checkpoint file (~20 us; opening the table replays its log, ~4 ms at 1M rows, and a
+        re-curation asks ~20 times); elsewhere: opening it."""
+        if self.is_local:
+            log_dir = os.path.join(os.path.abspath(self.uri(table).removeprefix("file://")), "_delta_log")
+            try:
+                with os.scandir(log_dir) as it:
+                    return any(e.name.endswith((".json", ".checkpoint.parquet")) and e.name[:1].isdigit() for e in it)
+            except (FileNotFoundError, NotADirectoryError):
+                return False
         try:
             DeltaTable(self.uri(table), storage_options=self._opts())
             return True
