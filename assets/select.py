@@ -234,6 +234,7 @@ def dedup_scores(
             "removed_by_eps": dg.MetadataValue.md(md_table(grid)),
             **previews.dedup_preview(lake, datasets),
             "seconds": round(seconds, 3),
+            "seconds_scoring_clusters": round(du.score_seconds, 3),
             "throughput_per_s": round(du.rows_scored / seconds, 1) if seconds > 0 else 0.0,
         })
     )

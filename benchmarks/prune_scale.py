@@ -429,13 +429,16 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
         du = stage(f"{prefix}_semdedup", lambda: semdedup(True))
         audits[f"{prefix}_layout"] = _audit(up)
         info = {"new_rows": up.n_new, "touched_clusters": int(len(up.touched_clusters)), "mode": du.mode,
-                "rows_scored": du.rows_scored, "concepts": concepts}
+                "rows_scored": du.rows_scored, "concepts": concepts, "score_s": du.score_seconds}
         del du  # written: the next stages read dedup_scores from the lake, like the next asset would
         stage(f"{prefix}_complexity", complexity)
         s = stage(f"{prefix}_select", select)
         info["kept"] = s.stats["n_kept"]
         stage(f"{prefix}_export", lambda: export(s))
         info["seconds"] = sum(sec[f"{prefix}_{x}"] for x in INCR_STAGES)
+        # the touched-cluster work (assigning the shard, scoring its clusters) vs the pool-wide rest
+        # (merging and writing the stored scores, complexity, the selection and its export)
+        info["pool_wide_s"] = info["seconds"] - sec[f"{prefix}_layout"] - info["score_s"]
         info["fraction_of_full"] = info["seconds"] / full_s
         return info
 
@@ -470,6 +473,7 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
         "full_s": full_s, "incremental_s": incr_s, "incremental_fraction": incr_s / full_s,
         "incr_new_rows": incr["new_rows"], "incr_touched_clusters": incr["touched_clusters"],
         "incr_mode": incr["mode"], "incr_rows_scored": incr["rows_scored"], "incremental_local": local,
+        "incremental": incr,
         "two_level_recall": recall, "assignment_audit": audits, "target_recall": target_recall,
         "dbp_kept": sel_kept, "dbp_kept_after_new_shard": incr["kept"],
         "removed_at_eps": float((m["max_sim_to_earlier"].to_numpy() > 1 - eps).mean()),
@@ -558,13 +562,18 @@ def _fmt_lake(r: dict) -> str:
                          f"{r.get('stage_peak_rss', {}).get(s, 0) / gib:.2f} | "
                          + (f"{ratio:.2f}" if ratio is not None else "-") + " |")
     lines.append(f"| full (kmeans..export) | {r['full_s']:.1f} | | | | |")
+
+    def split(i: dict) -> str:
+        return (f"; scoring the touched clusters {i['score_s']:.2f} s, pool-wide rest {i['pool_wide_s']:.2f} s = "
+                f"{100 * i['pool_wide_s'] / r['full_s']:.1f}% of full")
+
     lines.append(f"| new {r['shard_rows']:,}-row shard, incremental | {r['incremental_s']:.1f} "
-                 f"({100 * r['incremental_fraction']:.1f}% of full) | | | | |")
+                 f"({100 * r['incremental_fraction']:.1f}% of full{split(r['incremental'])}) | | | | |")
     loc = r.get("incremental_local")
     if loc:
         lines.append(f"| new {r['shard_rows']:,}-row shard of {loc['concepts']} concepts, incremental | {loc['seconds']:.1f} "
                      f"({100 * loc['fraction_of_full']:.1f}% of full; {loc['touched_clusters']} clusters touched, "
-                     f"{loc['rows_scored']:,} rows scored) | | | | |")
+                     f"{loc['rows_scored']:,} rows scored{split(loc)}) | | | | |")
     lines.append(f"peak RSS {r['peak_rss'] / gib:.2f} GiB = {r['peak_rss'] / r['x_bytes']:.2f} x X "
                  f"(after the full run {r['peak_rss_full'] / gib:.2f} GiB; imports only {r['rss_baseline'] / gib:.2f} GiB)")
     lines.append(f"incremental: {r['incr_new_rows']:,} new rows touched {r['incr_touched_clusters']} clusters, "

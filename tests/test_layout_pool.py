@@ -209,6 +209,7 @@ def test_incremental_equals_full_for_every_recipe(tmp_path):
     assert up.mode == "incremental" and up.added_shards == ["syn-00004"] and up.n_new == 500
     du = _finish(a.lake, cent, cfg, incremental=True)
     assert du.mode == "incremental" and du.updated_clusters > 0 and du.recomputed_clusters == 0 and du.reentered == 0
+    assert du.score_seconds > 0  # the touched buckets were scored, and timed
     _assert_same_scores(du.frame, dedup_scores_by_bucket(a.lake, config=cfg, incremental=False).frame)
     # ... then a shard whose content changed re-enters as new content (old rows deleted first)
     for p in (a, b):

@@ -100,9 +100,14 @@ def export_subset(
         raise ValueError(f"samples: got no columns {missing_cols}; expected {list(need)}")
     has_sha = "image_sha256" in samples.columns and write_shards
     sel = selection.select("uid", "rank", "score")
-    # in the selection's order (a Selection's frame is in rank order already: no sort, no copy)
-    man = sel.join(samples.select([*need, *(["image_sha256"] if has_sha else [])]), on="uid", how="left",
-                   maintain_order="left")
+    # in the selection's order (a Selection's frame is in rank order already: no sort, no copy);
+    # samples already in that order (read_kept_samples) are put beside it, not joined
+    rows = samples.select([*need, *(["image_sha256"] if has_sha else [])])
+    if rows.height == sel.height and rows["uid"].equals(sel["uid"]):
+        man = sel.hstack(rows.drop("uid"))
+    else:
+        man = sel.join(rows, on="uid", how="left", maintain_order="left")
+    del rows
     del samples, sel  # the manifest carries what follows (a caller passing its frame inline frees it here)
     if not man["rank"].is_sorted():
         man = man.sort("rank")

@@ -46,6 +46,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 import uuid
 import zlib
 from dataclasses import dataclass, field
@@ -972,6 +973,8 @@ class DedupUpdate:
         shards: the layout's shard fingerprints and id the scores were computed from (written by
             :func:`write_dedup_scores` to ``dedup_scores_shards``, so the next update knows
             which shards are new or changed without joining the pool's uids).
+        score_seconds: seconds spent scoring the buckets (reading and multiplying the touched
+            clusters); the rest of the update is pool-wide (reading, merging the stored scores).
     """
 
     table: pa.Table
@@ -981,6 +984,7 @@ class DedupUpdate:
     rows_scored: int
     reentered: int = 0
     shards: pl.DataFrame | None = None
+    score_seconds: float = 0.0
 
     @property
     def frame(self) -> pl.DataFrame:
@@ -1092,6 +1096,13 @@ def _score_items(lake: Lake, clusters: list[int], full: set[int] | None, adds: d
     return items
 
 
+def _timed_items(lake: Lake, executor: Executor, config: LayoutConfig, items: list[tuple]):
+    """:func:`_run_items` and the seconds it took (the touched-cluster work of an update)."""
+    t = time.perf_counter()
+    out = _run_items(lake, executor, config, items)
+    return out, time.perf_counter() - t
+
+
 def _run_items(lake: Lake, executor: Executor, config: LayoutConfig, items: list[tuple]):
     """``bucket_scores`` over ``items``, every task reading the same table version. In process
     the buckets run on a pool of threads, one per core, each with one BLAS thread: one thread
@@ -1159,13 +1170,14 @@ def _add_only_update(lake: Lake, executor: Executor, config: LayoutConfig, new_s
     m = old.column("max_sim_to_earlier").to_numpy().astype(np.float32, copy=True)
     ocl = old.column("cluster_id").to_numpy()
     m_new = np.full(new.height, np.nan, np.float32)
+    score_s = 0.0
     if adds:
         cs = sorted(adds)
         by_bucket: dict[str, dict] = {}
         for c, b in zip(cs, bucket_names(np.array(cs), layout_clusters_per_bucket(lake)).to_list()):
             by_bucket.setdefault(b, {})[c] = adds[c]
         items = [(b, [], by_bucket[b]) for b in sorted(by_bucket)]
-        u, cid, _cos, val = _run_items(lake, executor, config, items)
+        (u, cid, _cos, val), score_s = _timed_items(lake, executor, config, items)
         q = _keys(u)
         pos_n, is_n = _find(nkeys, q)
         pos_o, is_o = _find(okeys, q[~is_n])
@@ -1189,7 +1201,7 @@ def _add_only_update(lake: Lake, executor: Executor, config: LayoutConfig, new_s
         table = pa.concat_tables([table, fresh]).take(idx)
     del old
     release_memory()
-    return DedupUpdate(table, "incremental", 0, len(adds), n_upd, 0, layout_shards)
+    return DedupUpdate(table, "incremental", 0, len(adds), n_upd, 0, layout_shards, score_s)
 
 
 def dedup_scores_by_bucket(
@@ -1224,12 +1236,12 @@ def dedup_scores_by_bucket(
     if not have_old:  # every bucket in full: no N-scale table is read by the driver
         n_asg = lake.count_rows("assignments")
         items = [(b, None, {}) for b in lake.partitions(LAYOUT_TABLE)]
-        u, cid, cos, m = _run_items(lake, executor, config, items)
+        (u, cid, cos, m), score_s = _timed_items(lake, executor, config, items)
         table = _scores_table(u, cid, cos, m)
         if table.num_rows != n_asg:
             raise ValueError(f"dedup_scores: got {table.num_rows} scores for {n_asg} assigned rows; expected one each "
                              "(the layout and assignments disagree: re-run concept_clusters with mode 'retrain')")
-        return DedupUpdate(table, "full", int(np.unique(cid).size), 0, table.num_rows, 0, layout_shards)
+        return DedupUpdate(table, "full", int(np.unique(cid).size), 0, table.num_rows, 0, layout_shards, score_s)
     asg = lake.read("assignments", columns=["uid", "shard", "cluster_id", "cos_to_centroid"])
     full_clusters: set[int] | None = None
     adds: dict[int, tuple] = {}
@@ -1268,7 +1280,7 @@ def dedup_scores_by_bucket(
                 adds[c] = (nb[gi], ob[go], om[go])
     wanted = None if full_clusters is None else sorted(full_clusters | set(adds))
     items = _score_items(lake, wanted, full_clusters, adds)
-    u, cid, cos, m = _run_items(lake, executor, config, items)
+    (u, cid, cos, m), score_s = _timed_items(lake, executor, config, items)
     fresh = pl.from_arrow(_scores_table(u, cid, cos, m))
     frame = pl.concat([keep.select(fresh.columns).cast(fresh.schema), fresh]).sort("uid") if keep is not None else fresh
     if frame.height != asg.height:
@@ -1276,7 +1288,7 @@ def dedup_scores_by_bucket(
                          "(the layout and assignments disagree: re-run concept_clusters with mode 'retrain')")
     n_full = len(full_clusters) if full_clusters is not None else int(np.unique(cid).size)
     return DedupUpdate(frame.to_arrow().cast(_SCORE_ARROW), mode, n_full, len(adds), int(fresh.height), reentered,
-                       layout_shards)
+                       layout_shards, score_s)
 
 
 def _scores_table(u: np.ndarray, cid: np.ndarray, cos: np.ndarray, m: np.ndarray) -> pa.Table:

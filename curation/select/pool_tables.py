@@ -219,9 +219,16 @@ def align_compact(uids: np.ndarray, keys: np.ndarray, values: np.ndarray, table:
 
 
 def read_kept_samples(db: Lake, uids: pl.Series, columns) -> pl.DataFrame:
-    """The ``samples`` rows (``columns``, uid first) of the kept ``uids``, streamed
-    (:meth:`curation.storage.lake.Lake.read_uids`): memory holds the kept rows, never the pool's."""
-    return db.read_uids("samples", uids, columns)
+    """The ``samples`` rows (``columns``, uid first) of the kept ``uids`` (unique), IN THE ORDER
+    of ``uids``, streamed: memory holds the kept rows, never the pool's. A uid without a
+    ``samples`` row has no row here (the result is then shorter than ``uids``).
+
+    The order lets :func:`curation.select.export.export_subset` put the rows beside the
+    selection instead of joining them (one join of 500k uids, not two: 0.22 vs 0.30 s)."""
+    cols = list(dict.fromkeys(["uid", *columns]))
+    want = pl.DataFrame({"uid": uids.cast(pl.String), "__at": np.arange(len(uids), dtype=np.int64)}).lazy()
+    return (db.scan("samples").select(cols).join(want, on="uid", how="inner").sort("__at").drop("__at")
+            .collect(engine="streaming"))
 
 
 def aligned_source(db: Lake) -> str:
