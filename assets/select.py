@@ -63,6 +63,7 @@ from curation.select.pool_tables import (
     read_centroids,
     read_kept_samples,
     read_recipe_pool,
+    store_selection,
 )
 from curation.select.controls import finalize_control, needs_dedup_scores, resolve_recipe
 from curation.select.recipes import apply_recipe, recipe_hash
@@ -350,24 +351,23 @@ def pruned_subsets(
     recipe = finalize_control(recipe, pool, subset_size=lambda name: db.count_rows("subsets", name))
     with distributed.executor(compute.spec()) as ex:  # per-class CLIPCov on Ray when configured
         sel = apply_recipe(recipe, pool, executor=ex)
-    table = sel.to_arrow()
-    db.write("subsets", table, partition=recipe.name)
-    frame = pl.from_arrow(table.select(["uid", "rank", "score"]))
-    del table
     select_s = time.perf_counter() - t0
-
     del pool  # the pool arrays are not needed for the export
-    preview = frame.head(10).join(read_kept_samples(db, frame["uid"].head(10), ["caption"]), on="uid", how="left")
-    preview = preview.sort("rank").select("rank", "uid", "score", "caption")
+    # the subsets rows are written while the kept samples rows are read: only those rows, streamed,
+    # in rank order (the image hashes only when shards are written and checked)
+    frame, kept = store_selection(db, recipe.name, sel.to_arrow(),
+                                  ["uid", "dataset", "shard", "key", "caption", "member"]
+                                  + (["image_sha256"] if config.write_shards else []))
+    # the top ranks' captions from those rows (no second scan of samples), copied out of them
+    top = pl.DataFrame(kept.head(10).select("uid", "caption").to_dicts(), schema={"uid": pl.String, "caption": pl.String})
+    preview = frame.head(10).join(top, on="uid", how="left").sort("rank").select("rank", "uid", "score", "caption")
     extra = {"recipe_hash": recipe_hash(recipe), "aligned_source": aligned,
              **{k: v for k, v in sel.stats.items() if k not in ("budgets", "sizes")}}
     out_dir = lake.artifacts("subsets", recipe.name)
-    # only the kept rows, streamed (the image hashes only when shards are written and checked),
-    # passed inline so the export frees them once its manifest is joined
-    exp = export_subset(out_dir, frame,
-                        read_kept_samples(db, frame["uid"], ["uid", "dataset", "shard", "key", "caption", "member"]
-                                          + (["image_sha256"] if config.write_shards else [])),
-                        datasets.landing, recipe=recipe.to_dict(), extra=extra,
+    # the export holds the only reference to the kept rows, so it frees them once its manifest is built
+    held = [kept]
+    del kept
+    exp = export_subset(out_dir, frame, held.pop(), datasets.landing, recipe=recipe.to_dict(), extra=extra,
                         shard_size=config.shard_size, write_shards=config.write_shards)
     seconds = time.perf_counter() - t0
     meta = {

@@ -391,14 +391,12 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
 
     def export(s):  # what pruned_subsets does after the selection (no webdataset shards: no images here)
         from curation.select.export import export_subset
-        from curation.select.pool_tables import read_kept_samples
+        from curation.select.pool_tables import store_selection
 
-        table = s.to_arrow()
-        lake.write("subsets", table, partition=recipe.name)
-        frame = pl.from_arrow(table.select(["uid", "rank", "score"]))
-        del table
-        return export_subset(Path(root) / "artifacts" / recipe.name, frame,
-                             read_kept_samples(lake, frame["uid"], ["shard", "key", "caption"]), Path(root) / "landing",
+        frame, kept = store_selection(lake, recipe.name, s.to_arrow(), ["shard", "key", "caption"])
+        held = [kept]
+        del kept
+        return export_subset(Path(root) / "artifacts" / recipe.name, frame, held.pop(), Path(root) / "landing",
                              recipe=recipe.to_dict(), write_shards=False)
 
     stage("export", lambda: export(sel))

@@ -303,6 +303,30 @@ def _assert_same_scores(got: pl.DataFrame, ref: pl.DataFrame) -> None:
                               is_duplicate(ref["max_sim_to_earlier"].to_numpy(), eps)), eps
 
 
+def test_add_only_update_falls_back_when_stored_scores_lack_rows(tmp_path, monkeypatch):
+    """The add-only update scores the touched buckets while it reads the stored scores; when
+    those turn out not to add up (rows lost from dedup_scores), it waits for that scoring,
+    drops it and the general path recomputes: still equal to a full recompute."""
+    import curation.select.layout as layout
+
+    p = SynPool(tmp_path / "lake")
+    for i in range(3):
+        p.shard(f"{i:05d}", 500)
+    cent, cfg = _curated(p.lake)
+    stored = p.lake.read("dedup_scores")
+    p.lake.write("dedup_scores", stored.slice(7))  # 7 scored rows lost (the state still lists their shards)
+    p.shard("00003", 400)
+    update_layout(p.lake, cent, cfg)
+    taken, scored = [], []
+    real, real_items = layout._add_only_update, layout._timed_items
+    monkeypatch.setattr(layout, "_add_only_update", lambda *a, **k: taken.append(real(*a, **k)) or taken[-1])
+    monkeypatch.setattr(layout, "_timed_items", lambda *a, **k: scored.append(1) or real_items(*a, **k))
+    du = _finish(p.lake, cent, cfg, incremental=True)
+    assert taken == [None] and len(scored) == 2  # the add-only scoring ran, then the general path's
+    assert du.mode == "incremental" and du.recomputed_clusters == 0 and du.updated_clusters > 0
+    _assert_same_scores(du.frame, dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame)
+
+
 def test_changed_content_with_same_uid_reenters_as_new(tmp_path, monkeypatch):
     """A shard rewritten with the SAME uids (its content changed, e.g. a new image_sha256 in
     samples, then re-embedded) re-enters as removed + new, even where a row's vector, cluster

@@ -227,6 +227,12 @@ def test_pruned_subsets_every_recipe(pool, recipe):
     r = get_recipe(recipe)
     md = res.asset_materializations_for_node("pruned_subsets")[0].metadata
     assert md["kept"].value == sub.height and md["recipe_hash"].value
+    # the preview: the top ranks with their own captions (taken from the kept rows the export read)
+    top = sub.sort("rank").head(10).join(pool.db.read("samples", columns=["uid", "caption"]), on="uid", how="left")
+    lines = md["preview"].value.splitlines()
+    assert len(lines) == 2 + top.height
+    for uid, cap, line in zip(top["uid"], top["caption"], lines[2:]):
+        assert uid in line and (cap or "") in line
     if r.method in ("full",):
         assert sub.height == 2 * PER_SHARD
     if r.keep_fraction is not None and r.after_semdedup_eps is None:

@@ -130,18 +130,24 @@ def read_recipe_pool(db: Lake, recipe: Recipe, needs_dedup: bool | None = None) 
     Raises:
         ValueError: a needed table is missing or does not cover every assigned uid.
     """
-    uids, asg = read_uid_keyed(db, "assignments", ["cluster_id", "cos_to_centroid"])
-    order = sort_order(uids)
-    if order is not None:  # written in shard order: hashed uids are not sorted
-        uids, asg = uids[order], {c: v[order] for c, v in asg.items()}
-    cent = read_centroids(db)
+    from concurrent.futures import ThreadPoolExecutor
+
+    dedup = recipe.needs_dedup if needs_dedup is None else needs_dedup
+    if dedup and not db.exists("dedup_scores"):
+        raise ValueError(f"recipe {recipe.name!r} needs SemDeDup scores: got no dedup_scores table; expected it materialized")
     max_sim = None
-    if recipe.needs_dedup if needs_dedup is None else needs_dedup:
-        if not db.exists("dedup_scores"):
-            raise ValueError(f"recipe {recipe.name!r} needs SemDeDup scores: got no dedup_scores table; expected it materialized")
-        du, dm = read_uid_keyed(db, "dedup_scores", ["max_sim_to_earlier"])
-        max_sim = align_compact(uids, du, dm["max_sim_to_earlier"], "dedup_scores", "re-materialize dedup_scores")
-        del du, dm
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # the scores are read while the assignments are read and sorted (Arrow's reads release the GIL)
+        scores = pool.submit(read_uid_keyed, db, "dedup_scores", ["max_sim_to_earlier"]) if dedup else None
+        uids, asg = read_uid_keyed(db, "assignments", ["cluster_id", "cos_to_centroid"])
+        order = sort_order(uids)
+        if order is not None:  # written in shard order: hashed uids are not sorted
+            uids, asg = uids[order], {c: v[order] for c, v in asg.items()}
+        cent = read_centroids(db)
+        if scores is not None:
+            du, dm = scores.result()
+            max_sim = align_compact(uids, du, dm["max_sim_to_earlier"], "dedup_scores", "re-materialize dedup_scores")
+            del du, dm
     d_inter = None
     if recipe.method == "dbp":
         cl = db.read("clusters").sort("cluster_id") if db.exists("clusters") else None
@@ -229,6 +235,30 @@ def read_kept_samples(db: Lake, uids: pl.Series, columns) -> pl.DataFrame:
     want = pl.DataFrame({"uid": uids.cast(pl.String), "__at": np.arange(len(uids), dtype=np.int64)}).lazy()
     return (db.scan("samples").select(cols).join(want, on="uid", how="inner").sort("__at").drop("__at")
             .collect(engine="streaming"))
+
+
+def store_selection(db: Lake, name: str, table: pa.Table, sample_columns) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Write a selection's ``subsets`` rows (``table``, from ``Selection.to_arrow``) to the
+    partition ``name`` WHILE the kept ``samples`` rows (``sample_columns``) are read: both run
+    in Rust (the Delta writer, the polars scan) with the GIL released, so on two cores the
+    write hides partly behind the read (1M pool, 500k kept: 0.37 -> 0.29 s, medians of 4).
+
+    Returns:
+        ``(frame, kept)``: the selection's uid, rank, score (in rank order, as written) and
+        :func:`read_kept_samples` of its uids (in that order).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    frame = pl.from_arrow(table.select(["uid", "rank", "score"]))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        written = pool.submit(db.write, "subsets", table, partition=name)
+        try:
+            kept = read_kept_samples(db, frame["uid"], sample_columns)
+        finally:
+            failed = written.exception()  # waits for the write; a failed read raises on its own
+    if failed is not None:
+        raise failed
+    return frame, kept
 
 
 def aligned_source(db: Lake) -> str:
