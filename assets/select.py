@@ -49,8 +49,10 @@ from curation.select.layout import (
     DEFAULT_MEMORY_BUDGET,
     LayoutConfig,
     build_layout,
+    compact_layout,
     dedup_scores_by_bucket,
     fit_centroids,
+    layout_files_per_bucket,
     layout_state,
     update_layout,
     write_dedup_scores,
@@ -110,7 +112,12 @@ class ConceptClustersConfig(dg.Config):
     the fewest cells whose recall against the exact search reaches this fraction on 4,096 rows of
     up to 8 shards spread over the streamed ones. Either way the metadata reports the recall
     measured on 32 other rows of every shard (``assign_recall``). ``layout_dtype``: vector type of ``pool_by_cluster`` (float32 or
-    float16)."""
+    float16). ``compact_min_files``: after writing the layout, compact every bucket holding at
+    least this many data files into one file sorted by cluster (Delta OPTIMIZE ZORDER BY
+    cluster_id, :func:`curation.select.layout.compact_layout`); None: never. A build leaves one
+    file per bucket per flush and each update appends one per touched bucket; compacted, a few
+    clusters' update reads ~2x less (1M: 406 -> 165 MiB, 0.28 -> 0.14 s for 24 clusters) at the
+    cost of one rewrite of those buckets (3.4 s for the whole 1M layout)."""
 
     k: Optional[int] = None
     niter: int = DEFAULT_NITER
@@ -122,6 +129,7 @@ class ConceptClustersConfig(dg.Config):
     target_recall: Optional[float] = None
     clusters_per_bucket: int = DEFAULT_CLUSTERS_PER_BUCKET
     layout_dtype: Literal["float32", "float16"] = "float32"
+    compact_min_files: Optional[int] = None
 
 
 @dg.asset(
@@ -166,6 +174,7 @@ def concept_clusters(context: dg.AssetExecutionContext, config: ConceptClustersC
             up = update_layout(db, cent, layout_cfg, assign_method=config.method)
         k = cent.shape[0]
     db.write("centroids", centroids_frame(cent))
+    compacted = compact_layout(db, config.compact_min_files) if config.compact_min_files is not None else None
     asg = db.read("assignments", columns=["cluster_id"])
     sizes = np.bincount(asg["cluster_id"].to_numpy(), minlength=cent.shape[0])
     seconds = time.perf_counter() - t0
@@ -193,6 +202,9 @@ def concept_clusters(context: dg.AssetExecutionContext, config: ConceptClustersC
             "throughput_per_s": round(up.n_new / seconds, 1) if seconds > 0 else 0.0,
             "cluster_size_histogram": dg.MetadataValue.md(size_histogram(sizes)),
             **(up.assignment.metadata() if up.assignment is not None else {}),
+            "layout_files": sum(layout_files_per_bucket(db).values()),
+            **({"buckets_compacted": len(compacted.buckets), "compact_seconds": round(compacted.seconds, 3)}
+               if compacted is not None else {}),
         })
     )
 

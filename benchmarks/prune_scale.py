@@ -212,7 +212,7 @@ def run_one(n: int, d: int, k: int, dup_fraction: float, eps: float, seed: int, 
 
 INCR_STAGES = ("layout", "semdedup", "complexity", "select", "export")
 #: ``incr_*``: a new shard of the whole concept mixture; ``local_*``: then one of LOCAL_CONCEPTS concepts
-LAKE_STAGES = ("kmeans", "layout", "complexity", "semdedup", "dbp_select", "export",
+LAKE_STAGES = ("kmeans", "layout", "complexity", "semdedup", "dbp_select", "export", "compact",
                *(f"incr_{s}" for s in INCR_STAGES), *(f"local_{s}" for s in INCR_STAGES))
 LOCAL_CONCEPTS = 20
 
@@ -321,11 +321,14 @@ def write_lake(root: str, n: int, d: int, k: int, shard_rows: int, dup_fraction:
 
 
 def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: int, dtype: str, shard_rows: int,
-             dup_fraction: float, local_concepts: int = LOCAL_CONCEPTS, target_recall: float | None = None) -> dict:
+             dup_fraction: float, local_concepts: int = LOCAL_CONCEPTS, target_recall: float | None = None,
+             compact: bool = False) -> dict:
     """The asset-level path on a lake (what concept_clusters, dedup_scores, complexity_scores and
     pruned_subsets[dbp@0.5] call), then two new shards re-curated incrementally one after the
     other: one drawn from every concept (it touches most clusters) and one from
-    ``local_concepts`` concepts (a topical drop: it touches few)."""
+    ``local_concepts`` concepts (a topical drop: it touches few). ``compact``: between the two,
+    compact the layout (``compact_layout``, stage ``compact``: maintenance, not counted in the
+    full run), so the updates read a compacted layout."""
     import polars as pl
 
     from curation.select.clustering import cluster_complexity
@@ -411,6 +414,10 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
     kept_dump = np.sort(np.asarray(sel.uids).astype("U32")) if dump else None
     del sel
     full_s = sum(sec.values())
+    if compact:  # maintenance between the full run and the updates (counted in neither)
+        from curation.select.layout import compact_layout
+
+        stage("compact", lambda: compact_layout(lake))
     sizes = lake.read("assignments", columns=["cluster_id"])["cluster_id"].value_counts()["count"].to_numpy()
     # new 10k-sample shards, each re-curated incrementally
     from deltalake import write_deltalake
@@ -629,6 +636,8 @@ def main(argv=None) -> int:
     ap.add_argument("--target-recall", type=float, default=None,
                     help="two-level assignment (k > 2048): calibrate nprobe for this recall (default: fixed nprobe)")
     ap.add_argument("--root", type=str, default=None, help="lake directory (default: a temporary one, removed)")
+    ap.add_argument("--compact", action="store_true",
+                    help="compact the layout after the full run (stage `compact`, not counted in it) before the updates")
     ap.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -647,9 +656,9 @@ def main(argv=None) -> int:
             subprocess.run(gen, check=True, env=os.environ.copy())
             gen_s = time.perf_counter() - t
             cmd = [sys.executable, "-c", "import sys, json; sys.path.insert(0, %r); import prune_scale as p; "
-                   "print(json.dumps(p.run_lake(%r, %d, %d, %d, %d, %r, %d, %r, %d, %r, target_recall=%r)))" % (
+                   "print(json.dumps(p.run_lake(%r, %d, %d, %d, %d, %r, %d, %r, %d, %r, target_recall=%r, compact=%r)))" % (
                        str(Path(__file__).parent), root, n, args.d, args.k, args.niter, args.eps, args.seed,
-                       args.dtype, args.shard_rows, args.dup_fraction, args.target_recall)]
+                       args.dtype, args.shard_rows, args.dup_fraction, args.target_recall, args.compact)]
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
             if not args.root:
                 shutil.rmtree(root, ignore_errors=True)

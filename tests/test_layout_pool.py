@@ -33,10 +33,12 @@ from curation.select.layout import (
     LAYOUT_TABLE,
     LayoutConfig,
     build_layout,
+    compact_layout,
     decode_vectors,
     dedup_scores_by_bucket,
     encode_vectors,
     fit_centroids,
+    layout_files_per_bucket,
     training_sample,
     _find,
     _keys,
@@ -324,6 +326,51 @@ def test_add_only_update_falls_back_when_stored_scores_lack_rows(tmp_path, monke
     du = _finish(p.lake, cent, cfg, incremental=True)
     assert taken == [None] and len(scored) == 2  # the add-only scoring ran, then the general path's
     assert du.mode == "incremental" and du.recomputed_clusters == 0 and du.updated_clusters > 0
+    _assert_same_scores(du.frame, dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame)
+
+
+def test_compaction_keeps_rows_and_scores_and_sorts_buckets_by_cluster(tmp_path, monkeypatch):
+    """compact_layout rewrites the buckets with enough files as one file each, row groups in
+    cluster order; the rows are the same (so are the scores), and an add-only update after it
+    still equals a full recompute."""
+    import curation.select.layout as layout
+
+    monkeypatch.setattr(layout, "LAYOUT_ROW_GROUP_ROWS", 64)  # several row groups per compacted file
+    p = SynPool(tmp_path / "lake")
+    for i in range(4):
+        p.shard(f"{i:05d}", 600)
+    cent, _ = fit_centroids(p.lake, K, niter=10)
+    cfg = LayoutConfig(clusters_per_bucket=4, flush_rows=500)  # one file per bucket per flush
+    build_layout(p.lake, cent, cfg)
+    _finish(p.lake, cent, cfg, incremental=False)
+    with pytest.raises(ValueError, match="min_files"):
+        compact_layout(p.lake, min_files=1)
+    before = layout_files_per_bucket(p.lake)
+    assert len(before) == 3 and min(before.values()) >= 3
+
+    def rows():
+        return p.lake.read(LAYOUT_TABLE).sort("uid")
+
+    rows_before, m_before = rows(), p.lake.read("dedup_scores")
+    only = sorted(before)[0]
+    r = compact_layout(p.lake, buckets=[only])  # one bucket only
+    assert r.buckets == [only] and r.files_before == before[only] and r.files_after == 1
+    r = compact_layout(p.lake, min_files=2)  # the others; the compacted one is skipped
+    assert sorted(r.buckets) == sorted(before)[1:] and r.files_after == 2
+    assert layout_files_per_bucket(p.lake) == {b: 1 for b in before}
+    assert rows().equals(rows_before)
+    full = dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame
+    assert full.equals(m_before)  # the same rows in the same SemDeDup order: the same M
+    for frag in p.lake.dataset(LAYOUT_TABLE).get_fragments():  # each file's row groups in cluster order
+        md = frag.metadata
+        col = md.schema.names.index("cluster_id")
+        stats = [(md.row_group(i).column(col).statistics.min, md.row_group(i).column(col).statistics.max)
+                 for i in range(md.num_row_groups)]
+        assert md.num_row_groups > 3 and all(a[1] <= b[0] for a, b in zip(stats, stats[1:])), stats
+    p.shard("00004", 300)
+    update_layout(p.lake, cent, cfg)
+    du = _finish(p.lake, cent, cfg, incremental=True)
+    assert du.updated_clusters > 0 and du.recomputed_clusters == 0
     _assert_same_scores(du.frame, dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame)
 
 

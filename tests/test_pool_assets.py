@@ -202,9 +202,17 @@ def test_new_shard_recomputes_only_touched_clusters(pool):
 
     _run(pool, _pool_assets(), config={"concept_clusters": {"config": {"k": 4, "niter": 10}}})
     pool.add_shard("00002")
+    files = len(pool.db.dataset("pool_by_cluster").files)
     res = _run(pool, [concept_clusters, dedup_scores])
     cm = res.asset_materializations_for_node("concept_clusters")[0].metadata
     assert cm["layout_update"].value == "incremental" and cm["shards_streamed"].value == 1
+    assert cm["layout_files"].value > files and "buckets_compacted" not in cm  # the update appended files
+    # compacting on request: one file per bucket after it, the same rows
+    rows = pool.db.read("pool_by_cluster").sort("uid")
+    cm = _run(pool, [concept_clusters], config={"concept_clusters": {"config": {"compact_min_files": 2}}}
+              ).asset_materializations_for_node("concept_clusters")[0].metadata
+    assert cm["buckets_compacted"].value >= 1 and cm["layout_files"].value == len(pool.db.partitions("pool_by_cluster"))
+    assert pool.db.read("pool_by_cluster").sort("uid").equals(rows)
     dm = res.asset_materializations_for_node("dedup_scores")[0].metadata
     assert dm["update"].value == "incremental" and dm["rows"].value == 3 * PER_SHARD
     full = dedup_scores_by_bucket(pool.db, incremental=False).frame

@@ -520,19 +520,90 @@ def write_layout_rows(lake: Lake, rows: pa.Table, mode: str) -> None:
     a cluster: reading a few clusters of a bucket (an incremental update touching them) skips
     the others' row groups instead of reading the whole bucket.
     """
-    from deltalake import ColumnProperties, WriterProperties, write_deltalake
+    from deltalake import write_deltalake
 
     if lake.is_local:
         os.makedirs(lake.root, exist_ok=True)
     kwargs = {"schema_mode": "overwrite"} if mode == "overwrite" else {}
-    plain = ColumnProperties(dictionary_enabled=False, statistics_enabled="NONE", encoding="PLAIN")
-    raw = [c for c in rows.column_names if c == "uid" or c.startswith(("emb_", "text_"))]
-    props = WriterProperties(compression="UNCOMPRESSED", max_row_group_size=LAYOUT_ROW_GROUP_ROWS,
-                             column_properties={c: plain for c in raw})
+    raw = _raw_columns(rows.column_names)
+    props = _layout_writer_properties(raw)
     if rows.num_rows > 1:
         rows = _sorted_by_cluster(rows, raw)
     write_deltalake(lake.uri(LAYOUT_TABLE), rows, mode=mode, partition_by=["bucket"],
                     storage_options=dict(lake.storage_options) or None, writer_properties=props, **kwargs)
+
+
+def _raw_columns(names) -> list[str]:
+    """The layout's columns of unique fixed-width bytes (uid, vectors): written PLAIN."""
+    return [c for c in names if c == "uid" or c.startswith(("emb_", "text_"))]
+
+
+def _layout_writer_properties(raw: list[str]):
+    """Parquet settings of every ``pool_by_cluster`` file (see :func:`write_layout_rows`)."""
+    from deltalake import ColumnProperties, WriterProperties
+
+    plain = ColumnProperties(dictionary_enabled=False, statistics_enabled="NONE", encoding="PLAIN")
+    return WriterProperties(compression="UNCOMPRESSED", max_row_group_size=LAYOUT_ROW_GROUP_ROWS,
+                            column_properties={c: plain for c in raw})
+
+
+@dataclass
+class LayoutCompaction:
+    """Result of :func:`compact_layout`: buckets rewritten, their data files before and after."""
+
+    buckets: list[str]
+    files_before: int
+    files_after: int
+    seconds: float
+
+
+def layout_files_per_bucket(lake: Lake) -> dict[str, int]:
+    """``{bucket: data files}`` of the current ``pool_by_cluster`` version (from its log)."""
+    actions = lake.table(LAYOUT_TABLE).get_add_actions(flatten=True)
+    col = "partition.bucket" if "partition.bucket" in actions.schema.names else "partition_values.bucket"
+    out: dict[str, int] = {}
+    for b in actions.column(col).to_pylist():
+        out[b] = out.get(b, 0) + 1
+    return out
+
+
+def compact_layout(lake: Lake, min_files: int = 2, buckets=None) -> LayoutCompaction:
+    """Rewrite each bucket of ``pool_by_cluster`` holding at least ``min_files`` data files as
+    one file sorted by cluster: Delta's OPTIMIZE ZORDER BY cluster_id (a conflict-checked
+    commit with ``dataChange = false``: the rows, and so every score computed from them, stay
+    the same; a concurrent append is not lost).
+
+    Why: the layout is written in flushes of ``flush_rows`` and every incremental update appends
+    a file per touched bucket, so one cluster's rows lie in every flush's file of its bucket,
+    and each row group of those files holds runs of several clusters: reading a few clusters
+    (the add-only update of a topical shard) reads ~5-8x their bytes at 1M and up to the whole
+    bucket at 10M (docs/benchmarks.md). After compaction a cluster lies in one or two row
+    groups (1M: 24 clusters' add-only update read 165 instead of 406 MiB). The rewrite costs a read
+    and a write of the compacted buckets (3.4 s for the whole 1M layout), so it runs when asked
+    (``concept_clusters``' ``compact_min_files``), not in every update.
+
+    Args:
+        min_files: compact only buckets with at least this many files (>= 2).
+        buckets: only these buckets (None: every bucket).
+    """
+    if int(min_files) < 2:
+        raise ValueError(f"min_files: got {min_files}; expected >= 2 (one file is compact already)")
+    t = time.perf_counter()
+    if not lake.exists(LAYOUT_TABLE):
+        raise ValueError(f"{LAYOUT_TABLE}: got no table; expected a layout (materialize concept_clusters first)")
+    counts = layout_files_per_bucket(lake)
+    want = set(counts) if buckets is None else set(buckets) & set(counts)
+    todo = sorted(b for b in want if counts[b] >= int(min_files))
+    before = sum(counts[b] for b in todo)
+    if todo:
+        dt = lake.table(LAYOUT_TABLE)
+        raw = _raw_columns(pa.schema(dt.schema().to_arrow()).names)
+        # one partition at a time in memory (a bucket: ~64 MiB at the default 32 clusters of
+        # ~1,000 members), one commit for all of them; files up to 1 GiB so a bucket stays one file
+        dt.optimize.z_order(["cluster_id"], partition_filters=[("bucket", "in", todo)], target_size=1 << 30,
+                            max_concurrent_tasks=1, writer_properties=_layout_writer_properties(raw))
+    after = layout_files_per_bucket(lake)
+    return LayoutCompaction(todo, before, sum(after.get(b, 0) for b in todo), time.perf_counter() - t)
 
 
 def _stream_assign(lake: Lake, centroids: np.ndarray, config: LayoutConfig, shards, writer: _Writer,
