@@ -560,9 +560,8 @@ class LayoutCompaction:
 def layout_files_per_bucket(lake: Lake) -> dict[str, int]:
     """``{bucket: data files}`` of the current ``pool_by_cluster`` version (from its log)."""
     actions = lake.table(LAYOUT_TABLE).get_add_actions(flatten=True)
-    col = "partition.bucket" if "partition.bucket" in actions.schema.names else "partition_values.bucket"
     out: dict[str, int] = {}
-    for b in actions.column(col).to_pylist():
+    for b in actions.column("partition.bucket").to_pylist():
         out[b] = out.get(b, 0) + 1
     return out
 
@@ -570,8 +569,8 @@ def layout_files_per_bucket(lake: Lake) -> dict[str, int]:
 def compact_layout(lake: Lake, min_files: int = 2, buckets=None) -> LayoutCompaction:
     """Rewrite each bucket of ``pool_by_cluster`` holding at least ``min_files`` data files as
     one file sorted by cluster: Delta's OPTIMIZE ZORDER BY cluster_id (a conflict-checked
-    commit with ``dataChange = false``: the rows, and so every score computed from them, stay
-    the same; a concurrent append is not lost).
+    commit with ``dataChange = false`` that removes only the files it rewrote: the rows, and so
+    every score computed from them, stay the same, and rows appended meanwhile stay too).
 
     Why: the layout is written in flushes of ``flush_rows`` and every incremental update appends
     a file per touched bucket, so one cluster's rows lie in every flush's file of its bucket,
