@@ -326,9 +326,9 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
     """The asset-level path on a lake (what concept_clusters, dedup_scores, complexity_scores and
     pruned_subsets[dbp@0.5] call), then two new shards re-curated incrementally one after the
     other: one drawn from every concept (it touches most clusters) and one from
-    ``local_concepts`` concepts (a topical drop: it touches few). ``compact``: between the two,
-    compact the layout (``compact_layout``, stage ``compact``: maintenance, not counted in the
-    full run), so the updates read a compacted layout."""
+    ``local_concepts`` concepts (a topical drop: it touches few). ``compact``: after the full run
+    and before the updates, compact the layout (``compact_layout``, stage ``compact``: maintenance,
+    counted in neither), so the updates read a compacted layout."""
     import polars as pl
 
     from curation.select.clustering import cluster_complexity
