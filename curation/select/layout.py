@@ -34,6 +34,9 @@ The pool-wide stages never hold the ``(N, d)`` matrix. Instead:
    re-enters as new content (removed from its old cluster, added to its new one: both
    recomputed). Budgets and selections are then recomputed from the stored scores. The
    result is identical to a full recompute (tests/test_layout_pool.py).
+5. :func:`compact_layout` (on request) rewrites buckets that hold many files (one per flush,
+   one per update) as one file in cluster order, so reading a few clusters reads their row
+   groups and little else.
 
 Peak memory of every step is bounded by the largest bucket (or the budget) + centroids +
 one partition, never by N.
