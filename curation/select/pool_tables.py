@@ -231,10 +231,7 @@ def read_kept_samples(db: Lake, uids: pl.Series, columns) -> pl.DataFrame:
 
     The order lets :func:`curation.select.export.export_subset` put the rows beside the
     selection instead of joining them (one join of 500k uids, not two: 0.22 vs 0.30 s)."""
-    cols = list(dict.fromkeys(["uid", *columns]))
-    want = pl.DataFrame({"uid": uids.cast(pl.String), "__at": np.arange(len(uids), dtype=np.int64)}).lazy()
-    return (db.scan("samples").select(cols).join(want, on="uid", how="inner").sort("__at").drop("__at")
-            .collect(engine="streaming"))
+    return db.read_uids("samples", uids, columns, ordered=True)
 
 
 def store_selection(db: Lake, name: str, table: pa.Table, sample_columns) -> tuple[pl.DataFrame, pl.DataFrame]:
