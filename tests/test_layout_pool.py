@@ -329,6 +329,52 @@ def test_add_only_update_falls_back_when_stored_scores_lack_rows(tmp_path, monke
     _assert_same_scores(du.frame, dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame)
 
 
+def test_recipe_pool_reads_the_scores_alone_only_while_they_carry_the_current_assignments(tmp_path, monkeypatch):
+    """``read_recipe_pool`` takes cluster_id and cos_to_centroid from ``dedup_scores`` (no read,
+    sort and alignment of ``assignments``) only when the scores were computed from exactly the
+    current assignments; the pool is the same either way, and stale scores still fail loudly."""
+    import curation.select.layout as layout
+    import curation.select.pool_tables as pool_tables
+
+    p = SynPool(tmp_path / "lake")
+    for i in range(3):
+        p.shard(f"{i:05d}", 500)
+    cent, cfg = _curated(p.lake)
+    r = RECIPES["dbp@0.5"]
+    assert layout.scores_carry_assignments(p.lake)
+    read_assignments = []
+    real_read = pool_tables.read_uid_keyed
+    monkeypatch.setattr(pool_tables, "read_uid_keyed", lambda db, t, c: read_assignments.append(t) or real_read(db, t, c))
+    fast = read_recipe_pool(p.lake, r)
+    assert read_assignments == ["dedup_scores"]
+    monkeypatch.setattr(layout, "scores_carry_assignments", lambda lake: False)
+    slow = read_recipe_pool(p.lake, r)
+    assert sorted(read_assignments[1:]) == ["assignments", "dedup_scores"]  # the scores read in a thread
+    monkeypatch.undo()
+    for f in ("uids", "cluster_ids", "cos_to_centroid", "max_sim", "d_inter"):
+        assert np.array_equal(getattr(fast, f), getattr(slow, f)), f
+    assert fast.uids.dtype == slow.uids.dtype and fast.cluster_ids.dtype == slow.cluster_ids.dtype
+    sel_fast, sel_slow = apply_recipe(r, fast), apply_recipe(r, slow)
+    assert np.array_equal(sel_fast.uids, sel_slow.uids) and np.array_equal(sel_fast.score, sel_slow.score)
+    # a new shard laid out but not yet scored: the scores no longer carry the assignments, and
+    # the recipe names the missing rows instead of selecting from a stale pool
+    p.shard("00003", 300)
+    update_layout(p.lake, cent, cfg)
+    assert not layout.scores_carry_assignments(p.lake)
+    with pytest.raises(ValueError, match="dedup_scores: got no rows for 300 of 1800 pool uids"):
+        read_recipe_pool(p.lake, r)
+    _finish(p.lake, cent, cfg, incremental=True)
+    assert layout.scores_carry_assignments(p.lake)
+    # any write to assignments after the scoring (here: the same rows rewritten) is noticed
+    p.lake.write("assignments", p.lake.read("assignments"))
+    assert not layout.scores_carry_assignments(p.lake)
+    # a state written before the version was recorded: the two tables are aligned, as before
+    _finish(p.lake, cent, cfg, incremental=True)
+    p.lake.write(layout.DEDUP_STATE_TABLE, p.lake.read(layout.DEDUP_STATE_TABLE).drop("assignments_version"))
+    assert not layout.scores_carry_assignments(p.lake)
+    assert read_recipe_pool(p.lake, r).n == 1800
+
+
 def test_compaction_keeps_rows_and_scores_and_sorts_buckets_by_cluster(tmp_path, monkeypatch):
     """compact_layout rewrites the buckets with enough files as one file each, row groups in
     cluster order; the rows are the same (so are the scores), and an add-only update after it

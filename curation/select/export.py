@@ -116,14 +116,22 @@ def export_subset(
         n_unknown = int(man["shard"].null_count())
         raise ValueError(f"selection: got {n_unknown} uids without a samples row (e.g. {unknown}); expected all kept uids in samples")
 
-    uids = sorted_uid_array(man["uid"])  # from the column: no Python string per uid
-
     def save_uids(p: Path) -> None:
         with open(p, "wb") as f:
-            np.save(f, uids)
+            np.save(f, sorted_uid_array(man["uid"]))  # from the column: no Python string per uid
 
-    _write_atomic(out / "uids.npy", save_uids)
-    _write_atomic(out / "manifest.parquet", lambda p: man.select(MANIFEST_COLUMNS).write_parquet(p))
+    # the manifest is written (polars, GIL released) while the uid file is made and saved
+    # (500k kept: 0.11 s and 0.09 s one after the other)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        manifest = pool.submit(_write_atomic, out / "manifest.parquet", lambda p: man.select(MANIFEST_COLUMNS).write_parquet(p))
+        try:
+            _write_atomic(out / "uids.npy", save_uids)
+        finally:
+            failed = manifest.exception()  # waits for the manifest
+    if failed is not None:
+        raise failed
 
     shards_dir = safe_child(out, "shards")
     shards_dir.mkdir(exist_ok=True)

@@ -1077,7 +1077,33 @@ def write_dedup_scores(lake: Lake, du: DedupUpdate) -> None:
     lake.write("dedup_scores", du.table)
     release_memory()
     if du.shards is not None:
-        lake.write(DEDUP_STATE_TABLE, du.shards.select("shard", "fingerprint", "layout_id"))
+        cols = [c for c in ("shard", "fingerprint", "layout_id", "assignments_version") if c in du.shards.columns]
+        lake.write(DEDUP_STATE_TABLE, du.shards.select(cols))
+
+
+def scores_carry_assignments(lake: Lake) -> bool:
+    """True when ``dedup_scores``' cluster_id and cos_to_centroid ARE the current
+    ``assignments`` (so a recipe reads the one table, already sorted by uid, instead of reading
+    and sorting ``assignments`` and aligning the scores to it: 1M rows, ~0.2 s).
+
+    It holds when the scores' state names the current layout with the same shard fingerprints
+    (:func:`_shard_diff` empty) AND the ``assignments`` version the scoring started from is
+    still the table's version: nothing was written to ``assignments`` since (the layout writer
+    writes ``assignments`` first and its shard state last, so a scoring that overlapped a
+    layout update fails one of the two checks). A lake written before the version was
+    recorded answers False (the reader then aligns the two tables, as before)."""
+    if not (lake.exists("dedup_scores") and lake.exists(DEDUP_STATE_TABLE)):
+        return False
+    st = lake.read(DEDUP_STATE_TABLE)
+    if "assignments_version" not in st.columns or st.height == 0 or st["assignments_version"].n_unique() != 1:
+        return False
+    if int(st["assignments_version"][0]) != lake.table("assignments").version():
+        return False
+    state = layout_state(lake)
+    if state is None:
+        return False
+    diff = _shard_diff(lake, state.select("shard", "fingerprint").with_columns(pl.lit(_layout_id(state)).alias("layout_id")))
+    return diff is not None and not any(diff)
 
 
 def _shard_diff(lake: Lake, layout_shards: pl.DataFrame | None) -> tuple[list[str], list[str], list[str]] | None:
@@ -1309,7 +1335,11 @@ def dedup_scores_by_bucket(
     state = layout_state(lake)
     layout_shards = None
     if state is not None:
-        layout_shards = state.select("shard", "fingerprint").with_columns(pl.lit(_layout_id(state)).alias("layout_id"))
+        # the assignments version the scores start from (read before any of them: a write to
+        # assignments after this point makes the stored version stale, never the reverse)
+        version = lake.table("assignments").version()
+        layout_shards = state.select("shard", "fingerprint").with_columns(
+            pl.lit(_layout_id(state)).alias("layout_id"), pl.lit(version, pl.Int64).alias("assignments_version"))
     have_old = incremental and lake.exists("dedup_scores") and "cos_to_centroid" in _columns(lake, "dedup_scores")
     diff = _shard_diff(lake, layout_shards) if have_old else None
     if diff is not None and not diff[1] and not diff[2]:  # shards only added: the add-only update
@@ -1543,6 +1573,7 @@ __all__ = [
     "fit_centroids",
     "iter_layout",
     "read_bucket",
+    "scores_carry_assignments",
     "semdedup_order",
     "training_sample",
     "update_layout",

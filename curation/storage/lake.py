@@ -298,7 +298,9 @@ class Lake:
         if not ordered:
             return rows.join(want.lazy(), on="uid", how="semi").collect(engine="streaming")
         want = want.with_columns(pl.Series("__at", np.arange(want.height, dtype=np.int64)))
-        return rows.join(want.lazy(), on="uid", how="inner").sort("__at").drop("__at").collect(engine="streaming")
+        # the matching rows are sorted after the streamed join, eagerly: a sort inside the
+        # streaming plan costs more (1M samples, 544k wanted: 0.213 vs 0.25 s)
+        return rows.join(want.lazy(), on="uid", how="inner").collect(engine="streaming").sort("__at").drop("__at")
 
     def scan(self, table: str) -> pl.LazyFrame:
         """``table`` as a polars LazyFrame (``scan_delta``): filters and projections are pushed
