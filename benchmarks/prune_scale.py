@@ -269,14 +269,47 @@ def _concepts(d: int, k: int, seed: int):
     return centers, sigma
 
 
-def _shard_table(x: np.ndarray, first_uid: int, shard: str):
+UID_SCHEMES = ("hashed", "counter")
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a bijection of uint64 (so distinct inputs give distinct uids)."""
+    z = x + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def uid_column(first_uid: int, n: int, uids: str = "hashed"):
+    """The uids of rows ``first_uid .. first_uid + n - 1`` as an Arrow string column.
+
+    ``hashed`` (default): 32 hex characters of two mixed uint64 of the row number, unique and in
+    no order, like the platform's content-hashed uids (:func:`curation.ingest.ids.make_uid`):
+    tables appended shard by shard are then NOT sorted by uid, and every uid sort and join
+    costs what it costs on a real pool. ``counter``: the row number in hex (what runs before
+    2026-12-05 used: appended shards come out sorted by uid, which flatters the sorts)."""
+    import pyarrow as pa
+
+    from curation.ingest.ids import bytes_to_hex, uid_arrow
+
+    if uids not in UID_SCHEMES:
+        raise ValueError(f"uids: got {uids!r}; expected one of {UID_SCHEMES}")
+    if uids == "counter":
+        return pa.array([f"{j:032x}" for j in range(first_uid, first_uid + n)], pa.string())
+    i = np.arange(first_uid, first_uid + n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        words = np.stack([_mix64(2 * i), _mix64(2 * i + np.uint64(1))], axis=1).astype(">u8")
+    return uid_arrow(bytes_to_hex(words.view(np.uint8).reshape(n, 16))).cast(pa.string())
+
+
+def _shard_table(x: np.ndarray, first_uid: int, shard: str, uids: str = "hashed"):
     import pyarrow as pa
 
     from curation.storage.lake import matrix_to_list_column
 
     n = x.shape[0]
     return pa.table({
-        "uid": pa.array([f"{j:032x}" for j in range(first_uid, first_uid + n)], pa.string()),
+        "uid": uid_column(first_uid, n, uids),
         "shard": pa.array([shard] * n, pa.string()),
         "image_emb": matrix_to_list_column(x),
         "text_emb": matrix_to_list_column(x[:, :8]),
@@ -284,13 +317,13 @@ def _shard_table(x: np.ndarray, first_uid: int, shard: str):
     })
 
 
-def _samples_table(first_uid: int, n: int, shard: str):
+def _samples_table(first_uid: int, n: int, shard: str, uids: str = "hashed"):
     """The ``samples`` rows of a synthetic shard (what an export joins the kept uids with)."""
     import pyarrow as pa
 
     keys = [f"{j:09d}" for j in range(first_uid, first_uid + n)]
     return pa.table({
-        "uid": pa.array([f"{j:032x}" for j in range(first_uid, first_uid + n)], pa.string()),
+        "uid": uid_column(first_uid, n, uids),
         "dataset": pa.array(["syn"] * n, pa.string()), "shard": pa.array([shard] * n, pa.string()),
         "key": pa.array(keys, pa.string()), "caption": pa.array([f"synthetic sample {k}" for k in keys], pa.string()),
         "width": pa.array(np.full(n, 64, np.int32)), "height": pa.array(np.full(n, 64, np.int32)),
@@ -300,7 +333,7 @@ def _samples_table(first_uid: int, n: int, shard: str):
 
 
 def write_lake(root: str, n: int, d: int, k: int, shard_rows: int, dup_fraction: float, seed: int,
-               per_commit: int = 20) -> int:
+               per_commit: int = 20, uids: str = "hashed") -> int:
     """Synthetic embeddings written as ``n / shard_rows`` shard partitions, streamed shard by
     shard (``per_commit`` shards per Delta commit), never the whole pool in memory."""
     import pyarrow as pa
@@ -311,8 +344,8 @@ def write_lake(root: str, n: int, d: int, k: int, shard_rows: int, dup_fraction:
     for i, s in enumerate(range(0, n, shard_rows)):
         e = min(n, s + shard_rows)
         x = shard_rows_of(np.random.default_rng((seed, i)), centers, sigma, e - s, dup_fraction)
-        tables.append(_shard_table(x, s, f"syn-{i:05d}"))
-        samples.append(_samples_table(s, e - s, f"syn-{i:05d}"))
+        tables.append(_shard_table(x, s, f"syn-{i:05d}", uids))
+        samples.append(_samples_table(s, e - s, f"syn-{i:05d}", uids))
         if len(tables) == per_commit or e == n:
             write_deltalake(root + "/embeddings", pa.concat_tables(tables), partition_by=["shard"], mode="append")
             write_deltalake(root + "/samples", pa.concat_tables(samples), partition_by=["shard"], mode="append")
@@ -322,7 +355,7 @@ def write_lake(root: str, n: int, d: int, k: int, shard_rows: int, dup_fraction:
 
 def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: int, dtype: str, shard_rows: int,
              dup_fraction: float, local_concepts: int = LOCAL_CONCEPTS, target_recall: float | None = None,
-             compact: bool = False) -> dict:
+             compact: bool = False, uids: str = "hashed") -> dict:
     """The asset-level path on a lake (what concept_clusters, dedup_scores, complexity_scores and
     pruned_subsets[dbp@0.5] call), then two new shards re-curated incrementally one after the
     other: one drawn from every concept (it touches most clusters) and one from
@@ -427,8 +460,9 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
     def incremental(prefix: str, first_uid: int, rng_key, concepts: int | None) -> dict:
         xn = shard_rows_of(np.random.default_rng(rng_key), centers, sigma, shard_rows, dup_fraction, concepts)
         name = f"syn-{prefix}"
-        write_deltalake(root + "/embeddings", _shard_table(xn, first_uid, name), partition_by=["shard"], mode="append")
-        write_deltalake(root + "/samples", _samples_table(first_uid, shard_rows, name), partition_by=["shard"], mode="append")
+        write_deltalake(root + "/embeddings", _shard_table(xn, first_uid, name, uids), partition_by=["shard"], mode="append")
+        write_deltalake(root + "/samples", _samples_table(first_uid, shard_rows, name, uids), partition_by=["shard"],
+                        mode="append")
         del xn
         up = stage(f"{prefix}_layout", lambda: update_layout(lake, cent, cfg))
         du = stage(f"{prefix}_semdedup", lambda: semdedup(True))
@@ -470,7 +504,7 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
         np.save(f"{dump}/m_{dtype}_{n}.npy", m["max_sim_to_earlier"].to_numpy())
         np.save(f"{dump}/kept_{dtype}_{n}.npy", kept_dump)
     return {
-        "n": n, "d": d, "k": k, "dtype": dtype, "niter": niter, "eps": eps, "shard_rows": shard_rows,
+        "n": n, "d": d, "k": k, "dtype": dtype, "uids": uids, "niter": niter, "eps": eps, "shard_rows": shard_rows,
         "parity_with_in_memory": parity,
         "seconds": sec, "bytes_read": rd, "bytes_written": wr, "stage_peak_rss": mem,
         "sgemm_gflops": rate / 1e9, "sgemm_gflops_start_end": [rate_start / 1e9, rate_end / 1e9],
@@ -555,7 +589,7 @@ def _parity(lake, cent, recipe, sel) -> dict:
 
 def _fmt_lake(r: dict) -> str:
     gib, mib = 2**30, 2**20
-    lines = [f"N={r['n']:,} d={r['d']} k={r['k']} layout {r['dtype']}  (X = {r['x_bytes'] / gib:.2f} GiB; "
+    lines = [f"N={r['n']:,} d={r['d']} k={r['k']} layout {r['dtype']}, {r.get('uids', 'counter')} uids  (X = {r['x_bytes'] / gib:.2f} GiB; "
              f"one sgemm: {r['sgemm_gflops']:.1f} GFLOP/s, the better of "
              + " / ".join(f"{g:.0f}" for g in r.get('sgemm_gflops_start_end', [])) + " before / after)",
              "| stage | seconds | read MiB | written MiB | stage peak RSS GiB | x sgemm time of same FLOPs |",
@@ -638,6 +672,9 @@ def main(argv=None) -> int:
     ap.add_argument("--root", type=str, default=None, help="lake directory (default: a temporary one, removed)")
     ap.add_argument("--compact", action="store_true",
                     help="compact the layout after the full run (stage `compact`, not counted in it) before the updates")
+    ap.add_argument("--uids", choices=UID_SCHEMES, default="hashed",
+                    help="synthetic uids: hashed (default; unordered, like real content-hashed uids) or counter "
+                         "(the row number: appended shards come out sorted by uid; runs before 2026-12-05)")
     ap.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -650,15 +687,17 @@ def main(argv=None) -> int:
         for n in args.n:
             root = args.root or tempfile.mkdtemp(prefix="prune_scale_")
             gen = [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import prune_scale as p; "
-                   "p.write_lake(%r, %d, %d, %d, %d, %r, %d)" % (str(Path(__file__).parent), root, n, args.d, args.k,
-                                                                args.shard_rows, args.dup_fraction, args.seed)]
+                   "p.write_lake(%r, %d, %d, %d, %d, %r, %d, uids=%r)" % (str(Path(__file__).parent), root, n, args.d,
+                                                                          args.k, args.shard_rows, args.dup_fraction,
+                                                                          args.seed, args.uids)]
             t = time.perf_counter()
             subprocess.run(gen, check=True, env=os.environ.copy())
             gen_s = time.perf_counter() - t
             cmd = [sys.executable, "-c", "import sys, json; sys.path.insert(0, %r); import prune_scale as p; "
-                   "print(json.dumps(p.run_lake(%r, %d, %d, %d, %d, %r, %d, %r, %d, %r, target_recall=%r, compact=%r)))" % (
+                   "print(json.dumps(p.run_lake(%r, %d, %d, %d, %d, %r, %d, %r, %d, %r, target_recall=%r, compact=%r, "
+                   "uids=%r)))" % (
                        str(Path(__file__).parent), root, n, args.d, args.k, args.niter, args.eps, args.seed,
-                       args.dtype, args.shard_rows, args.dup_fraction, args.target_recall, args.compact)]
+                       args.dtype, args.shard_rows, args.dup_fraction, args.target_recall, args.compact, args.uids)]
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
             if not args.root:
                 shutil.rmtree(root, ignore_errors=True)
