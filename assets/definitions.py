@@ -47,12 +47,12 @@ def build_definitions(resources: dict | None = None) -> Definitions:
     """Every asset, check, job, sensor and schedule of the lineage, with ``resources`` bound
     (default: :func:`default_resources`). The environment (``CURATION_AUTOMATION``, the
     re-curation cron, ``CURATION_HOME`` for the resources' defaults) is read here, not at import."""
-    from assets import jobs, schedules, sensors
+    from assets import jobs, maintenance, schedules, sensors
 
     return Definitions(
         assets=[a for m in stage_modules() for a in m.ASSETS],
         asset_checks=[c for m in check_modules() for c in m.CHECKS],
-        jobs=jobs.JOBS,
+        jobs=[*jobs.JOBS, maintenance.lake_maintenance_job],
         schedules=schedules.SCHEDULES,
         sensors=sensors.SENSORS,
         resources=resources if resources is not None else default_resources(),

@@ -20,6 +20,7 @@ from dagster import AssetSelection, RunRequest, define_asset_job
 
 from assets.partitions import recipe_partitions, shard_partitions
 from assets.stages import (
+    LAYOUT_TAG,
     MODE_TAG,
     POOL_ASSETS,
     RECIPE_ASSETS,
@@ -43,7 +44,7 @@ shard_ingest_job = define_asset_job(
 pool_curation_job = define_asset_job(
     "pool_curation_job",
     selection=AssetSelection.assets(*POOL_ASSETS),
-    tags={STAGE_TAG: "pool"},
+    tags={STAGE_TAG: "pool", LAYOUT_TAG: "write"},
     description="Pool-wide curation: cluster (auto-assign or retrain), dedup and complexity scores, filter model.",
 )
 

@@ -18,6 +18,9 @@ WAVE_TAG = "curation/wave"  # ties the runs of one curation pass together
 TRIGGER_TAG = "curation/trigger"  # ingest | schedule | backfill
 STAGE_TAG = "curation/stage"  # pool | recipe | report: for tag_concurrency_limits of the run queue
 MODE_TAG = "curation/cluster_mode"
+# on the jobs that write the cluster layout (pool_curation_job, lake_maintenance_job): the shipped
+# instance's tag_concurrency_limits let one of them run at a time
+LAYOUT_TAG = "curation/layout"
 PARTITION_TAG = "dagster/partition"
 BACKFILL_TAG = "dagster/backfill"
 

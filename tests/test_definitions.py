@@ -65,11 +65,11 @@ def test_every_expected_check_job_sensor_schedule_and_resource():
     checks = {(k.asset_key.to_user_string(), k.name) for cd in defs.asset_checks for k in cd.check_keys}
     assert CHECKS <= checks
     jobs = {j.name for j in defs.resolve_all_job_defs()}
-    assert {"shard_ingest_job", "pool_curation_job", "recipe_job", "report_job"} <= jobs
+    assert {"shard_ingest_job", "pool_curation_job", "recipe_job", "report_job", "lake_maintenance_job"} <= jobs
     assert {s.name for s in defs.sensors} == {
         "landing_sensor", "curate_after_ingest", "recipes_after_pool_curation", "report_after_recipes"
     }
-    assert {s.name for s in defs.schedules} == {"recurate_schedule"}
+    assert {s.name for s in defs.schedules} == {"recurate_schedule", "maintenance_schedule"}
     assert set(defs.resources) == {"lake", "datasets", "compute", "encoder", "distributed"}
 
 

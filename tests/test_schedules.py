@@ -29,6 +29,7 @@ from dagster._core.execution.backfill import BulkActionStatus
 
 from assets import backfill, jobs, schedules, sensors, stages
 from assets.partitions import recipe_partitions
+from resources import LakeResource
 
 RECIPES = recipe_partitions.get_partition_keys()
 CALLS: list[tuple[str, str | None, str | None]] = []  # (asset, partition, mode)
@@ -93,6 +94,7 @@ DEFS = Definitions(
     jobs=[shard_ingest_job, *jobs.CURATION_JOBS],
     schedules=schedules.SCHEDULES,
     sensors=sensors.AUTOMATION_SENSORS,
+    resources={"lake": LakeResource()},  # the maintenance schedule's job needs it (never run here)
 )
 
 

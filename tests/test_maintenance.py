@@ -1,0 +1,186 @@
+"""Lake maintenance: the layout compaction + vacuum of curation.storage.maintenance, and the
+lake_maintenance_job / maintenance_schedule that run it unattended."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, build_schedule_context
+from dagster._core.utils import make_new_run_id
+
+from curation.ingest.ids import make_uid
+from curation.select.layout import (
+    LAYOUT_TABLE,
+    LayoutConfig,
+    build_layout,
+    dedup_scores_by_bucket,
+    fit_centroids,
+    layout_files_per_bucket,
+    update_layout,
+    write_dedup_scores,
+)
+from curation.storage.lake import Lake, matrix_to_list_column
+from curation.storage.maintenance import maintain_lake
+
+D, K = 16, 6
+
+
+def _shard(lake: Lake, stem: str, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    centers = np.random.default_rng(7).standard_normal((K, D))
+    x = centers[rng.integers(0, K, n)] + 0.5 * rng.standard_normal((n, D))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    key = f"syn-{stem}"
+    lake.write("embeddings", pa.table({
+        "uid": [make_uid("syn", stem, str(i)) for i in range(n)], "shard": [key] * n,
+        "image_emb": matrix_to_list_column(x), "encoder": ["test"] * n}), partition=key)
+
+
+def _data_files(lake: Lake, table: str) -> set[str]:
+    root = lake.uri(table)
+    return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) if "_delta_log" not in d
+            for f in fs if f.endswith(".parquet")}
+
+
+@pytest.fixture
+def updated_lake(tmp_path):
+    """A layout written in small flushes, then two incremental updates: several files per bucket."""
+    lake = Lake(str(tmp_path / "lake"))
+    for i in range(3):
+        _shard(lake, f"{i:05d}", 300, i)
+    cent, _ = fit_centroids(lake, K, niter=5)
+    cfg = LayoutConfig(clusters_per_bucket=2, flush_rows=250)
+    build_layout(lake, cent, cfg)
+    write_dedup_scores(lake, dedup_scores_by_bucket(lake, config=cfg, incremental=False))
+    for i in (3, 4):
+        _shard(lake, f"{i:05d}", 200, i)
+        update_layout(lake, cent, cfg)
+        write_dedup_scores(lake, dedup_scores_by_bucket(lake, config=cfg))
+    return lake, cent, cfg
+
+
+def test_maintenance_compacts_the_layout_then_vacuums_what_the_rewrites_left(updated_lake):
+    lake, cent, cfg = updated_lake
+    counts = layout_files_per_bucket(lake)
+    assert max(counts.values()) >= 3
+    rows = lake.read(LAYOUT_TABLE, columns=["uid", "cluster_id"]).sort("uid")
+    scores = lake.read("dedup_scores").sort("uid")
+    on_disk = {t: _data_files(lake, t) for t in (LAYOUT_TABLE, "dedup_scores")}
+    # a dry run reports the buckets and what a vacuum would free, and changes nothing
+    dry = maintain_lake(lake, retention_hours=0, dry_run=True)
+    assert dry.compacted_buckets == sorted(b for b, c in counts.items() if c >= 2)
+    assert dry.layout_files_after == dry.layout_files_before == sum(counts.values())
+    dry_freed = {v.table: v.files for v in dry.vacuums}
+    assert dry_freed["dedup_scores"] == 2  # the two overwritten versions of the scores
+    assert layout_files_per_bucket(lake) == counts and _data_files(lake, "dedup_scores") == on_disk["dedup_scores"]
+    # a week's retention: the compaction runs, nothing written moments ago is deleted
+    kept = maintain_lake(lake)
+    assert kept.compacted_buckets == dry.compacted_buckets and kept.files_vacuumed == 0
+    assert all(c == 1 for c in layout_files_per_bucket(lake).values())
+    assert kept.layout_files_after == len(counts)
+    assert _data_files(lake, LAYOUT_TABLE) >= on_disk[LAYOUT_TABLE]  # the old files are still there
+    # retention 0: every file no commit references goes, the referenced ones stay, rows unchanged
+    rep = maintain_lake(lake, retention_hours=0)
+    assert rep.compacted_buckets == [] and rep.files_vacuumed > 0 and rep.bytes_freed > 0
+    by_table = {v.table: v for v in rep.vacuums}
+    assert by_table[LAYOUT_TABLE].files == sum(counts.values()) and by_table["dedup_scores"].files == 2
+    referenced = {f for f in lake.table(LAYOUT_TABLE).file_uris()}
+    assert {os.path.join(lake.uri(LAYOUT_TABLE), f) for f in _data_files(lake, LAYOUT_TABLE)} == referenced
+    assert lake.read(LAYOUT_TABLE, columns=["uid", "cluster_id"]).sort("uid").equals(rows)
+    assert lake.read("dedup_scores").sort("uid").equals(scores)
+    # the next update after maintenance is still exact (scores equal a full recompute)
+    _shard(lake, "00005", 150, 5)
+    update_layout(lake, cent, cfg)
+    du = dedup_scores_by_bucket(lake, config=cfg)
+    full = dedup_scores_by_bucket(lake, config=cfg, incremental=False)
+    assert du.mode == "incremental" and du.frame["uid"].equals(full.frame["uid"])
+    np.testing.assert_allclose(du.max_sim, full.max_sim, atol=1e-6, rtol=0)
+
+
+def test_maintenance_validates_its_settings_and_reports_a_skipped_compaction(updated_lake):
+    lake, _, _ = updated_lake
+    with pytest.raises(ValueError, match="compact_min_files: got 1"):
+        maintain_lake(lake, compact_min_files=1)
+    with pytest.raises(ValueError, match="retention_hours: got -1"):
+        maintain_lake(lake, retention_hours=-1)
+    with pytest.raises(ValueError, match=r"unknown tables \['nope'\]"):
+        maintain_lake(lake, tables=["nope"])
+    before = layout_files_per_bucket(lake)
+    rep = maintain_lake(lake, skip_compaction="busy", tables=["dedup_scores"])
+    assert rep.compaction_skipped == "busy" and rep.compacted_buckets == [] and layout_files_per_bucket(lake) == before
+    assert [v.table for v in rep.vacuums] == ["dedup_scores"]
+    assert maintain_lake(lake, compact_min_files=None, tables=[]).compaction_skipped == "compact_min_files is None"
+
+
+def _run_job(instance, lake: Lake, **config):
+    from assets.maintenance import lake_maintenance_job
+    from resources import LakeResource
+
+    job = lake_maintenance_job
+    return job.execute_in_process(
+        instance=instance, resources={"lake": LakeResource(root=lake.root, artifacts_root=lake.root + "/artifacts")},
+        run_config={"ops": {"maintain_lake": {"config": config}}} if config else None)
+
+
+def test_maintenance_job_compacts_vacuums_and_observes_the_layout(updated_lake, tmp_path):
+    from assets.jobs import pool_curation_job
+    from assets.stages import LAYOUT_TAG
+
+    lake, _, _ = updated_lake
+    before = sum(layout_files_per_bucket(lake).values())
+    with DagsterInstance.ephemeral(tempdir=str(tmp_path / "dagster")) as instance:
+        # a pool curation run in progress writes the layout: no compaction, the vacuum still runs
+        busy = DagsterRun(job_name=pool_curation_job.name, run_id=make_new_run_id(), status=DagsterRunStatus.STARTED)
+        instance.add_run(busy)
+        res = _run_job(instance, lake, retention_hours=0)
+        assert res.success
+        out = res.output_for_node("maintain_lake")
+        assert "pool_curation_job" in out["compaction_skipped"] and out["compacted_buckets"] == []
+        assert out["files_vacuumed"]["dedup_scores"] == 2
+        assert sum(layout_files_per_bucket(lake).values()) == before
+        instance.report_run_canceled(busy)
+        res = _run_job(instance, lake, retention_hours=0)
+        out = res.output_for_node("maintain_lake")
+        assert out["compaction_skipped"] == "" and out["layout_files"] == [before, len(layout_files_per_bucket(lake))]
+        # retention 0: the files the compaction replaced are deleted by the same run's vacuum
+        assert out["files_vacuumed"] == {LAYOUT_TABLE: before} and out["bytes_freed"] > 0
+        meta = next(e for e in res.all_events if e.event_type_value == "STEP_OUTPUT").event_specific_data.metadata
+        assert meta["buckets_compacted"].value == len(out["compacted_buckets"]) > 0
+        assert meta["layout_files_after"].value == len(layout_files_per_bucket(lake))
+        obs = [e for e in res.all_events if e.event_type_value == "ASSET_OBSERVATION"]
+        assert obs and obs[0].asset_key.to_user_string() == "concept_clusters"
+        assert obs[0].event_specific_data.asset_observation.metadata["layout_files"].value == len(layout_files_per_bucket(lake))
+        # nothing left to free: the tombstones a vacuum still lists are not counted again
+        out = _run_job(instance, lake, retention_hours=0).output_for_node("maintain_lake")
+        assert out["files_vacuumed"] == {} and out["bytes_freed"] == 0 and out["compacted_buckets"] == []
+    assert lake_maintenance_tags()[LAYOUT_TAG] == pool_curation_job.tags[LAYOUT_TAG] == "write"
+
+
+def lake_maintenance_tags() -> dict:
+    from assets.maintenance import lake_maintenance_job
+
+    return dict(lake_maintenance_job.tags)
+
+
+def test_maintenance_schedule_has_a_deterministic_run_key_and_the_instance_limits_layout_writers(monkeypatch):
+    import yaml
+
+    from assets import schedules
+    from assets.stages import LAYOUT_TAG, TRIGGER_TAG
+
+    t = datetime(2025, 1, 5, 4, 0, tzinfo=timezone.utc)
+    req = schedules.maintenance_schedule(build_schedule_context(scheduled_execution_time=t))
+    assert req.run_key == "maintenance:2025-01-05T04:00:00Z" and req.tags[TRIGGER_TAG] == "schedule"
+    assert schedules.maintenance_schedule.job_name == "lake_maintenance_job"
+    assert schedules.maintenance_schedule.cron_schedule == schedules.DEFAULT_MAINTENANCE_CRON
+    monkeypatch.setenv("CURATION_MAINTENANCE_CRON", "30 2 * * *")
+    assert schedules.maintenance_cron() == "30 2 * * *"
+    from pathlib import Path
+
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "dagster_home" / "dagster.yaml").read_text())
+    limits = shipped["run_coordinator"]["config"]["tag_concurrency_limits"]
+    assert {"key": LAYOUT_TAG, "limit": 1} in limits
