@@ -1,7 +1,7 @@
 """Lake maintenance as a job and a schedule: compact the cluster layout, vacuum old files.
 
 * ``lake_maintenance_job``: one op, ``maintain_lake``
-  (:func:`curation.storage.maintenance.maintain_lake`): compacts the ``pool_by_cluster``
+  (:func:`curation.select.maintenance.maintain_lake`): compacts the ``pool_by_cluster``
   buckets holding at least ``compact_min_files`` files, then deletes from every table the files
   no commit references that are older than ``retention_hours``. Its output metadata lists the
   buckets compacted, the layout's files before and after, and the files and bytes freed per
@@ -25,7 +25,7 @@ from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
 from assets.jobs import pool_curation_job
 from assets.stages import LAYOUT_TAG, STAGE_TAG
 from curation.storage.lake import VACUUM_RETENTION_HOURS
-from curation.storage.maintenance import maintain_lake
+from curation.select.maintenance import maintain_lake
 from resources import LakeResource
 
 class MaintenanceConfig(dg.Config):

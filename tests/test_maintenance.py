@@ -1,15 +1,19 @@
-"""Lake maintenance: the layout compaction + vacuum of curation.storage.maintenance, and the
+"""Lake maintenance: the layout compaction + vacuum of curation.select.maintenance, and the
 lake_maintenance_job / maintenance_schedule that run it unattended."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, build_schedule_context
+from dagster._core.instance.ref import InstanceRef
 from dagster._core.utils import make_new_run_id
 
 from curation.ingest.ids import make_uid
@@ -24,7 +28,7 @@ from curation.select.layout import (
     write_dedup_scores,
 )
 from curation.storage.lake import Lake, matrix_to_list_column
-from curation.storage.maintenance import maintain_lake
+from curation.select.maintenance import maintain_lake
 
 D, K = 16, 6
 
@@ -167,8 +171,6 @@ def lake_maintenance_tags() -> dict:
 
 
 def test_maintenance_schedule_has_a_deterministic_run_key_and_the_instance_limits_layout_writers(monkeypatch):
-    import yaml
-
     from assets import schedules
     from assets.stages import LAYOUT_TAG, TRIGGER_TAG
 
@@ -179,8 +181,9 @@ def test_maintenance_schedule_has_a_deterministic_run_key_and_the_instance_limit
     assert schedules.maintenance_schedule.cron_schedule == schedules.DEFAULT_MAINTENANCE_CRON
     monkeypatch.setenv("CURATION_MAINTENANCE_CRON", "30 2 * * *")
     assert schedules.maintenance_cron() == "30 2 * * *"
-    from pathlib import Path
-
-    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "dagster_home" / "dagster.yaml").read_text())
-    limits = shipped["run_coordinator"]["config"]["tag_concurrency_limits"]
-    assert {"key": LAYOUT_TAG, "limit": 1} in limits
+    # the shipped instance (what the daemon's run queue reads) runs one layout writer at a time
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copy(Path(__file__).resolve().parents[1] / "dagster_home" / "dagster.yaml", Path(d) / "dagster.yaml")
+        with DagsterInstance.from_ref(InstanceRef.from_dir(d)) as instance:
+            queue = instance.run_coordinator.get_run_queue_config()
+    assert {"key": LAYOUT_TAG, "limit": 1} in queue.tag_concurrency_limits and queue.max_concurrent_runs == 2

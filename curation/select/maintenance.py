@@ -26,6 +26,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from curation.select.layout import LAYOUT_TABLE, compact_layout, layout_files_per_bucket
 from curation.storage.lake import TABLES, VACUUM_RETENTION_HOURS, Lake
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,6 @@ def maintain_lake(
     Raises:
         ValueError: an unknown table, ``compact_min_files`` < 2 or ``retention_hours`` < 0.
     """
-    from curation.select.layout import LAYOUT_TABLE, compact_layout, layout_files_per_bucket
-
     if compact_min_files is not None and int(compact_min_files) < 2:
         raise ValueError(f"compact_min_files: got {compact_min_files}; expected >= 2 or None")
     if int(retention_hours) < 0:
