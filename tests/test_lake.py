@@ -125,3 +125,31 @@ def test_local_reads_go_through_arrows_own_filesystem(tmp_path):
     with pytest.raises(ValueError, match="not partitioned"):
         lake.count_rows("assignments", "x")
     assert Lake("s3://bucket/prefix").filesystem("samples") is None  # object stores: deltalake's own
+
+
+def test_hashed_uid_tables_write_their_uid_column_plain_and_the_rest_default(tmp_path):
+    """dedup_scores / subsets / assignments: uid PLAIN, no dictionary, no statistics, pages
+    uncompressed (whole table and partition writes); other tables keep deltalake's defaults."""
+    import glob
+
+    import pyarrow.parquet as pq
+
+    from curation.ingest.ids import make_uid
+
+    db = Lake(str(tmp_path))
+    uids = [make_uid("d", "s", str(i)) for i in range(50)]
+    db.write("dedup_scores", pl.DataFrame({"uid": uids, "max_sim_to_earlier": np.zeros(50, np.float32)}))
+    db.write("subsets", pl.DataFrame({"recipe": ["r"] * 50, "uid": uids, "rank": np.arange(50)}), partition="r")
+    db.write("samples", pl.DataFrame({"uid": uids, "shard": ["s"] * 50}), partition="s")
+
+    def uid_chunk(table):
+        f = glob.glob(str(tmp_path / table / "**" / "*.parquet"), recursive=True)[0]
+        md = pq.ParquetFile(f).metadata
+        return next(md.row_group(0).column(i) for i in range(md.num_columns) if md.row_group(0).column(i).path_in_schema == "uid")
+
+    for table in ("dedup_scores", "subsets"):
+        c = uid_chunk(table)
+        assert not c.has_dictionary_page and not c.is_stats_set and c.compression == "UNCOMPRESSED", table
+        assert db.read(table)["uid"].to_list() == uids
+    c = uid_chunk("samples")
+    assert c.has_dictionary_page and c.is_stats_set  # the defaults
