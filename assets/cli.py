@@ -292,6 +292,11 @@ def run_job(defs, instance, job_name: str, assets: list[str], partition: str | N
     for c in (c for c in result.get_asset_check_evaluations() if not c.passed):
         log.warning("check %s on %s failed: %s", c.check_name, c.asset_key.to_user_string(),
                     {k: v.value for k, v in c.metadata.items()})
+    return _succeeded(result, job_name)
+
+
+def _succeeded(result, job_name: str):
+    """``result`` when its run succeeded; else :class:`RunFailed` naming the failed step."""
     if not result.success:
         failures = [ev for ev in result.all_events if ev.is_step_failure]
         if failures:
@@ -402,6 +407,41 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     for job, assets, part in runs:
         res = run_job(defs, instance, job, assets, part, run_config)
         print(f"{job} run {res.run_id}: materialized {', '.join(assets)}" + (f" [{part}]" if part else ""))
+    return 0
+
+
+def cmd_maintain(args: argparse.Namespace) -> int:
+    """Run ``lake_maintenance_job`` in process (compact the layout, vacuum old files) on the
+    instance, so the run shows in the UI beside the scheduled ones."""
+    if args.retention_hours < 0:
+        raise CliError(f"--retention-hours: got {args.retention_hours}; expected >= 0")
+    if args.compact_min_files is not None and args.compact_min_files < 2:
+        raise CliError(f"--compact-min-files: got {args.compact_min_files}; expected >= 2")
+    from curation.storage.lake import TABLES
+
+    unknown = sorted(set(args.tables or []) - set(TABLES))
+    if unknown:
+        raise CliError(f"--tables: got unknown tables {unknown}; expected some of {_choices(sorted(TABLES))}")
+    config = {"compact_min_files": None if args.no_compact else args.compact_min_files or 2,
+              "retention_hours": args.retention_hours, "tables": list(args.tables or []), "dry_run": args.dry_run}
+    job = "lake_maintenance_job"
+    result = _succeeded(_defs().resolve_job_def(job).execute_in_process(
+        run_config={"ops": {"maintain_lake": {"config": config}}}, instance=_instance(),
+        tags={SOURCE_TAG: "cli", STAGE_TAG: "maintenance"}, raise_on_error=False), job)
+    out = result.output_for_node("maintain_lake")
+    verb = "would" if args.dry_run else "did"
+    before, after = out["layout_files"]
+    print(f"{job} run {result.run_id}" + (" (dry run: nothing changed)" if args.dry_run else ""))
+    if before is None:
+        print("layout: no pool_by_cluster table yet")
+    elif out["compaction_skipped"]:
+        print(f"layout: {before} files, compaction skipped ({out['compaction_skipped']})")
+    else:
+        print(f"layout: {len(out['compacted_buckets'])} buckets {verb} compact ({before} -> {after} files)")
+    freed = out["files_vacuumed"]
+    size = "" if out["bytes_freed"] is None else f", {out['bytes_freed'] / 2**20:.1f} MiB"
+    print(f"vacuum (files older than {args.retention_hours} h that no commit references): "
+          f"{sum(freed.values())} files{size}" + "".join(f"\n  {t}: {n}" for t, n in sorted(freed.items())))
     return 0
 
 
@@ -731,6 +771,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", help="partition key (a shard key or a recipe name)")
     p.add_argument("--config", help="run config YAML (ops: {asset: {config: ...}})")
     p.set_defaults(func=cmd_materialize)
+
+    p = sub.add_parser("maintain", help="lake maintenance now: compact the cluster layout, vacuum old files",
+                       epilog=ENV_HELP, formatter_class=fmt,
+                       description="Runs lake_maintenance_job (what the daily maintenance_schedule runs) in process: "
+                       "compacts the pool_by_cluster buckets holding several files, then deletes the files no commit "
+                       "references that are older than the retention (docs/operations.md).")
+    p.add_argument("--dry-run", action="store_true", help="report what would be compacted and freed; change nothing")
+    p.add_argument("--retention-hours", type=int, default=168,
+                   help="vacuum only unreferenced files older than this (default 168, Delta's week)")
+    p.add_argument("--compact-min-files", type=int, default=None,
+                   help="compact the buckets holding at least this many files (default 2)")
+    p.add_argument("--no-compact", action="store_true", help="vacuum only")
+    p.add_argument("--tables", nargs="*", help="tables to vacuum (default: all)")
+    p.set_defaults(func=cmd_maintain)
 
     p = sub.add_parser("shards", help="register landed shards as partitions, or list them")
     ssub = p.add_subparsers(dest="shards_command", required=True, parser_class=_Parser)

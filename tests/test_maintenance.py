@@ -187,3 +187,117 @@ def test_maintenance_schedule_has_a_deterministic_run_key_and_the_instance_limit
         with DagsterInstance.from_ref(InstanceRef.from_dir(d)) as instance:
             queue = instance.run_coordinator.get_run_queue_config()
     assert {"key": LAYOUT_TAG, "limit": 1} in queue.tag_concurrency_limits and queue.max_concurrent_runs == 2
+
+
+def test_cli_maintain_runs_the_job_on_the_instance_and_prints_what_it_did(tmp_path, monkeypatch, capsys):
+    """`curation maintain` = lake_maintenance_job in process on DAGSTER_HOME's instance: a dry run
+    changes nothing, a run compacts and (retention 0) frees the replaced files; bad flags are one
+    line with exit status 2."""
+    import importlib
+    import sys
+
+    import assets
+    from assets.cli import main
+
+    monkeypatch.setenv("CURATION_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    original = sys.modules.pop("assets.definitions", None)
+    importlib.import_module("assets.definitions")
+    try:
+        lake = Lake(str(tmp_path / "data" / "lake"))
+        for i in range(2):
+            _shard(lake, f"{i:05d}", 300, i)
+        cent, _ = fit_centroids(lake, K, niter=5)
+        build_layout(lake, cent, LayoutConfig(clusters_per_bucket=2, flush_rows=250))
+        files = sum(layout_files_per_bucket(lake).values())
+        assert main(["maintain", "--dry-run", "--retention-hours", "0"]) == 0
+        out = capsys.readouterr().out
+        assert "(dry run: nothing changed)" in out and f"3 buckets would compact ({files} -> {files} files)" in out
+        assert sum(layout_files_per_bucket(lake).values()) == files
+        assert main(["maintain", "--retention-hours", "0"]) == 0
+        out = capsys.readouterr().out
+        assert f"3 buckets did compact ({files} -> 3 files)" in out and f"pool_by_cluster: {files}" in out
+        runs = DagsterInstance.get().get_runs()
+        assert [r.job_name for r in runs] == ["lake_maintenance_job"] * 2 and runs[0].tags["curation/source"] == "cli"
+        assert main(["maintain", "--tables", "nope"]) == 2
+        assert "--tables: got unknown tables ['nope']" in capsys.readouterr().err
+        assert main(["maintain", "--compact-min-files", "1"]) == 2
+    finally:
+        if original is not None:
+            sys.modules["assets.definitions"] = original
+            assets.definitions = original
+
+
+def _launch_maintenance(home: Path, dagster_home: Path, config: dict):
+    """``lake_maintenance_job`` as the daemon launches it: ``dagster job execute`` in its own
+    process group, the multiprocess executor, the shipped instance config."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = home / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"ops": {"maintain_lake": {"config": config}}}))
+    env = dict(os.environ, CURATION_HOME=str(home), DAGSTER_HOME=str(dagster_home), OMP_NUM_THREADS="1",
+               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    cmd = [sys.executable, "-m", "dagster", "job", "execute", "-m", "assets.definitions", "-a", "defs",
+           "-j", "lake_maintenance_job", "-c", str(cfg), "--tags", json.dumps({"curation/source": "test"})]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_sigkill_during_compaction_leaves_the_layout_intact_and_the_next_run_finishes(tmp_path):
+    """A maintenance run SIGKILLed (its whole process group) while the compaction writes its new
+    bucket files: no commit, so the table is the old one (same files, same rows) and the half-
+    written files are orphans; the next run compacts, and its vacuum (retention 0) deletes the
+    orphans with the replaced files: on disk exactly the files the log references."""
+    import signal
+    import subprocess
+    import time
+
+    template = tmp_path / "template"
+    lake = Lake(str(template / "lake"))
+    for i in range(6):
+        _shard(lake, f"{i:05d}", 1500, i)
+    cent, _ = fit_centroids(lake, K, niter=5)
+    build_layout(lake, cent, LayoutConfig(clusters_per_bucket=1, flush_rows=300))
+    write_dedup_scores(lake, dedup_scores_by_bucket(lake, config=LayoutConfig(clusters_per_bucket=1), incremental=False))
+    rows = lake.read(LAYOUT_TABLE, columns=["uid", "cluster_id", "cos_to_centroid"]).sort("uid")
+    dagster_home = tmp_path / "dagster_home"
+    dagster_home.mkdir()
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")
+    for attempt in range(4):  # the kill must land between the first new file and the commit
+        home = tmp_path / f"home{attempt}"
+        shutil.copytree(template, home)
+        db = Lake(str(home / "lake"))
+        version, referenced = db.table(LAYOUT_TABLE).version(), set(db.table(LAYOUT_TABLE).file_uris())
+        before = _data_files(db, LAYOUT_TABLE)
+        proc = _launch_maintenance(home, dagster_home, {"retention_hours": 168})
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not (_data_files(db, LAYOUT_TABLE) - before):
+            time.sleep(0.002)
+        assert proc.poll() is None, f"the run ended before its compaction wrote a file: {proc.stderr.read()[-2000:]}"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        if db.table(LAYOUT_TABLE).version() == version:
+            break  # killed before the commit
+    else:
+        raise AssertionError("the compaction always committed before the SIGKILL landed (4 attempts)")
+    orphans = _data_files(db, LAYOUT_TABLE) - before
+    assert orphans and set(db.table(LAYOUT_TABLE).file_uris()) == referenced
+    assert db.read(LAYOUT_TABLE, columns=["uid", "cluster_id", "cos_to_centroid"]).sort("uid").equals(rows)
+    # the next run, nothing killed: compacts, and retention 0 deletes the orphans and the replaced files
+    proc = _launch_maintenance(home, dagster_home, {"retention_hours": 0})
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    assert all(c == 1 for c in layout_files_per_bucket(db).values())
+    on_disk = {os.path.join(db.uri(LAYOUT_TABLE), f) for f in _data_files(db, LAYOUT_TABLE)}
+    assert on_disk == set(db.table(LAYOUT_TABLE).file_uris()) and not (orphans & _data_files(db, LAYOUT_TABLE))
+    assert db.read(LAYOUT_TABLE, columns=["uid", "cluster_id", "cos_to_centroid"]).sort("uid").equals(rows)
+    full = dedup_scores_by_bucket(db, config=LayoutConfig(clusters_per_bucket=1), incremental=False)
+    stored = db.read("dedup_scores").sort("uid")
+    assert full.frame["uid"].equals(stored["uid"])
+    np.testing.assert_array_equal(full.max_sim, stored["max_sim_to_earlier"].to_numpy())

@@ -60,8 +60,9 @@ TABLES: dict[str, str | None] = {
 #: partition) or appends to: their ``uid`` column is written PLAIN, without a dictionary or
 #: statistics, and pages uncompressed (32 random hex characters: the writer otherwise fills a
 #: dictionary page before it falls back, and min/max stats of hashes skip nothing). 1M
-#: ``dedup_scores`` rows: written in 0.095 instead of 0.25 s, read in 0.033 instead of 0.066 s,
-#: 45.5 instead of 39.7 MiB (docs/benchmarks.md).
+#: ``dedup_scores`` rows of hashed uids: overwritten in 0.22 instead of 0.29 s, read in 0.033
+#: instead of 0.066 s, 45.5 instead of 39.7 MiB; a 544k-row ``subsets`` partition rewritten in
+#: 0.13 instead of 0.19 s (docs/benchmarks.md).
 UID_PLAIN_TABLES = frozenset({"assignments", "dedup_scores", "subsets"})
 
 #: how often a partition write is retried after a commit conflict with a concurrent writer
