@@ -8,6 +8,9 @@ bucket and the ``dbp@0.5`` recipe with its export, then re-curates two new shard
 N <= 200k) parity with the in-memory path. ``--mode memory``: the library functions on one
 in-memory matrix (described below).
 
+Uids: hashed by default (unordered 32-hex-character uids, like real content-hashed ones); ``--uids
+counter`` gives the row number in hex (the scheme of runs before 2026-12-05, session 5).
+
 Data: a vMF-like mixture of ``concepts`` (default k) directions in ``d`` dims, each concept
 with its own spread (so cluster complexity varies), plus planted near-duplicates: a
 ``dup_fraction`` of the rows are replaced by a copy of another row plus tiny noise
@@ -23,7 +26,7 @@ caption matrix exists) and at the end; each N runs in its own subprocess.
 
 Usage::
 
-    python benchmarks/prune_scale.py --n 1000000 --k 1000 [--dtype float16]   # lake mode
+    python benchmarks/prune_scale.py --n 1000000 --k 1000 [--dtype float16] [--compact] [--uids counter]   # lake mode
     python benchmarks/prune_scale.py --n 10000000 --k 10000                   # the 10M run
     python benchmarks/prune_scale.py --mode memory   # N = 100k and 1M, d 512, k 1000
     python benchmarks/prune_scale.py --n 20000 --k 100 --d 64   # a quick run
