@@ -13,20 +13,23 @@ A compaction rewrites buckets that ``concept_clusters`` may be appending to or d
 the job and ``pool_curation_job`` carry the ``curation/layout`` tag, which the shipped instance
 (``dagster_home/dagster.yaml``) limits to one run at a time, and the op also skips the
 compaction (not the vacuum) while a ``pool_curation_job`` run is queued or in progress on an
-instance without that limit.
+instance without that limit. While any other run is queued or in progress, the vacuum keeps
+files younger than an hour whatever ``retention_hours`` says (they may belong to its writes).
 """
 
-
+# no ``from __future__ import annotations``: Dagster resolves the op's config annotation at definition
 
 import dagster as dg
 from dagster import RunsFilter
 from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
 
 from assets.jobs import pool_curation_job
+from assets.run_health import run_worker_dead
 from assets.stages import LAYOUT_TAG, STAGE_TAG
-from curation.storage.lake import VACUUM_RETENTION_HOURS
 from curation.select.maintenance import maintain_lake
+from curation.storage.lake import VACUUM_RETENTION_HOURS
 from resources import LakeResource
+
 
 class MaintenanceConfig(dg.Config):
     """``compact_min_files``: compact the layout buckets holding at least this many data files
@@ -42,9 +45,17 @@ class MaintenanceConfig(dg.Config):
     dry_run: bool = False
 
 
-def _layout_writer_running(instance: dg.DagsterInstance) -> bool:
-    return bool(instance.get_run_records(
-        RunsFilter(job_name=pool_curation_job.name, statuses=list(IN_PROGRESS_RUN_STATUSES)), limit=1))
+#: while other runs write, a vacuum keeps at least this much: files that young may belong to a
+#: write in flight (an ingest, a layout update) whose commit would then name deleted files
+MIN_RETENTION_WHILE_RUNNING_HOURS = 1
+
+
+def _running(instance: dg.DagsterInstance, own_run_id: str, job_name: str | None = None) -> bool:
+    """Whether another run (of ``job_name``, or of any job) is queued or in progress; a STARTED
+    run whose worker process is gone (killed; run monitoring has not marked it FAILED yet)
+    writes nothing and does not count."""
+    records = instance.get_run_records(RunsFilter(job_name=job_name, statuses=list(IN_PROGRESS_RUN_STATUSES)))
+    return any(r.dagster_run.run_id != own_run_id and not run_worker_dead(instance, r.dagster_run) for r in records)
 
 
 @dg.op(
@@ -55,10 +66,15 @@ def _layout_writer_running(instance: dg.DagsterInstance) -> bool:
 def maintain_lake_op(context: dg.OpExecutionContext, config: MaintenanceConfig, lake: LakeResource):
     db = lake.lake()
     skip = ""
-    if config.compact_min_files is not None and _layout_writer_running(context.instance):
+    if config.compact_min_files is not None and _running(context.instance, context.run_id, pool_curation_job.name):
         skip = "a pool_curation_job run is queued or in progress (it writes the layout)"
         context.log.warning(f"compaction skipped: {skip}; the vacuum still runs")
-    rep = maintain_lake(db, config.compact_min_files, config.retention_hours, config.tables or None,
+    retention = config.retention_hours
+    if retention < MIN_RETENTION_WHILE_RUNNING_HOURS and _running(context.instance, context.run_id):
+        retention = MIN_RETENTION_WHILE_RUNNING_HOURS
+        context.log.warning(f"other runs are in progress: the vacuum keeps files younger than {retention} h "
+                            f"(asked: {config.retention_hours} h), they may belong to a write in flight")
+    rep = maintain_lake(db, config.compact_min_files, retention, config.tables or None,
                         config.dry_run, skip_compaction=skip)
     freed = {v.table: v.files for v in rep.vacuums if v.files}
     metadata = {
@@ -67,7 +83,7 @@ def maintain_lake_op(context: dg.OpExecutionContext, config: MaintenanceConfig, 
         "compaction_skipped": rep.compaction_skipped,
         "files_vacuumed": rep.files_vacuumed,
         "files_vacuumed_per_table": dg.MetadataValue.json(freed),
-        "retention_hours": config.retention_hours,
+        "retention_hours": retention,
         "seconds": round(rep.seconds, 3),
     }
     if rep.bytes_freed is not None:
@@ -85,6 +101,7 @@ def maintain_lake_op(context: dg.OpExecutionContext, config: MaintenanceConfig, 
         "files_vacuumed": freed,
         "bytes_freed": rep.bytes_freed,
         "compaction_skipped": rep.compaction_skipped,
+        "retention_hours": retention,
         "dry_run": rep.dry_run,
     }
     return dg.Output(summary, metadata=metadata)

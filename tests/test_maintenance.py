@@ -144,14 +144,17 @@ def test_maintenance_job_compacts_vacuums_and_observes_the_layout(updated_lake, 
         assert res.success
         out = res.output_for_node("maintain_lake")
         assert "pool_curation_job" in out["compaction_skipped"] and out["compacted_buckets"] == []
-        assert out["files_vacuumed"]["dedup_scores"] == 2
+        # ... and while another run writes, files younger than an hour stay whatever the config says
+        assert out["retention_hours"] == 1 and out["files_vacuumed"] == {}
         assert sum(layout_files_per_bucket(lake).values()) == before
         instance.report_run_canceled(busy)
         res = _run_job(instance, lake, retention_hours=0)
         out = res.output_for_node("maintain_lake")
         assert out["compaction_skipped"] == "" and out["layout_files"] == [before, len(layout_files_per_bucket(lake))]
-        # retention 0: the files the compaction replaced are deleted by the same run's vacuum
-        assert out["files_vacuumed"] == {LAYOUT_TABLE: before} and out["bytes_freed"] > 0
+        # retention 0, nothing else running: the old scores and the files the compaction replaced go
+        assert out["retention_hours"] == 0
+        assert out["files_vacuumed"] == {LAYOUT_TABLE: before, "dedup_scores": 2, "dedup_scores_shards": 2,
+                                         "pool_by_cluster_shards": 2} and out["bytes_freed"] > 0
         meta = next(e for e in res.all_events if e.event_type_value == "STEP_OUTPUT").event_specific_data.metadata
         assert meta["buckets_compacted"].value == len(out["compacted_buckets"]) > 0
         assert meta["layout_files_after"].value == len(layout_files_per_bucket(lake))
@@ -290,7 +293,9 @@ def test_sigkill_during_compaction_leaves_the_layout_intact_and_the_next_run_fin
     orphans = _data_files(db, LAYOUT_TABLE) - before
     assert orphans and set(db.table(LAYOUT_TABLE).file_uris()) == referenced
     assert db.read(LAYOUT_TABLE, columns=["uid", "cluster_id", "cos_to_centroid"]).sort("uid").equals(rows)
-    # the next run, nothing killed: compacts, and retention 0 deletes the orphans and the replaced files
+    # the next run: the killed one is still STARTED (no daemon marked it), but its worker is gone,
+    # so it counts as no writer: the run compacts, and retention 0 deletes the orphans and the
+    # replaced files
     proc = _launch_maintenance(home, dagster_home, {"retention_hours": 0})
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
     assert all(c == 1 for c in layout_files_per_bucket(db).values())
