@@ -429,7 +429,6 @@ def cmd_maintain(args: argparse.Namespace) -> int:
         run_config={"ops": {"maintain_lake": {"config": config}}}, instance=_instance(),
         tags={SOURCE_TAG: "cli", STAGE_TAG: "maintenance"}, raise_on_error=False), job)
     out = result.output_for_node("maintain_lake")
-    verb = "would" if args.dry_run else "did"
     before, after = out["layout_files"]
     print(f"{job} run {result.run_id}" + (" (dry run: nothing changed)" if args.dry_run else ""))
     if before is None:
@@ -437,7 +436,9 @@ def cmd_maintain(args: argparse.Namespace) -> int:
     elif out["compaction_skipped"]:
         print(f"layout: {before} files, compaction skipped ({out['compaction_skipped']})")
     else:
-        print(f"layout: {len(out['compacted_buckets'])} buckets {verb} compact ({before} -> {after} files)")
+        n = len(out["compacted_buckets"])
+        print(f"layout: would compact {n} buckets ({before} files now)" if args.dry_run
+              else f"layout: compacted {n} buckets ({before} -> {after} files)")
     freed = out["files_vacuumed"]
     size = "" if out["bytes_freed"] is None else f", {out['bytes_freed'] / 2**20:.1f} MiB"
     print(f"vacuum (files older than {args.retention_hours} h that no commit references): "

@@ -215,11 +215,11 @@ def test_cli_maintain_runs_the_job_on_the_instance_and_prints_what_it_did(tmp_pa
         files = sum(layout_files_per_bucket(lake).values())
         assert main(["maintain", "--dry-run", "--retention-hours", "0"]) == 0
         out = capsys.readouterr().out
-        assert "(dry run: nothing changed)" in out and f"3 buckets would compact ({files} -> {files} files)" in out
+        assert "(dry run: nothing changed)" in out and f"layout: would compact 3 buckets ({files} files now)" in out
         assert sum(layout_files_per_bucket(lake).values()) == files
         assert main(["maintain", "--retention-hours", "0"]) == 0
         out = capsys.readouterr().out
-        assert f"3 buckets did compact ({files} -> 3 files)" in out and f"pool_by_cluster: {files}" in out
+        assert f"layout: compacted 3 buckets ({files} -> 3 files)" in out and f"pool_by_cluster: {files}" in out
         runs = DagsterInstance.get().get_runs()
         assert [r.job_name for r in runs] == ["lake_maintenance_job"] * 2 and runs[0].tags["curation/source"] == "cli"
         assert main(["maintain", "--tables", "nope"]) == 2
