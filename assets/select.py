@@ -66,6 +66,7 @@ from curation.select.pool_tables import (
     read_kept_samples,
     read_recipe_pool,
     store_selection,
+    stored_d_inter,
 )
 from curation.select.controls import finalize_control, needs_dedup_scores, resolve_recipe
 from curation.select.recipes import apply_recipe, recipe_hash
@@ -265,12 +266,13 @@ class ComplexityConfig(dg.Config):
     examples: int = 3
 
 
-def _examples(db: Lake, asg: pl.DataFrame, clusters: list[int], per: int) -> dict[int, str]:
-    """Captions of the ``per`` most prototypical members of each listed cluster."""
+def _examples(db: Lake, clusters: list[int], per: int) -> dict[int, str]:
+    """Captions of the ``per`` most prototypical members of each listed cluster (their
+    assignments rows streamed: memory holds those clusters' rows, not the pool's)."""
     if not db.exists("samples") or not clusters:
         return {}
     top = (
-        asg.filter(pl.col("cluster_id").is_in(clusters))
+        db.read_where("assignments", ["uid", "cluster_id", "cos_to_centroid"], pl.col("cluster_id").is_in(clusters))
         .sort(["cluster_id", "cos_to_centroid"], descending=[False, True])
         .group_by("cluster_id", maintain_order=True)
         .head(per)
@@ -291,16 +293,20 @@ def complexity_scores(context: dg.AssetExecutionContext, config: ComplexityConfi
     t0 = time.perf_counter()
     db = lake.lake()
     cent = read_centroids(db)
-    asg = db.read("assignments", columns=["uid", "cluster_id", "cos_to_centroid"])
-    comp = cluster_complexity(asg["cluster_id"].to_numpy(), asg["cos_to_centroid"].to_numpy(), cent,
-                              n_neighbors=config.n_neighbors, tau=config.tau)
+    # the numbers only (no uid strings: 10M of them are ~0.6 GB); d_inter depends only on the
+    # centroids: an incremental update (same centroids) reuses the stored one
+    asg = db.dataset("assignments").to_table(columns=["cluster_id", "cos_to_centroid"])
+    d_inter = stored_d_inter(db, cent, config.n_neighbors)
+    comp = cluster_complexity(asg.column("cluster_id").to_numpy(), asg.column("cos_to_centroid").to_numpy(), cent,
+                              n_neighbors=config.n_neighbors, tau=config.tau, d_inter=d_inter)
+    del asg
     db.write("clusters", clusters_frame(cent, comp))
     table = pl.DataFrame(
         {"cluster_id": np.arange(cent.shape[0]), "size": comp.size, "d_intra": comp.d_intra,
          "d_inter": comp.d_inter, "complexity": comp.complexity, "weight": comp.weight}
     ).sort("complexity", descending=True)
     most, least = table.head(5), table.tail(5).reverse()
-    ex = _examples(db, asg, most["cluster_id"].to_list() + least["cluster_id"].to_list(), config.examples)
+    ex = _examples(db, most["cluster_id"].to_list() + least["cluster_id"].to_list(), config.examples)
 
     def with_ex(df: pl.DataFrame) -> pl.DataFrame:
         return df.with_columns(pl.col("cluster_id").map_elements(lambda c: ex.get(c, ""), return_dtype=pl.String).alias("examples"))
@@ -310,6 +316,7 @@ def complexity_scores(context: dg.AssetExecutionContext, config: ComplexityConfi
             "k": int(cent.shape[0]),
             "tau": config.tau,
             "n_neighbors": comp.n_neighbors,
+            "d_inter": "stored (same centroids)" if d_inter is not None else "computed",
             "complexity_min": float(comp.complexity.min()),
             "complexity_max": float(comp.complexity.max()),
             "weight_max": float(comp.weight.max()),

@@ -377,7 +377,8 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
         update_layout,
         write_dedup_scores,
     )
-    from curation.select.pool_tables import clusters_frame, read_recipe_pool
+    from curation.select.clustering import DEFAULT_NEIGHBORS
+    from curation.select.pool_tables import clusters_frame, read_recipe_pool, stored_d_inter
     from curation.select.recipes import apply_recipe, parse_recipe
     from curation.storage.lake import Lake
 
@@ -407,9 +408,10 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
     built = stage("layout", lambda: build_layout(lake, cent, cfg))
     audits = {"layout": _audit(built)}
 
-    def complexity():  # what concept_clusters / complexity_scores write to `clusters`
-        a = lake.read("assignments", columns=["cluster_id", "cos_to_centroid"])
-        comp = cluster_complexity(a["cluster_id"].to_numpy(), a["cos_to_centroid"].to_numpy(), cent)
+    def complexity():  # what complexity_scores writes to `clusters` (d_inter reused for the same centroids)
+        a = lake.dataset("assignments").to_table(columns=["cluster_id", "cos_to_centroid"])
+        comp = cluster_complexity(a.column("cluster_id").to_numpy(), a.column("cos_to_centroid").to_numpy(), cent,
+                                  d_inter=stored_d_inter(lake, cent, DEFAULT_NEIGHBORS))
         lake.write("clusters", clusters_frame(cent, comp))
         return comp
 

@@ -288,3 +288,29 @@ def test_checks_report_budget_mismatch(pool):
     assert not res.passed
     assert res.metadata["observed"].value == PER_SHARD - 1
     assert res.metadata["threshold"].value == f"== {PER_SHARD}"
+
+
+def test_complexity_reuses_d_inter_only_for_the_same_centroids_and_neighbors(pool):
+    """d_inter depends only on the centroids and l: after an incremental assignment (same
+    centroids) complexity_scores reuses the stored one, and the rows equal a full computation;
+    new centroids or another n_neighbors compute it again."""
+    from curation.select.clustering import cluster_complexity
+
+    cfg = {"concept_clusters": {"config": {"k": 4, "niter": 10}}}
+    first = _run(pool, [concept_clusters, complexity_scores], config=cfg)
+    assert first.asset_materializations_for_node("complexity_scores")[0].metadata["d_inter"].value == "computed"
+    pool.add_shard("00002")
+    res = _run(pool, [concept_clusters, complexity_scores])  # auto: the same centroids, one new shard
+    assert res.asset_materializations_for_node("complexity_scores")[0].metadata["d_inter"].value == "stored (same centroids)"
+    db = pool.db
+    cent = list_column_to_matrix(db.read("centroids").sort("cluster_id")["centroid"])
+    asg = db.read("assignments")
+    ref = cluster_complexity(asg["cluster_id"].to_numpy(), asg["cos_to_centroid"].to_numpy(), cent)
+    cl = db.read("clusters").sort("cluster_id")
+    np.testing.assert_array_equal(cl["d_inter"].to_numpy(), ref.d_inter)
+    np.testing.assert_array_equal(cl["size"].to_numpy(), ref.size)
+    np.testing.assert_array_equal(cl["weight"].to_numpy(), ref.weight)
+    res = _run(pool, [complexity_scores], config={"complexity_scores": {"config": {"n_neighbors": 2}}})
+    assert res.asset_materializations_for_node("complexity_scores")[0].metadata["d_inter"].value == "computed"
+    res = _run(pool, [concept_clusters, complexity_scores], config={"concept_clusters": {"config": {"k": 3, "niter": 10}}})
+    assert res.asset_materializations_for_node("complexity_scores")[0].metadata["d_inter"].value == "computed"
