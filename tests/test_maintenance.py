@@ -27,10 +27,11 @@ from curation.select.layout import (
     update_layout,
     write_dedup_scores,
 )
-from curation.storage.lake import Lake, matrix_to_list_column
 from curation.select.maintenance import maintain_lake
+from curation.storage.lake import Lake, matrix_to_list_column
 
 D, K = 16, 6
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _shard(lake: Lake, stem: str, n: int, seed: int) -> None:
@@ -124,14 +125,14 @@ def _run_job(instance, lake: Lake, **config):
     from assets.maintenance import lake_maintenance_job
     from resources import LakeResource
 
-    job = lake_maintenance_job
-    return job.execute_in_process(
+    return lake_maintenance_job.execute_in_process(
         instance=instance, resources={"lake": LakeResource(root=lake.root, artifacts_root=lake.root + "/artifacts")},
         run_config={"ops": {"maintain_lake": {"config": config}}} if config else None)
 
 
 def test_maintenance_job_compacts_vacuums_and_observes_the_layout(updated_lake, tmp_path):
     from assets.jobs import pool_curation_job
+    from assets.maintenance import lake_maintenance_job
     from assets.stages import LAYOUT_TAG
 
     lake, _, _ = updated_lake
@@ -164,13 +165,7 @@ def test_maintenance_job_compacts_vacuums_and_observes_the_layout(updated_lake, 
         # nothing left to free: the tombstones a vacuum still lists are not counted again
         out = _run_job(instance, lake, retention_hours=0).output_for_node("maintain_lake")
         assert out["files_vacuumed"] == {} and out["bytes_freed"] == 0 and out["compacted_buckets"] == []
-    assert lake_maintenance_tags()[LAYOUT_TAG] == pool_curation_job.tags[LAYOUT_TAG] == "write"
-
-
-def lake_maintenance_tags() -> dict:
-    from assets.maintenance import lake_maintenance_job
-
-    return dict(lake_maintenance_job.tags)
+    assert lake_maintenance_job.tags[LAYOUT_TAG] == pool_curation_job.tags[LAYOUT_TAG] == "write"
 
 
 def test_maintenance_schedule_has_a_deterministic_run_key_and_the_instance_limits_layout_writers(monkeypatch):
@@ -186,7 +181,7 @@ def test_maintenance_schedule_has_a_deterministic_run_key_and_the_instance_limit
     assert schedules.maintenance_cron() == "30 2 * * *"
     # the shipped instance (what the daemon's run queue reads) runs one layout writer at a time
     with tempfile.TemporaryDirectory() as d:
-        shutil.copy(Path(__file__).resolve().parents[1] / "dagster_home" / "dagster.yaml", Path(d) / "dagster.yaml")
+        shutil.copy(REPO / "dagster_home" / "dagster.yaml", Path(d) / "dagster.yaml")
         with DagsterInstance.from_ref(InstanceRef.from_dir(d)) as instance:
             queue = instance.run_coordinator.get_run_queue_config()
     assert {"key": LAYOUT_TAG, "limit": 1} in queue.tag_concurrency_limits and queue.max_concurrent_runs == 2
@@ -249,8 +244,6 @@ def _launch_maintenance(home: Path, dagster_home: Path, config: dict):
     return subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_sigkill_during_compaction_leaves_the_layout_intact_and_the_next_run_finishes(tmp_path):
