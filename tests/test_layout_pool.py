@@ -373,6 +373,11 @@ def test_recipe_pool_reads_the_scores_alone_only_while_they_carry_the_current_as
     p.lake.write(layout.DEDUP_STATE_TABLE, p.lake.read(layout.DEDUP_STATE_TABLE).drop("assignments_version"))
     assert not layout.scores_carry_assignments(p.lake)
     assert read_recipe_pool(p.lake, r).n == 1800
+    _finish(p.lake, cent, cfg, incremental=True)
+    import shutil
+
+    shutil.rmtree(p.lake.uri("assignments"))  # no assignments at all: False, not an error
+    assert not layout.scores_carry_assignments(p.lake)
 
 
 def test_compaction_keeps_rows_and_scores_and_sorts_buckets_by_cluster(tmp_path, monkeypatch):

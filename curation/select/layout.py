@@ -1097,10 +1097,8 @@ def scores_carry_assignments(lake: Lake) -> bool:
     st = lake.read(DEDUP_STATE_TABLE)
     if "assignments_version" not in st.columns or st.height == 0 or st["assignments_version"].n_unique() != 1:
         return False
-    if int(st["assignments_version"][0]) != lake.table("assignments").version():
-        return False
-    state = layout_state(lake)
-    if state is None:
+    state = layout_state(lake)  # None without a layout or assignments
+    if state is None or int(st["assignments_version"][0]) != lake.table("assignments").version():
         return False
     diff = _shard_diff(lake, state.select("shard", "fingerprint").with_columns(pl.lit(_layout_id(state)).alias("layout_id")))
     return diff is not None and not any(diff)
