@@ -8,7 +8,7 @@ bucket and the ``dbp@0.5`` recipe with its export, then re-curates two new shard
 N <= 200k) parity with the in-memory path. ``--mode memory``: the library functions on one
 in-memory matrix (described below).
 
-Uids: hashed by default (unordered 32-hex-character uids, like real content-hashed ones); ``--uids
+Uids: hashed by default (unordered 32-hex-character uids, like the platform's hashed ones); ``--uids
 counter`` gives the row number in hex (the scheme of runs before 2026-12-05, session 5).
 
 Data: a vMF-like mixture of ``concepts`` (default k) directions in ``d`` dims, each concept
@@ -287,9 +287,9 @@ def uid_column(first_uid: int, n: int, uids: str = "hashed"):
     """The uids of rows ``first_uid .. first_uid + n - 1`` as an Arrow string column.
 
     ``hashed`` (default): 32 hex characters of two mixed uint64 of the row number, unique and in
-    no order, like the platform's content-hashed uids (:func:`curation.ingest.ids.make_uid`):
-    tables appended shard by shard are then NOT sorted by uid, and every uid sort and join
-    costs what it costs on a real pool. ``counter``: the row number in hex (what runs before
+    no order, like the platform's uids (a blake2b hash of dataset, shard and key,
+    :func:`curation.ingest.ids.make_uid`): tables appended shard by shard are then NOT sorted by
+    uid, and every uid sort and join costs what it costs on a real pool. ``counter``: the row number in hex (what runs before
     2026-12-05 used: appended shards come out sorted by uid, which flatters the sorts)."""
     import pyarrow as pa
 
@@ -678,7 +678,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compact", action="store_true",
                     help="compact the layout after the full run (stage `compact`, not counted in it) before the updates")
     ap.add_argument("--uids", choices=UID_SCHEMES, default="hashed",
-                    help="synthetic uids: hashed (default; unordered, like real content-hashed uids) or counter "
+                    help="synthetic uids: hashed (default; unordered, like the platform's hashed uids) or counter "
                          "(the row number: appended shards come out sorted by uid; runs before 2026-12-05)")
     ap.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
