@@ -204,7 +204,7 @@ def concept_clusters(context: dg.AssetExecutionContext, config: ConceptClustersC
             "throughput_per_s": round(up.n_new / seconds, 1) if seconds > 0 else 0.0,
             "cluster_size_histogram": dg.MetadataValue.md(size_histogram(sizes)),
             **(up.assignment.metadata() if up.assignment is not None else {}),
-            "layout_files": sum(layout_files_per_bucket(db).values()),
+            "layout_files": compacted.layout_files if compacted is not None else sum(layout_files_per_bucket(db).values()),
             **({"buckets_compacted": len(compacted.buckets), "compact_seconds": round(compacted.seconds, 3)}
                if compacted is not None else {}),
         })

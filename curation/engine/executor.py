@@ -396,6 +396,24 @@ def make_executor(config: DistributedConfig | None = None) -> Executor:
     return RayExecutor(config)
 
 
+def run_beside(background: Callable[[], Any], foreground: Callable[[], Any]) -> Any:
+    """Run ``background()`` on one other thread while ``foreground()`` runs here (two pieces of
+    Rust/numpy work that release the GIL overlap on two cores); wait for both and return what
+    ``foreground`` returned. An error of ``foreground`` propagates (after ``background`` has
+    ended); else an error of ``background`` does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        done = pool.submit(background)
+        try:
+            out = foreground()
+        finally:
+            failed = done.exception()  # waits for the background work
+    if failed is not None:
+        raise failed
+    return out
+
+
 # Grouping helpers for per-cluster and per-class work
 
 

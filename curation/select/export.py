@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from curation.engine.executor import run_beside
 from curation.ingest.ids import sorted_uid_array
 from curation.ingest.shards import AtomicTarWriter, load_members, shard_path
 from curation.storage.data_home import safe_child
@@ -122,16 +123,8 @@ def export_subset(
 
     # the manifest is written (polars, GIL released) while the uid file is made and saved
     # (500k kept: 0.11 s and 0.09 s one after the other)
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        manifest = pool.submit(_write_atomic, out / "manifest.parquet", lambda p: man.select(MANIFEST_COLUMNS).write_parquet(p))
-        try:
-            _write_atomic(out / "uids.npy", save_uids)
-        finally:
-            failed = manifest.exception()  # waits for the manifest
-    if failed is not None:
-        raise failed
+    run_beside(lambda: _write_atomic(out / "manifest.parquet", lambda p: man.select(MANIFEST_COLUMNS).write_parquet(p)),
+               lambda: _write_atomic(out / "uids.npy", save_uids))
 
     shards_dir = safe_child(out, "shards")
     shards_dir.mkdir(exist_ok=True)

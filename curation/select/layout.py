@@ -85,7 +85,7 @@ from curation.select.similarity import (
     max_sim_to_earlier_blocked,
     single_thread_blas,
 )
-from curation.storage.lake import Lake, release_memory
+from curation.storage.lake import Lake, plain_writer_properties, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -543,21 +543,19 @@ def _raw_columns(names) -> list[str]:
 
 def _layout_writer_properties(raw: list[str]):
     """Parquet settings of every ``pool_by_cluster`` file (see :func:`write_layout_rows`)."""
-    from deltalake import ColumnProperties, WriterProperties
-
-    plain = ColumnProperties(dictionary_enabled=False, statistics_enabled="NONE", encoding="PLAIN")
-    return WriterProperties(compression="UNCOMPRESSED", max_row_group_size=LAYOUT_ROW_GROUP_ROWS,
-                            column_properties={c: plain for c in raw})
+    return plain_writer_properties(raw, max_row_group_size=LAYOUT_ROW_GROUP_ROWS)
 
 
 @dataclass
 class LayoutCompaction:
-    """Result of :func:`compact_layout`: buckets rewritten, their data files before and after."""
+    """Result of :func:`compact_layout`: buckets rewritten, their data files before and after,
+    and the data files of the whole layout after it (``layout_files``)."""
 
     buckets: list[str]
     files_before: int
     files_after: int
     seconds: float
+    layout_files: int = 0
 
 
 def layout_files_per_bucket(lake: Lake) -> dict[str, int]:
@@ -567,6 +565,13 @@ def layout_files_per_bucket(lake: Lake) -> dict[str, int]:
     for b in actions.column("partition.bucket").to_pylist():
         out[b] = out.get(b, 0) + 1
     return out
+
+
+def buckets_to_compact(counts: dict[str, int], min_files: int, buckets=None) -> list[str]:
+    """The buckets of ``counts`` (``{bucket: data files}``; only those in ``buckets`` when
+    given) holding at least ``min_files`` files: what :func:`compact_layout` rewrites."""
+    want = set(counts) if buckets is None else set(buckets) & set(counts)
+    return sorted(b for b in want if counts[b] >= int(min_files))
 
 
 def compact_layout(lake: Lake, min_files: int = 2, buckets=None) -> LayoutCompaction:
@@ -594,8 +599,7 @@ def compact_layout(lake: Lake, min_files: int = 2, buckets=None) -> LayoutCompac
     if not lake.exists(LAYOUT_TABLE):
         raise ValueError(f"{LAYOUT_TABLE}: got no table; expected a layout (materialize concept_clusters first)")
     counts = layout_files_per_bucket(lake)
-    want = set(counts) if buckets is None else set(buckets) & set(counts)
-    todo = sorted(b for b in want if counts[b] >= int(min_files))
+    todo = buckets_to_compact(counts, min_files, buckets)
     before = sum(counts[b] for b in todo)
     if todo:
         dt = lake.table(LAYOUT_TABLE)
@@ -605,7 +609,8 @@ def compact_layout(lake: Lake, min_files: int = 2, buckets=None) -> LayoutCompac
         dt.optimize.z_order(["cluster_id"], partition_filters=[("bucket", "in", todo)], target_size=1 << 30,
                             max_concurrent_tasks=1, writer_properties=_layout_writer_properties(raw))
     after = layout_files_per_bucket(lake)
-    return LayoutCompaction(todo, before, sum(after.get(b, 0) for b in todo), time.perf_counter() - t)
+    return LayoutCompaction(todo, before, sum(after.get(b, 0) for b in todo), time.perf_counter() - t,
+                            sum(after.values()))
 
 
 def _stream_assign(lake: Lake, centroids: np.ndarray, config: LayoutConfig, shards, writer: _Writer,
@@ -678,6 +683,15 @@ def build_layout(lake: Lake, centroids: np.ndarray, config: LayoutConfig = Layou
     _write_shard_state(lake, fps, config, uuid.uuid4().hex)
     return LayoutUpdate("rebuild", n, n, sorted(fps), [], np.arange(centroids.shape[0], dtype=np.int32),
                         sorted(enc), writer.written, audit)
+
+
+def _layout_shards(state: pl.DataFrame, assignments_version: int | None = None) -> pl.DataFrame:
+    """The layout's shard fingerprints and id (and, when given, the ``assignments`` version):
+    what ``dedup_scores_shards`` records and :func:`_shard_diff` compares against."""
+    out = state.select("shard", "fingerprint").with_columns(pl.lit(_layout_id(state)).alias("layout_id"))
+    if assignments_version is not None:
+        out = out.with_columns(pl.lit(assignments_version, pl.Int64).alias("assignments_version"))
+    return out
 
 
 def _layout_id(state: pl.DataFrame | None) -> str:
@@ -1100,17 +1114,19 @@ def scores_carry_assignments(lake: Lake) -> bool:
     state = layout_state(lake)  # None without a layout or assignments
     if state is None or int(st["assignments_version"][0]) != lake.table("assignments").version():
         return False
-    diff = _shard_diff(lake, state.select("shard", "fingerprint").with_columns(pl.lit(_layout_id(state)).alias("layout_id")))
+    diff = _shard_diff(lake, _layout_shards(state), stored=st)
     return diff is not None and not any(diff)
 
 
-def _shard_diff(lake: Lake, layout_shards: pl.DataFrame | None) -> tuple[list[str], list[str], list[str]] | None:
+def _shard_diff(lake: Lake, layout_shards: pl.DataFrame | None,
+                stored: pl.DataFrame | None = None) -> tuple[list[str], list[str], list[str]] | None:
     """``(new, changed, gone)`` shards of the layout against the state ``dedup_scores`` was
-    computed from; None when that state is unknown (a lake written before it existed) or was
-    computed on another layout (rebuilt since: new centroids or settings)."""
-    if layout_shards is None or not lake.exists(DEDUP_STATE_TABLE):
+    computed from (``stored``: that table, when the caller has read it already); None when that
+    state is unknown (a lake written before it existed) or was computed on another layout
+    (rebuilt since: new centroids or settings)."""
+    if layout_shards is None or (stored is None and not lake.exists(DEDUP_STATE_TABLE)):
         return None
-    st = lake.read(DEDUP_STATE_TABLE)
+    st = stored if stored is not None else lake.read(DEDUP_STATE_TABLE)
     if "layout_id" not in st.columns or set(st["layout_id"].to_list()) != set(layout_shards["layout_id"].to_list()):
         return None
     old = dict(zip(st["shard"].to_list(), st["fingerprint"].to_list()))
@@ -1335,9 +1351,7 @@ def dedup_scores_by_bucket(
     if state is not None:
         # the assignments version the scores start from (read before any of them: a write to
         # assignments after this point makes the stored version stale, never the reverse)
-        version = lake.table("assignments").version()
-        layout_shards = state.select("shard", "fingerprint").with_columns(
-            pl.lit(_layout_id(state)).alias("layout_id"), pl.lit(version, pl.Int64).alias("assignments_version"))
+        layout_shards = _layout_shards(state, lake.table("assignments").version())
     have_old = incremental and lake.exists("dedup_scores") and "cos_to_centroid" in _columns(lake, "dedup_scores")
     diff = _shard_diff(lake, layout_shards) if have_old else None
     if diff is not None and not diff[1] and not diff[2]:  # shards only added: the add-only update

@@ -26,7 +26,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from curation.select.layout import LAYOUT_TABLE, compact_layout, layout_files_per_bucket
+from curation.select.layout import LAYOUT_TABLE, buckets_to_compact, compact_layout, layout_files_per_bucket
 from curation.storage.lake import TABLES, VACUUM_RETENTION_HOURS, Lake
 
 log = logging.getLogger(__name__)
@@ -131,13 +131,13 @@ def maintain_lake(
         if compact_min_files is None:
             rep.compaction_skipped = rep.compaction_skipped or "compact_min_files is None"
         elif not skip_compaction:
-            todo = sorted(b for b, c in counts.items() if c >= int(compact_min_files))
+            todo = buckets_to_compact(counts, compact_min_files)
             if dry_run:
                 rep.compacted_buckets = todo
             elif todo:
                 done = compact_layout(lake, int(compact_min_files), buckets=todo)
                 rep.compacted_buckets = done.buckets
-                rep.layout_files_after = sum(layout_files_per_bucket(lake).values())
+                rep.layout_files_after = done.layout_files
                 log.info("maintenance: compacted %d buckets of %s (%d -> %d files) in %.1f s", len(done.buckets),
                          LAYOUT_TABLE, done.files_before, done.files_after, done.seconds)
     for name in names:

@@ -280,17 +280,11 @@ def store_selection(db: Lake, name: str, table: pa.Table, sample_columns) -> tup
         ``(frame, kept)``: the selection's uid, rank, score (in rank order, as written) and
         :func:`read_kept_samples` of its uids (in that order).
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from curation.engine.executor import run_beside
 
     frame = pl.from_arrow(table.select(["uid", "rank", "score"]))
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        written = pool.submit(db.write, "subsets", table, partition=name)
-        try:
-            kept = read_kept_samples(db, frame["uid"], sample_columns)
-        finally:
-            failed = written.exception()  # waits for the write; a failed read raises on its own
-    if failed is not None:
-        raise failed
+    kept = run_beside(lambda: db.write("subsets", table, partition=name),
+                      lambda: read_kept_samples(db, frame["uid"], sample_columns))
     return frame, kept
 
 

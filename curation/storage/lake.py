@@ -71,15 +71,20 @@ COMMIT_RETRIES = 20
 VACUUM_RETENTION_HOURS = 168
 
 
-def writer_properties(table: str):
-    """The Parquet settings of ``table``'s writes (None: deltalake's defaults); see
-    :data:`UID_PLAIN_TABLES`."""
-    if table not in UID_PLAIN_TABLES:
-        return None
+def plain_writer_properties(columns, max_row_group_size: int | None = None):
+    """Uncompressed Parquet pages, and ``columns`` (unique values of random bytes: hashed uids,
+    vectors) written PLAIN, without a dictionary or statistics."""
     from deltalake import ColumnProperties, WriterProperties
 
     plain = ColumnProperties(dictionary_enabled=False, statistics_enabled="NONE", encoding="PLAIN")
-    return WriterProperties(compression="UNCOMPRESSED", column_properties={"uid": plain})
+    extra = {} if max_row_group_size is None else {"max_row_group_size": max_row_group_size}
+    return WriterProperties(compression="UNCOMPRESSED", column_properties={c: plain for c in columns}, **extra)
+
+
+def writer_properties(table: str):
+    """The Parquet settings of ``table``'s writes (None: deltalake's defaults); see
+    :data:`UID_PLAIN_TABLES`."""
+    return plain_writer_properties(["uid"]) if table in UID_PLAIN_TABLES else None
 
 
 def _sql_literal(value: str) -> str:
