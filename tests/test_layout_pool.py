@@ -829,6 +829,35 @@ def test_row_chunks_gather_runs_and_scattered_rows():
         np.testing.assert_array_equal(rc[np.array(idx)], whole[idx])
 
 
+
+def test_update_in_place_equals_gathered_update():
+    """The add-only update's products straight from a bucket's chunks (``members``: the
+    cluster's row numbers in SemDeDup order, runs of whole chunks and short scattered runs)
+    equal the products of the gathered cluster: the same M within float32 rounding, the same
+    positions gaining nothing; ``matmul_rows`` equals the gathered product on either path."""
+    from curation.select.layout import RowChunks, _update_m
+
+    rng = np.random.default_rng(9)
+    chunks = []
+    for n in (70, 3, 120, 45):
+        x = rng.standard_normal((n, 16)).astype(np.float32)
+        chunks.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+    rc = RowChunks(chunks)
+    whole = np.concatenate(chunks)
+    y = whole[[5, 80, 200]]
+    for idx in (np.arange(0, 238), np.r_[0:60, 73:193, 200:238], np.array([1, 4, 9, 70, 71, 100])):
+        for min_run in (1, 32, 10**6):  # run by run, and gathered
+            np.testing.assert_allclose(rc.matmul_rows(idx, y, min_run=min_run), whole[idx] @ y.T, atol=1e-6, rtol=0)
+    members = rng.permutation(np.r_[0:60, 73:193, 200:238])  # a cluster's rows, in its SemDeDup order
+    is_new = np.zeros(members.size, bool)
+    is_new[rng.choice(members.size, 12, replace=False)] = True
+    for old_m in (np.full(members.size, -np.inf, np.float32), rng.uniform(-1, 1, members.size).astype(np.float32)):
+        ref = _update_m(whole[members], is_new, old_m, block=5)
+        got = _update_m(rc, is_new, old_m, block=5, members=members)
+        assert np.array_equal(np.isneginf(ref), np.isneginf(got))
+        fin = ~np.isneginf(ref)
+        np.testing.assert_allclose(got[fin], ref[fin], atol=1e-6, rtol=0)
+
 def test_find_locates_hashed_and_counter_uids_in_any_query_order():
     """``_find``: positions of query uids in sorted keys (and whether each is there), for hashed
     uids (the high half decides), counters (the low half decides) and the general case."""

@@ -816,6 +816,31 @@ class RowChunks:
                 out[dest] = self.chunks[k][local]
         return out
 
+    def matmul_rows(self, idx: np.ndarray, y: np.ndarray, min_run: int = 32) -> np.ndarray:
+        """``self[idx] @ y.T`` for increasing row numbers ``idx``, ``(idx.size, m)`` float32,
+        multiplied run by run straight from the chunks (a run: consecutive rows of one chunk;
+        one cluster of a layout file is one run) instead of gathering the rows first: the
+        add-only update multiplies every touched cluster by its few new members, so the gather
+        was a copy of each cluster for a product ~100x smaller than it. Runs shorter than
+        ``min_run`` rows on average (a layout of many small flushes) gather instead: a small
+        product per run costs more than the copy. Equal to the gathered product within float32
+        rounding (BLAS blocks a product by its shape)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        y = np.ascontiguousarray(y, dtype=np.float32)
+        if idx.size == 0:
+            return np.zeros((0, y.shape[0]), np.float32)
+        which = np.searchsorted(self.starts, idx, side="right") - 1
+        cut = np.flatnonzero((np.diff(idx) != 1) | (np.diff(which) != 0)) + 1
+        if idx.size < min_run * (cut.size + 1):
+            return self[idx] @ y.T
+        out = np.empty((idx.size, y.shape[0]), np.float32)
+        bounds = [0, *cut.tolist(), idx.size]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            k = int(which[a])
+            lo = int(idx[a] - self.starts[k])
+            np.matmul(self.chunks[k][lo : lo + b - a], y.T, out=out[a:b])
+        return out
+
 
 def read_bucket(lake: Lake, bucket: str, clusters=None, vectors: bool = True, dtype: str | None = None,
                 dataset=None, chunked: bool = False) -> BucketRows:
@@ -879,7 +904,7 @@ def _cluster_m(x_ord: np.ndarray, block: int) -> np.ndarray:
     return max_sim_to_earlier(x_ord, block=block)
 
 
-def _update_m(x_ord: np.ndarray, is_new: np.ndarray, old_m: np.ndarray, block: int) -> np.ndarray:
+def _update_m(x_ord, is_new: np.ndarray, old_m: np.ndarray, block: int, members: np.ndarray | None = None) -> np.ndarray:
     """Exact M after adding members: ``x_ord`` (n, d) in SemDeDup order, ``is_new`` (n,) bool,
     ``old_m`` (n,) float32 (ignored where new). One ``(new x n)`` product, in row blocks.
 
@@ -887,22 +912,38 @@ def _update_m(x_ord: np.ndarray, is_new: np.ndarray, old_m: np.ndarray, block: i
     member's is ``max(old_m, max cos to the NEW members before it)``. With ``old_m = -inf``
     for the old members this returns only their gain (``-inf`` where no new member precedes
     them), which the caller combines with the stored M by uid.
+
+    ``members``: ``x_ord`` is then a bucket's :class:`RowChunks` and ``members`` the cluster's
+    row numbers in it, in SemDeDup order; the product runs over the rows where they lie
+    (:meth:`RowChunks.matmul_rows`, no gather of the cluster) and the masks compare SemDeDup
+    positions instead of row numbers (1M pool, a 10k shard touching every cluster: its 32
+    buckets scored in 1.89-1.94 -> 1.75-1.80 s, medians of 5, two threads).
     """
-    n = x_ord.shape[0]
+    n = is_new.size
     out = np.where(is_new, np.float32(-np.inf), old_m).astype(np.float32)
     new_pos = np.flatnonzero(is_new)
     if new_pos.size == 0:
         return out
-    x_ord = np.ascontiguousarray(x_ord, dtype=np.float32)
-    cols = np.arange(n)
+    if members is None:
+        x = np.ascontiguousarray(x_ord, dtype=np.float32)
+        pos = np.arange(n)  # the product's row r is the member at SemDeDup position r
+
+        def products(p):
+            return x @ np.ascontiguousarray(x[p]).T
+    else:
+        by_row = np.argsort(members, kind="stable")
+        pos, rows = by_row, members[by_row]  # the product's row r: the member at position by_row[r]
+
+        def products(p):
+            return x_ord.matmul_rows(rows, x_ord[members[p]])
     for s in range(0, new_pos.size, block):
         p = new_pos[s : s + block]
-        g = x_ord @ np.ascontiguousarray(x_ord[p]).T  # (n, b): row j = any member, col a = a new member
+        g = products(p)  # (n, b): row r = the member at position pos[r], col a = a new member
         # the new member's own M: max over every earlier member
-        out[p] = np.where(cols[:, None] < p[None, :], g, -np.inf).max(axis=0)
-        # every later member j gains the new member a as an earlier one
-        gl = np.where(cols[:, None] > p[None, :], g, -np.inf).max(axis=1)
-        np.maximum(out, gl.astype(np.float32), out=out)
+        out[p] = np.where(pos[:, None] < p[None, :], g, -np.inf).max(axis=0)
+        # every later member gains the new member a as an earlier one
+        gl = np.where(pos[:, None] > p[None, :], g, -np.inf).max(axis=1)
+        out[pos] = np.maximum(out[pos], gl.astype(np.float32))
     out[is_new & np.isneginf(out)] = -1.0
     return out
 
@@ -982,7 +1023,11 @@ def _score_cluster(lake, ds, bucket, rows, order, c, add, fits, dtype, d, block,
     the exact add-only update, or the gain of the old members (``add = (is_new, None, None)``,
     ``is_new`` (n,) bool along ``order``)."""
     u, cos = rows.uids[order], rows.cos[order]
-    if fits:
+    # an add-only cluster of a bucket read whole: its products run where its rows lie (no gather)
+    members = order if fits and add is not None and isinstance(rows.x, RowChunks) else None
+    if members is not None:
+        x = rows.x
+    elif fits:
         x = rows.x[order]
     elif len(order) * d * 4 <= memory_budget_bytes:
         one = read_bucket(lake, bucket, clusters=[c], vectors=True, dtype=dtype, dataset=ds)
@@ -991,14 +1036,15 @@ def _score_cluster(lake, ds, bucket, rows, order, c, add, fits, dtype, d, block,
         x = _spill_cluster(lake, bucket, c, dtype, d)
     keep = None
     if add is not None:
+        xm = x if members is not None else np.asarray(x)
         if add[1] is None:  # gain mode
             is_new = add[0]
-            m = _update_m(np.asarray(x), is_new, np.full(len(u), -np.inf, np.float32), block)
+            m = _update_m(xm, is_new, np.full(len(u), -np.inf, np.float32), block, members)
             keep = is_new | ~np.isneginf(m)
         else:
             new_u, old_u, old_m = add
             is_new, m_old = _match_old(u, new_u, old_u, old_m)
-            m = _update_m(np.asarray(x), is_new, m_old, block)
+            m = _update_m(xm, is_new, m_old, block, members)
     elif isinstance(x, np.memmap):
         m = max_sim_to_earlier_blocked(x, block=block)
     else:
