@@ -39,6 +39,7 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFil
 from dagster._core.instance.ref import InstanceRef
 
 from curation.storage.lake import Lake, list_column_to_matrix
+from daemon_helpers import start_daemon, stop, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "emoji-00000"
@@ -245,37 +246,6 @@ def test_sigkill_during_samples_and_embeddings_then_rerun_equals_a_clean_run(tin
     assert isinstance(out, dg.RunRequest), getattr(out, "skip_message", out)
 
 
-def _wait_for(what: str, fn, timeout_s: float, daemon: subprocess.Popen):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if daemon.poll() is not None:
-            raise AssertionError(f"the daemon exited while waiting for {what}: {daemon.stderr.read()[-3000:]}")
-        got = fn()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a process we started and everything below it (by pid)."""
-    from net_helpers import process_tree
-
-    if proc.poll() is None:
-        tree = process_tree(proc.pid)
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        for pid in tree:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait(timeout=30)
-
-
 def test_the_daemon_retries_a_sigkilled_run_and_the_retry_equals_a_clean_run(tiny_home, reference, tmp_path):
     """No manual step after the kill: ``dagster-daemon run`` with the shipped dagster.yaml
     dequeues a shard run, its worker is SIGKILLed (with its step processes) while ``samples``
@@ -300,11 +270,7 @@ def test_the_daemon_retries_a_sigkilled_run_and_the_retry_equals_a_clean_run(tin
     (run1,) = instance.get_runs(RunsFilter(job_name="shard_ingest_job"))
     assert run1.status == DagsterRunStatus.QUEUED and run1.remote_job_origin is not None
 
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "dagster._daemon", "run", "-w", str(REPO / "workspace.yaml")],
-        cwd=REPO, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+    daemon = start_daemon(env)
     try:
         def samples_started():
             return any(
@@ -312,7 +278,7 @@ def test_the_daemon_retries_a_sigkilled_run_and_the_retry_equals_a_clean_run(tin
                 for e in instance.all_logs(run1.run_id, of_type=DagsterEventType.STEP_START)
             )
 
-        _wait_for("the samples step of the first run", samples_started, 300, daemon)
+        wait_for("the samples step of the first run", samples_started, 300, daemon)
         worker = run_worker_pid(instance, run1.run_id)
         assert worker is not None and worker != daemon.pid
         for pid in process_tree(worker):  # the run worker and its step processes, as an OOM kill of its cgroup
@@ -325,9 +291,9 @@ def test_the_daemon_retries_a_sigkilled_run_and_the_retry_equals_a_clean_run(tin
             runs = instance.get_runs(RunsFilter(tags={"dagster/parent_run_id": run1.run_id}))
             return runs if runs and runs[0].status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED) else None
 
-        (retry,) = _wait_for("the automatic retry to finish", retried_and_done, 420, daemon)
+        (retry,) = wait_for("the automatic retry to finish", retried_and_done, 420, daemon)
     finally:
-        _stop(daemon)
+        stop(daemon)
 
     failed = instance.get_run_by_id(run1.run_id)
     assert failed.status == DagsterRunStatus.FAILURE

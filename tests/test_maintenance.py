@@ -299,3 +299,62 @@ def test_sigkill_during_compaction_leaves_the_layout_intact_and_the_next_run_fin
     stored = db.read("dedup_scores").sort("uid")
     assert full.frame["uid"].equals(stored["uid"])
     np.testing.assert_array_equal(full.max_sim, stored["max_sim_to_earlier"].to_numpy())
+
+
+def test_the_daemon_queue_runs_one_layout_writer_at_a_time(tmp_path):
+    """Two ``lake_maintenance_job`` runs (tag ``curation/layout``, like ``pool_curation_job``)
+    queued at once and dequeued by ``dagster-daemon run`` with the shipped dagster.yaml: the
+    queue admits two runs at a time, yet the layout writers run one after the other (the
+    second starts after the first ended), and both succeed: the first compacts, the second
+    finds one file per bucket."""
+    import json
+    import subprocess
+    import sys
+
+    from dagster import DagsterEventType, RunsFilter
+
+    from assets.stages import LAYOUT_TAG
+    from daemon_helpers import start_daemon, stop, wait_for
+
+    home = tmp_path / "home"
+    lake = Lake(str(home / "lake"))
+    for i in range(3):
+        _shard(lake, f"{i:05d}", 300, i)
+    cent, _ = fit_centroids(lake, K, niter=5)
+    build_layout(lake, cent, LayoutConfig(clusters_per_bucket=2, flush_rows=250))
+    assert any(c > 1 for c in layout_files_per_bucket(lake).values())
+    dagster_home = tmp_path / "dagster_home"
+    dagster_home.mkdir()
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")
+    instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home)))
+    env = dict(os.environ, CURATION_HOME=str(home), DAGSTER_HOME=str(dagster_home), OMP_NUM_THREADS="1",
+               CURATION_AUTOMATION="off", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    for i in range(2):  # submitted to the queue as the schedule would (same code location)
+        launch = subprocess.run(
+            [sys.executable, "-m", "dagster", "job", "launch", "-w", str(REPO / "workspace.yaml"),
+             "-j", "lake_maintenance_job", "--tags", json.dumps({"curation/source": f"test-{i}"})],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert launch.returncode == 0, launch.stderr[-3000:]
+    runs = instance.get_runs(RunsFilter(job_name="lake_maintenance_job"))
+    assert len(runs) == 2 and all(r.status == DagsterRunStatus.QUEUED and r.tags[LAYOUT_TAG] == "write" for r in runs)
+    assert instance.run_coordinator.get_run_queue_config().max_concurrent_runs == 2
+    daemon = start_daemon(env)
+    try:
+        def both_done():
+            recs = [instance.get_run_record_by_id(r.run_id) for r in runs]
+            return recs if all(r.dagster_run.is_finished for r in recs) else None
+
+        recs = wait_for("both maintenance runs to finish", both_done, 480, daemon)
+    finally:
+        stop(daemon)
+    assert [r.dagster_run.status for r in recs] == [DagsterRunStatus.SUCCESS] * 2
+    first, second = sorted(recs, key=lambda r: r.start_time)
+    assert second.start_time >= first.end_time, "two layout writers ran at once"
+    assert all(c == 1 for c in layout_files_per_bucket(lake).values())
+
+    def compacted(rec) -> int:
+        (obs,) = instance.all_logs(rec.dagster_run.run_id, of_type=DagsterEventType.ASSET_OBSERVATION)
+        return obs.dagster_event.event_specific_data.asset_observation.metadata["buckets_compacted"].value
+
+    assert compacted(first) == 3 and compacted(second) == 0  # the second saw the first's commit

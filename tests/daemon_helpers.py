@@ -1,0 +1,54 @@
+"""Running the Dagster daemon in tests: start it on the shipped instance, wait for a condition
+while it lives, and stop it with everything it started (by pid, its own process group)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from net_helpers import process_tree
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start_daemon(env: dict) -> subprocess.Popen:
+    """``dagster-daemon run`` on the code location of ``workspace.yaml``, in a new session."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dagster._daemon", "run", "-w", str(REPO / "workspace.yaml")],
+        cwd=REPO, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_for(what: str, fn, timeout_s: float, daemon: subprocess.Popen):
+    """``fn()``'s first truthy value, polled while the daemon lives (its stderr if it dies)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if daemon.poll() is not None:
+            raise AssertionError(f"the daemon exited while waiting for {what}: {daemon.stderr.read()[-3000:]}")
+        got = fn()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a process we started and everything below it (by pid)."""
+    if proc.poll() is None:
+        tree = process_tree(proc.pid)
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
