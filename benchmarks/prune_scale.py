@@ -128,7 +128,8 @@ def make_pool(n: int, d: int, concepts: int, dup_fraction: float, seed: int, blo
     return x, np.stack([orig, dup], axis=1).astype(np.int64), concept
 
 
-def run_one(n: int, d: int, k: int, dup_fraction: float, eps: float, seed: int, niter: int, skip_clipcov: bool) -> dict:
+def run_one(n: int, d: int, k: int, dup_fraction: float, eps: float, seed: int, niter: int, skip_clipcov: bool,
+            uids: str = "hashed") -> dict:
     from curation.select.budgets import dbp_budgets, n_keep_for
     from curation.select.clustering import assign, cluster_complexity, train_centroids
     from curation.select.semdedup import EPS_GRID, is_duplicate, removed_fraction, semdedup_scores
@@ -138,7 +139,7 @@ def run_one(n: int, d: int, k: int, dup_fraction: float, eps: float, seed: int, 
     rss_base = peak_rss_bytes()  # interpreter + numpy/faiss/polars, before any data
     t = time.perf_counter()
     x, pairs, _ = make_pool(n, d, k, dup_fraction, seed)
-    uids = np.array([f"{i:032x}" for i in range(n)])
+    scheme, uids = uids, uid_column(0, n, uids).to_numpy(zero_copy_only=False).astype("<U32")
     sec["generate"] = time.perf_counter() - t
     x_bytes = x.nbytes
 
@@ -176,7 +177,7 @@ def run_one(n: int, d: int, k: int, dup_fraction: float, eps: float, seed: int, 
     planted = np.zeros(n, bool)
     planted[pairs.ravel()] = True
     out = {
-        "n": n, "d": d, "k": k, "eps": eps, "niter": niter,
+        "n": n, "d": d, "k": k, "eps": eps, "niter": niter, "uids": scheme,
         "x_bytes": x_bytes,
         "planted_pairs": int(len(pairs)),
         "semdedup_recall": float(caught.mean()) if len(pairs) else float("nan"),
@@ -638,7 +639,8 @@ def _fmt_lake(r: dict) -> str:
 
 def _fmt_table(r: dict) -> str:
     gib = 2**30
-    lines = [f"N={r['n']:,} d={r['d']} k={r['k']}  (X = {r['x_bytes'] / gib:.2f} GiB)", "| stage | seconds |", "|---|---|"]
+    lines = [f"N={r['n']:,} d={r['d']} k={r['k']}, {r.get('uids', 'counter')} uids  (X = {r['x_bytes'] / gib:.2f} GiB)",
+             "| stage | seconds |", "|---|---|"]
     for s in STAGES:
         if s in r["seconds"]:
             lines.append(f"| {s} | {r['seconds'][s]:.2f} |")
@@ -728,15 +730,16 @@ def main(argv=None) -> int:
         return 0
 
     if args.single:
-        r = run_one(args.n[0], args.d, args.k, args.dup_fraction, args.eps, args.seed, args.niter, args.skip_clipcov)
+        r = run_one(args.n[0], args.d, args.k, args.dup_fraction, args.eps, args.seed, args.niter, args.skip_clipcov,
+                    args.uids)
         print(json.dumps(r))
         return 0
 
     results = []
     for n in args.n:
-        cmd = [sys.executable, __file__, "--single", "--n", str(n), "--d", str(args.d), "--k", str(args.k),
+        cmd = [sys.executable, __file__, "--mode", "memory", "--single", "--n", str(n), "--d", str(args.d), "--k", str(args.k),
                "--niter", str(args.niter), "--dup-fraction", str(args.dup_fraction), "--eps", str(args.eps),
-               "--seed", str(args.seed)] + (["--skip-clipcov"] if args.skip_clipcov else [])
+               "--seed", str(args.seed), "--uids", args.uids] + (["--skip-clipcov"] if args.skip_clipcov else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr)
