@@ -45,6 +45,23 @@ def _shard(lake: Lake, stem: str, n: int, seed: int) -> None:
         "image_emb": matrix_to_list_column(x), "encoder": ["test"] * n}), partition=key)
 
 
+def _laid_out(root: Path, shards: int, rows: int, cfg: LayoutConfig) -> tuple[Lake, np.ndarray]:
+    """A lake of ``shards`` synthetic shards of ``rows`` rows, laid out by cluster with ``cfg``."""
+    lake = Lake(str(root))
+    for i in range(shards):
+        _shard(lake, f"{i:05d}", rows, i)
+    cent, _ = fit_centroids(lake, K, niter=5)
+    build_layout(lake, cent, cfg)
+    return lake, cent
+
+
+def _shipped_dagster_home(path: Path) -> Path:
+    """A DAGSTER_HOME holding the shipped dagster.yaml (the daemon's config)."""
+    path.mkdir()
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", path / "dagster.yaml")
+    return path
+
+
 def _data_files(lake: Lake, table: str) -> set[str]:
     root = lake.uri(table)
     return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) if "_delta_log" not in d
@@ -54,12 +71,8 @@ def _data_files(lake: Lake, table: str) -> set[str]:
 @pytest.fixture
 def updated_lake(tmp_path):
     """A layout written in small flushes, then two incremental updates: several files per bucket."""
-    lake = Lake(str(tmp_path / "lake"))
-    for i in range(3):
-        _shard(lake, f"{i:05d}", 300, i)
-    cent, _ = fit_centroids(lake, K, niter=5)
     cfg = LayoutConfig(clusters_per_bucket=2, flush_rows=250)
-    build_layout(lake, cent, cfg)
+    lake, cent = _laid_out(tmp_path / "lake", 3, 300, cfg)
     write_dedup_scores(lake, dedup_scores_by_bucket(lake, config=cfg, incremental=False))
     for i in (3, 4):
         _shard(lake, f"{i:05d}", 200, i)
@@ -202,11 +215,7 @@ def test_cli_maintain_runs_the_job_on_the_instance_and_prints_what_it_did(tmp_pa
     original = sys.modules.pop("assets.definitions", None)
     importlib.import_module("assets.definitions")
     try:
-        lake = Lake(str(tmp_path / "data" / "lake"))
-        for i in range(2):
-            _shard(lake, f"{i:05d}", 300, i)
-        cent, _ = fit_centroids(lake, K, niter=5)
-        build_layout(lake, cent, LayoutConfig(clusters_per_bucket=2, flush_rows=250))
+        lake, _ = _laid_out(tmp_path / "data" / "lake", 2, 300, LayoutConfig(clusters_per_bucket=2, flush_rows=250))
         files = sum(layout_files_per_bucket(lake).values())
         assert main(["maintain", "--dry-run", "--retention-hours", "0"]) == 0
         out = capsys.readouterr().out
@@ -256,16 +265,10 @@ def test_sigkill_during_compaction_leaves_the_layout_intact_and_the_next_run_fin
     import time
 
     template = tmp_path / "template"
-    lake = Lake(str(template / "lake"))
-    for i in range(6):
-        _shard(lake, f"{i:05d}", 1500, i)
-    cent, _ = fit_centroids(lake, K, niter=5)
-    build_layout(lake, cent, LayoutConfig(clusters_per_bucket=1, flush_rows=300))
+    lake, _ = _laid_out(template / "lake", 6, 1500, LayoutConfig(clusters_per_bucket=1, flush_rows=300))
     write_dedup_scores(lake, dedup_scores_by_bucket(lake, config=LayoutConfig(clusters_per_bucket=1), incremental=False))
     rows = lake.read(LAYOUT_TABLE, columns=["uid", "cluster_id", "cos_to_centroid"]).sort("uid")
-    dagster_home = tmp_path / "dagster_home"
-    dagster_home.mkdir()
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")
+    dagster_home = _shipped_dagster_home(tmp_path / "dagster_home")
     for attempt in range(4):  # the kill must land between the first new file and the commit
         home = tmp_path / f"home{attempt}"
         shutil.copytree(template, home)
@@ -317,15 +320,9 @@ def test_the_daemon_queue_runs_one_layout_writer_at_a_time(tmp_path):
     from daemon_helpers import start_daemon, stop, wait_for
 
     home = tmp_path / "home"
-    lake = Lake(str(home / "lake"))
-    for i in range(3):
-        _shard(lake, f"{i:05d}", 300, i)
-    cent, _ = fit_centroids(lake, K, niter=5)
-    build_layout(lake, cent, LayoutConfig(clusters_per_bucket=2, flush_rows=250))
+    lake, _ = _laid_out(home / "lake", 3, 300, LayoutConfig(clusters_per_bucket=2, flush_rows=250))
     assert any(c > 1 for c in layout_files_per_bucket(lake).values())
-    dagster_home = tmp_path / "dagster_home"
-    dagster_home.mkdir()
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")
+    dagster_home = _shipped_dagster_home(tmp_path / "dagster_home")
     instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home)))
     env = dict(os.environ, CURATION_HOME=str(home), DAGSTER_HOME=str(dagster_home), OMP_NUM_THREADS="1",
                CURATION_AUTOMATION="off", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
