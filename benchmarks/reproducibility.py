@@ -83,11 +83,21 @@ def main() -> int:
     if args.child:
         print(json.dumps(one_run(args)))
         return 0
+    from curation.storage.data_home import data_home
+
+    landing = data_home() / "landing" / "emoji"
+    if not any(landing.glob("*.tar")):
+        print(f"reproducibility: got no shards in {landing}; expected the default dataset: "
+              f"`curation datasets build default --out {data_home()}` (or set CURATION_HOME)", file=sys.stderr)
+        return 2
     cmd = [sys.executable, __file__, "--child", "--threads", str(args.threads), "--n", str(args.n),
            "--samples-seen", str(args.samples_seen)] + ([] if args.deterministic else ["--no-deterministic"])  # fmt: skip
     for i in range(args.runs):
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        print(f"run {i}: {out}", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:  # the run's own error, not only its exit status
+            sys.stderr.write(proc.stderr)
+            return proc.returncode
+        print(f"run {i}: {proc.stdout.strip().splitlines()[-1]}", flush=True)
     return 0
 
 

@@ -329,3 +329,23 @@ def test_clip_benchmark_gives_the_reference_numbers_on_a_fixed_checkpoint(small_
     # the clip_benchmark JSON is on disk, in its dump format
     dump = json.loads((tmp_path / "res" / "emoji-heldout__retrieval.json").read_text())
     assert dump["task"] == "zeroshot_retrieval" and "image_retrieval_recall@5" in dump["metrics"]
+
+
+def test_a_retrieval_set_smaller_than_k_scores_the_ks_it_can(fixed_checkpoint, tmp_path, caplog):
+    """Six images: recall@10 ranks nothing (clip_benchmark's top-k raised "selected index k out
+    of range" and the evaluation failed); it is skipped, recall@1 and @5 are scored, and the
+    dump and the log say what was skipped."""
+    from curation.evaluate.benchmark import EvalSetSpec, evaluate_checkpoint
+
+    _write_manifest_set(tmp_path / "colors")
+    with caplog.at_level("WARNING", logger="curation.evaluate.benchmark"):
+        got = evaluate_checkpoint(fixed_checkpoint, [EvalSetSpec("colors", str(tmp_path / "colors"), "manifest", "simple")],
+                                  tmp_path / "res", task_names=["colors/retrieval"])
+    rt = got["colors/retrieval"]
+    assert {k for k in rt if "@" in k} == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5)} | {"mean_recall@1"}
+    assert rt["n_samples"] == 6
+    dump = json.loads((tmp_path / "res" / "colors__retrieval.json").read_text())
+    assert dump["recall_ks"] == [1, 5] and dump["recall_ks_skipped"] == [10]
+    assert "6 images; recall@[10] skipped" in caplog.text
+    for d in ("image", "text"):  # (the numbers themselves: the reference test above, on unique captions)
+        assert 0 <= rt[f"{d}_retrieval_recall@1"] <= rt[f"{d}_retrieval_recall@5"] <= 1

@@ -340,10 +340,18 @@ def run_clip_benchmark(
         n = sum(1 for _ in _iter_keys(d))
         metrics["n_classes"] = float(len(ds.classes))
     else:
-        metrics = zeroshot_retrieval.evaluate(model, loader, tokenizer, device=dev, amp=amp, recall_k_list=list(recall_ks))
         n = sum(1 for _ in _iter_keys(d))
+        # recall@k ranks the n images for each caption: a k above n is no measurement (clip_benchmark's
+        # top-k raises "selected index k out of range" on it), so it is skipped and the dump says so
+        ks = [k for k in recall_ks if k <= n]
+        skipped = [k for k in recall_ks if k > n]
+        if skipped:
+            log.warning("%s: %d images; recall@%s skipped (k above the set's size)", d.name, n, skipped)
+        metrics = zeroshot_retrieval.evaluate(model, loader, tokenizer, device=dev, amp=amp, recall_k_list=ks)
     dump = {"dataset": f"wds/{d.name}", "model": model_name, "pretrained": pretrained, "task": task,
             "metrics": metrics, "language": "en", "n_samples": n, "seconds": time.perf_counter() - t0}  # fmt: skip
+    if task == "zeroshot_retrieval":
+        dump["recall_ks"], dump["recall_ks_skipped"] = ks, skipped
     if task == "zeroshot_classification":
         dump["classnames"] = list(ds.classes)
         dump["templates"] = tpl
@@ -389,8 +397,9 @@ def read_result_json(path: str | Path) -> dict[str, float]:
 
     Classification: ``acc1``, ``acc5`` (dropped when clip_benchmark reports NaN, < 5
     classes), ``mean_per_class_recall``, ``n_classes``, ``n_samples``. Retrieval:
-    ``image_retrieval_recall@k``, ``text_retrieval_recall@k``, ``mean_recall@1`` (their mean
-    at k = 1), ``n_samples``.
+    ``image_retrieval_recall@k``, ``text_retrieval_recall@k`` (k up to the set's image count:
+    larger k are skipped, ``recall_ks_skipped`` in the dump), ``mean_recall@1`` (their mean at
+    k = 1), ``n_samples``.
     """
     dump = json.loads(Path(path).read_text())
     out = {k: float(v) for k, v in dump["metrics"].items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
