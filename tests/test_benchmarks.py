@@ -1,13 +1,18 @@
-"""The pruning benchmark runs end to end in both modes on a tiny pool (its numbers are not
-asserted, only that it runs and that its correctness checks hold): `--mode memory` had been
-failing since its subprocess lost the mode flag, and nothing ran it."""
+"""The benchmarks run end to end on tiny inputs (their numbers are not asserted, only that they
+run and that their own correctness checks hold). Nothing ran them before: `prune_scale.py --mode
+memory` had been failing since its subprocess lost the mode flag, `train_backends.py` failed on a
+held-out split of fewer than 10 images, and `reproducibility.py` without a dataset died on an
+IndexError."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "prune_scale.py"
@@ -36,3 +41,38 @@ def test_lake_mode_matches_the_in_memory_path_and_updates(tmp_path):
                                           "budgets_identical": True, "kept_uids_identical": True}
     assert r["incr_new_rows"] == 2000 and r["incremental"]["mode"] == "incremental"
     assert r["incremental_local"]["new_rows"] == 2000 and "targets at N=12,000" in text
+
+
+@pytest.fixture(scope="module")
+def tiny_home(tmp_path_factory) -> Path:
+    from curation.ingest.emoji_dataset import build_default_dataset
+
+    home = tmp_path_factory.mktemp("bench_home")
+    build_default_dataset(home, limit=12, samples_per_shard=100, seed=0, workers=1)
+    return home
+
+
+def _script(name: str, *args: str, home: Path, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CURATION_HOME=str(home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_reproducibility_two_processes_train_identical_weights(tiny_home, tmp_path):
+    proc = _script("reproducibility.py", "--runs", "2", "--n", "32", "--samples-seen", "64", home=tiny_home, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads(line.split(": ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("run ")]
+    assert len(runs) == 2 and runs[0]["weights_sha256"] == runs[1]["weights_sha256"]
+    assert runs[0]["embeddings_sha256"] == runs[1]["embeddings_sha256"] and runs[0]["steps"] > 0
+    empty = _script("reproducibility.py", "--runs", "1", home=tmp_path / "nothing", cwd=tmp_path)
+    assert empty.returncode == 2 and "got no shards in" in empty.stderr and "curation datasets build default" in empty.stderr
+
+
+def test_train_backends_trains_and_evaluates_both_backends(tiny_home, tmp_path):
+    proc = _script("train_backends.py", "--home", str(tiny_home), "--seeds", "0", "--samples-seen", "64",
+                   "--batch-size", "32", home=tiny_home, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["backend"] for r in rows) == ["open_clip_train", "platform"]
+    assert all(0 <= r["retrieval_mean_recall@1"] <= 1 and r["samples_seen"] >= 64 for r in rows)
+    assert "| open_clip_train |" in proc.stdout and "| platform |" in proc.stdout
