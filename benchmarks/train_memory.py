@@ -248,7 +248,7 @@ SAMPLES = {  # what each phase's "samples" column counts
 }
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1_000_000, help="synthetic subset size")
     ap.add_argument("--pool-n", type=int, default=1_000_000, help="filter_model pool size (<= n)")
@@ -261,12 +261,18 @@ def main() -> None:
     args = ap.parse_args()
     if args.phase:
         print("RESULT " + json.dumps(phase(args.phase, args)), flush=True)
-        return
+        return 0
+    ck = Path(args.work) / "ck" / "platform.pt"
+    if "evaluate" in args.phases and not ck.exists() and (
+            "train-platform" not in args.phases or args.phases.index("train-platform") > args.phases.index("evaluate")):
+        print(f"train_memory: the evaluate phase evaluates the train-platform phase's checkpoint ({ck}): got no such file; "
+              "expected --phases train-platform ... evaluate (or a --work where it ran)", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     tars = write_shards(Path(args.work) / "shards", args.n)
     size = sum(t.stat().st_size for t in tars) / 2**30
     print(f"{args.n} samples in {len(tars)} shards ({size:.2f} GiB) ready in {time.perf_counter() - t0:.0f}s", flush=True)
-    results = []
+    results, failed = [], []
     for name in args.phases:
         argv = [sys.executable, __file__, "--phase", name, "--n", str(args.n), "--pool-n", str(args.pool_n),
                 "--eval-n", str(args.eval_n), "--samples-seen", str(args.samples_seen), "--work", args.work]  # fmt: skip
@@ -277,6 +283,7 @@ def main() -> None:
         line = next((ln for ln in text.splitlines() if ln.startswith("RESULT ")), None)
         if rc != 0 or line is None:
             print(f"{name}: FAILED (rc {rc}; log {log_path})\n{text[-3000:]}", flush=True)
+            failed.append(name)
             continue
         r = {**json.loads(line[len("RESULT "):]), **sampled}
         # the tree's peak: the sampled sum, or a single process's exact ru_maxrss if higher
@@ -296,7 +303,8 @@ def main() -> None:
     for r in results:
         print(f"  {r['phase']}: samples = {SAMPLES[r['phase']][1]}")
     print(f"ALL PHASES {'PASS' if results and len(results) == len(args.phases) and all(r['tree_peak_rss_gib'] < args.target_gib for r in results) else 'DO NOT ALL PASS'}")
+    return 1 if failed else 0  # a phase that crashed (not one above the memory target)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

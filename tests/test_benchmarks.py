@@ -1,8 +1,8 @@
-"""The benchmarks run end to end on tiny inputs (their numbers are not asserted, only that they
+"""Every benchmark runs end to end on tiny inputs (their numbers are not asserted, only that they
 run and that their own correctness checks hold). Nothing ran them before: `prune_scale.py --mode
 memory` had been failing since its subprocess lost the mode flag, `train_backends.py` failed on a
-held-out split of fewer than 10 images, and `reproducibility.py` without a dataset died on an
-IndexError."""
+held-out split of fewer than 10 images, `reproducibility.py` without a dataset died on an
+IndexError, and `train_memory.py --phases evaluate` alone on a missing checkpoint's model name."""
 
 from __future__ import annotations
 
@@ -76,3 +76,22 @@ def test_train_backends_trains_and_evaluates_both_backends(tiny_home, tmp_path):
     assert sorted(r["backend"] for r in rows) == ["open_clip_train", "platform"]
     assert all(0 <= r["retrieval_mean_recall@1"] <= 1 and r["samples_seen"] >= 64 for r in rows)
     assert "| open_clip_train |" in proc.stdout and "| platform |" in proc.stdout
+
+
+def test_embed_throughput_measures_both_paths(tmp_path):
+    proc = _script("embed_throughput.py", "--limit", "12", "--samples-per-shard", "200", "--rounds", "1", "--sizes", "",
+                   "--pool-rows", "0", "--json", str(tmp_path / "e.json"), home=tmp_path / "unused", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "e.json").read_text())
+    assert r["samples"] > 0 and r["bare_samples_per_s"] > 0 and r["e2e_samples_per_s"] > 0 and len(r["rounds"]["e2e"]) == 1
+
+
+def test_train_memory_runs_its_phases_and_names_a_missing_checkpoint(tmp_path):
+    tiny = ["--n", "256", "--pool-n", "128", "--eval-n", "64", "--samples-seen", "128", "--work", str(tmp_path / "w")]
+    alone = _script("train_memory.py", *tiny, "--phases", "evaluate", home=tmp_path / "unused", cwd=tmp_path)
+    assert alone.returncode == 2 and "evaluate phase evaluates the train-platform phase's checkpoint" in alone.stderr
+    proc = _script("train_memory.py", *tiny, "--phases", "train-platform", "evaluate", home=tmp_path / "unused", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["phase"] for r in rows] == ["train-platform", "evaluate"] and rows[1]["eval_n"] == 64
+    assert "ALL PHASES" in proc.stdout
