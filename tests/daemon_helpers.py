@@ -4,6 +4,7 @@ while it lives, and stop it with everything it started (by pid, its own process 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,21 @@ from pathlib import Path
 from net_helpers import process_tree
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def shipped_dagster_home(path: Path) -> Path:
+    """``path`` as a DAGSTER_HOME holding the shipped dagster.yaml (the daemon's config)."""
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", path / "dagster.yaml")
+    return path
+
+
+def run_env(home: Path, dagster_home: Path, **extra: str) -> dict:
+    """The environment of a run, job command or daemon on the data home ``home`` and the
+    instance ``dagster_home``: the repo importable, one BLAS thread, no hub downloads."""
+    return dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                CURATION_HOME=str(home), DAGSTER_HOME=str(dagster_home), OMP_NUM_THREADS="1",
+                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **extra)
 
 
 def start_daemon(env: dict) -> subprocess.Popen:

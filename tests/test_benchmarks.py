@@ -15,13 +15,19 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "prune_scale.py"
+
+
+def _script(name: str, *args: str, home: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """``benchmarks/<name> args`` in its own process, on the data home ``home``, from ``cwd``."""
+    env = dict(os.environ, CURATION_HOME=str(home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
 
 
 def _run(tmp_path: Path, *args: str) -> tuple[list[dict], str]:
+    """``prune_scale.py`` with ``args``: its ``--json`` results and what it printed."""
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args, "--json", str(out)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    proc = _script("prune_scale.py", *args, "--json", str(out), home=tmp_path / "unused", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
 
@@ -50,12 +56,6 @@ def tiny_home(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("bench_home")
     build_default_dataset(home, limit=12, samples_per_shard=100, seed=0, workers=1)
     return home
-
-
-def _script(name: str, *args: str, home: Path, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, CURATION_HOME=str(home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
 
 
 def test_reproducibility_two_processes_train_identical_weights(tiny_home, tmp_path):

@@ -39,7 +39,7 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFil
 from dagster._core.instance.ref import InstanceRef
 
 from curation.storage.lake import Lake, list_column_to_matrix
-from daemon_helpers import start_daemon, stop, wait_for
+from daemon_helpers import run_env, shipped_dagster_home, start_daemon, stop, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "emoji-00000"
@@ -62,25 +62,10 @@ def _shipped_instance(tmp_path, tiny_home):
 
     home = tmp_path / "home"
     shutil.copytree(tiny_home / "landing", home / "landing")
-    dagster_home = tmp_path / "dagster_home"
-    dagster_home.mkdir()
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")
+    dagster_home = shipped_dagster_home(tmp_path / "dagster_home")
     instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home)))
     instance.add_dynamic_partitions(SHARDS, [KEY])
     return home, dagster_home, instance
-
-
-def _env(home: Path, dagster_home: Path) -> dict:
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}",
-        CURATION_HOME=str(home),
-        DAGSTER_HOME=str(dagster_home),
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-    )
-    return env
 
 
 def _launch(home: Path, dagster_home: Path) -> subprocess.Popen:
@@ -90,7 +75,7 @@ def _launch(home: Path, dagster_home: Path) -> subprocess.Popen:
         "--tags", json.dumps({"dagster/partition": KEY}),
     ]
     return subprocess.Popen(
-        cmd, cwd=REPO, env=_env(home, dagster_home), start_new_session=True,
+        cmd, cwd=REPO, env=run_env(home, dagster_home), start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
 
@@ -257,8 +242,7 @@ def test_the_daemon_retries_a_sigkilled_run_and_the_retry_equals_a_clean_run(tin
     home, dagster_home, instance = _shipped_instance(tmp_path, tiny_home)
     assert instance.run_retries_enabled and instance.run_retries_max_retries == 1
     assert instance.run_monitoring_enabled
-    env = _env(home, dagster_home)
-    env["CURATION_AUTOMATION"] = "off"  # only the run this test submits, no sensor runs
+    env = run_env(home, dagster_home, CURATION_AUTOMATION="off")  # only the run this test submits, no sensor runs
 
     # the run is submitted to the queue as a sensor's run would be (same code location)
     launch = subprocess.run(

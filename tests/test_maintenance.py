@@ -29,6 +29,7 @@ from curation.select.layout import (
 )
 from curation.select.maintenance import maintain_lake
 from curation.storage.lake import Lake, matrix_to_list_column
+from daemon_helpers import run_env, shipped_dagster_home
 
 D, K = 16, 6
 REPO = Path(__file__).resolve().parents[1]
@@ -53,13 +54,6 @@ def _laid_out(root: Path, shards: int, rows: int, cfg: LayoutConfig) -> tuple[La
     cent, _ = fit_centroids(lake, K, niter=5)
     build_layout(lake, cent, cfg)
     return lake, cent
-
-
-def _shipped_dagster_home(path: Path) -> Path:
-    """A DAGSTER_HOME holding the shipped dagster.yaml (the daemon's config)."""
-    path.mkdir()
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", path / "dagster.yaml")
-    return path
 
 
 def _data_files(lake: Lake, table: str) -> set[str]:
@@ -194,8 +188,7 @@ def test_maintenance_schedule_has_a_deterministic_run_key_and_the_instance_limit
     assert schedules.maintenance_cron() == "30 2 * * *"
     # the shipped instance (what the daemon's run queue reads) runs one layout writer at a time
     with tempfile.TemporaryDirectory() as d:
-        shutil.copy(REPO / "dagster_home" / "dagster.yaml", Path(d) / "dagster.yaml")
-        with DagsterInstance.from_ref(InstanceRef.from_dir(d)) as instance:
+        with DagsterInstance.from_ref(InstanceRef.from_dir(str(shipped_dagster_home(Path(d))))) as instance:
             queue = instance.run_coordinator.get_run_queue_config()
     assert {"key": LAYOUT_TAG, "limit": 1} in queue.tag_concurrency_limits and queue.max_concurrent_runs == 2
 
@@ -246,8 +239,7 @@ def _launch_maintenance(home: Path, dagster_home: Path, config: dict):
 
     cfg = home / "run.yaml"
     cfg.write_text(yaml.safe_dump({"ops": {"maintain_lake": {"config": config}}}))
-    env = dict(os.environ, CURATION_HOME=str(home), DAGSTER_HOME=str(dagster_home), OMP_NUM_THREADS="1",
-               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = run_env(home, dagster_home)
     cmd = [sys.executable, "-m", "dagster", "job", "execute", "-m", "assets.definitions", "-a", "defs",
            "-j", "lake_maintenance_job", "-c", str(cfg), "--tags", json.dumps({"curation/source": "test"})]
     return subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
@@ -268,7 +260,7 @@ def test_sigkill_during_compaction_leaves_the_layout_intact_and_the_next_run_fin
     lake, _ = _laid_out(template / "lake", 6, 1500, LayoutConfig(clusters_per_bucket=1, flush_rows=300))
     write_dedup_scores(lake, dedup_scores_by_bucket(lake, config=LayoutConfig(clusters_per_bucket=1), incremental=False))
     rows = lake.read(LAYOUT_TABLE, columns=["uid", "cluster_id", "cos_to_centroid"]).sort("uid")
-    dagster_home = _shipped_dagster_home(tmp_path / "dagster_home")
+    dagster_home = shipped_dagster_home(tmp_path / "dagster_home")
     for attempt in range(4):  # the kill must land between the first new file and the commit
         home = tmp_path / f"home{attempt}"
         shutil.copytree(template, home)
@@ -322,10 +314,9 @@ def test_the_daemon_queue_runs_one_layout_writer_at_a_time(tmp_path):
     home = tmp_path / "home"
     lake, _ = _laid_out(home / "lake", 3, 300, LayoutConfig(clusters_per_bucket=2, flush_rows=250))
     assert any(c > 1 for c in layout_files_per_bucket(lake).values())
-    dagster_home = _shipped_dagster_home(tmp_path / "dagster_home")
+    dagster_home = shipped_dagster_home(tmp_path / "dagster_home")
     instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home)))
-    env = dict(os.environ, CURATION_HOME=str(home), DAGSTER_HOME=str(dagster_home), OMP_NUM_THREADS="1",
-               CURATION_AUTOMATION="off", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = run_env(home, dagster_home, CURATION_AUTOMATION="off")
     for i in range(2):  # submitted to the queue as the schedule would (same code location)
         launch = subprocess.run(
             [sys.executable, "-m", "dagster", "job", "launch", "-w", str(REPO / "workspace.yaml"),
