@@ -818,15 +818,40 @@ def test_two_level_kmeans_refinement_recovers_concepts_cut_by_cell_borders():
 
 def test_row_chunks_gather_runs_and_scattered_rows():
     """``RowChunks[idx]`` equals indexing the concatenated chunks, whether a chunk's wanted rows
-    form one run in order (copied whole), are out of order, or repeat."""
+    form one run in order (copied whole), are out of order, or repeat; float16 chunks (a
+    float16 layout, held as stored) gather into float32 with the values of a float32 decode."""
     from curation.select.layout import RowChunks
 
     rng = np.random.default_rng(5)
-    chunks = [rng.standard_normal((n, 4)).astype(np.float32) for n in (6, 1, 9)]
-    whole = np.concatenate(chunks)
-    rc = RowChunks(chunks)
-    for idx in ([7, 0, 1, 2, 8, 9, 3], [2, 1, 0, 6, 15, 14], [3, 3, 10], [6], list(range(16)), [12, 9, 10, 11, 13]):
-        np.testing.assert_array_equal(rc[np.array(idx)], whole[idx])
+    for dtype in (np.float32, np.float16):
+        chunks = [rng.standard_normal((n, 4)).astype(dtype) for n in (6, 1, 9)]
+        whole = np.concatenate(chunks).astype(np.float32)
+        rc = RowChunks(chunks)
+        for idx in ([7, 0, 1, 2, 8, 9, 3], [2, 1, 0, 6, 15, 14], [3, 3, 10], [6], list(range(16)), [12, 9, 10, 11, 13]):
+            got = rc[np.array(idx)]
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got, whole[idx])
+
+
+def test_float16_bucket_is_held_as_stored_and_gathered_as_float32(tmp_path):
+    """A float16 layout's bucket read in chunks holds the stored float16 (half the memory of
+    a float32 decode) and gathers/multiplies the same float32 values as the whole decode."""
+    from curation.select.layout import RowChunks, read_bucket
+
+    p = SynPool(tmp_path / "lake")
+    for i in range(2):
+        p.shard(f"{i:05d}", 300)
+    cent, _ = fit_centroids(p.lake, 4, niter=5)
+    build_layout(p.lake, cent, LayoutConfig(dtype="float16", flush_rows=200))
+    bucket = p.lake.partitions("pool_by_cluster")[0]
+    whole = read_bucket(p.lake, bucket, dtype="float16")
+    rc = read_bucket(p.lake, bucket, dtype="float16", chunked=True).x
+    assert isinstance(rc, RowChunks) and len(rc.chunks) > 1
+    assert all(c.dtype == np.float16 for c in rc.chunks) and whole.x.dtype == np.float32
+    idx = np.random.default_rng(0).permutation(rc.shape[0])
+    np.testing.assert_array_equal(rc[idx], whole.x[idx])
+    rows = np.arange(rc.shape[0])
+    np.testing.assert_allclose(rc.matmul_rows(rows, whole.x[:3], min_run=1), whole.x @ whole.x[:3].T, atol=1e-6, rtol=0)
 
 
 

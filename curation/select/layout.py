@@ -208,14 +208,16 @@ def decode_vectors(col, dtype: str) -> np.ndarray:
     return _decode_chunk(col, dtype)
 
 
-def _decode_chunk(col: pa.Array, dtype: str) -> np.ndarray:
+def _decode_chunk(col: pa.Array, dtype: str, stored: bool = False) -> np.ndarray:
+    """One chunk of a vector column -> ``(n, d) float32`` (``stored``: in the stored ``dtype``,
+    a view of the Arrow buffer for either dtype; :class:`RowChunks` converts on gathering)."""
     if col.type not in (pa.binary(), pa.large_binary()):
         col = col.cast(pa.large_binary())
     raw = _fixed_width_bytes(col)
     if raw is None:
         raise ValueError("vector column: got rows of different byte lengths; expected one width")
-    vals = raw.reshape(-1).view(np.dtype(dtype).newbyteorder("<"))
-    return np.ascontiguousarray(vals.reshape(len(col), -1), dtype=np.float32)
+    vals = raw.reshape(-1).view(np.dtype(dtype).newbyteorder("<")).reshape(len(col), -1)
+    return vals if stored else np.ascontiguousarray(vals, dtype=np.float32)
 
 
 def _fixed_width_bytes(col: pa.Array) -> np.ndarray | None:
@@ -793,9 +795,11 @@ def layout_dtype(lake: Lake) -> str:
 
 
 class RowChunks:
-    """An ``(n, d)`` matrix held as the decoded record-batch chunks it was read in (float32
-    chunks are views of the Arrow buffers): ``m[idx]`` gathers rows without first
-    concatenating the chunks (a copy of the whole bucket)."""
+    """An ``(n, d)`` matrix held as the record-batch chunks it was read in, as stored (views of
+    the Arrow buffers: float32, or float16 for a float16 layout): ``m[idx]`` gathers rows into
+    one float32 array without first concatenating the chunks (a copy of the whole bucket); a
+    float16 chunk is converted in the same pass (not decoded to a float32 copy first, then
+    gathered: one pass over the bucket instead of two, and half its memory held)."""
 
     def __init__(self, chunks: list[np.ndarray]):
         self.chunks = chunks
@@ -838,7 +842,8 @@ class RowChunks:
         for a, b in zip(bounds[:-1], bounds[1:]):
             k = int(which[a])
             lo = int(idx[a] - self.starts[k])
-            np.matmul(self.chunks[k][lo : lo + b - a], y.T, out=out[a:b])
+            run = self.chunks[k][lo : lo + b - a]
+            np.matmul(run if run.dtype == np.float32 else run.astype(np.float32), y.T, out=out[a:b])
         return out
 
 
@@ -859,7 +864,7 @@ def read_bucket(lake: Lake, bucket: str, clusters=None, vectors: bool = True, dt
         uids=binary_column_to_bytes(t.column("uid")),
         cluster_ids=t.column("cluster_id").to_numpy().astype(np.int32),
         cos=t.column("cos_to_centroid").to_numpy().astype(np.float32),
-        x=(None if not vectors else RowChunks([_decode_chunk(c, dtype) for c in t.column(emb_column(dtype)).chunks if len(c)])
+        x=(None if not vectors else RowChunks([_decode_chunk(c, dtype, stored=True) for c in t.column(emb_column(dtype)).chunks if len(c)])
            if chunked else decode_vectors(t.column(emb_column(dtype)), dtype)),
     )
 
