@@ -146,10 +146,14 @@ def test_retrieval_shared_caption_is_positive_for_all_its_images_and_blocking_ag
         assert full[f"image_retrieval_recall@{k}"] == pytest.approx(ref_t)
 
 
-def test_perfect_embeddings_give_recall_one():
+def test_perfect_embeddings_give_recall_one_and_a_k_above_the_set_is_left_out():
     e = unit(np.eye(6))
-    m = retrieval_metrics(e, e, np.arange(6), np.arange(6))
+    m = retrieval_metrics(e, e, np.arange(6), np.arange(6))  # ks 1, 5, 10 of six pairs: 10 ranks nothing
+    assert set(m) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5)} | {"mean_recall@1"}
     assert all(v == 1.0 for v in m.values())
+    # the smaller side decides: 12 images whose 6 captions are shared by two each
+    m = retrieval_metrics(unit(np.tile(np.eye(6), (2, 1))), e, np.tile(np.arange(6), 2), np.arange(6), ks=(1, 6, 7))
+    assert {k for k in m if k.startswith("text_")} == {"text_retrieval_recall@1", "text_retrieval_recall@6"}
 
 
 # ------------------------------------------------------------------ tasks, aggregate

@@ -193,12 +193,14 @@ def retrieval_metrics(
         text_emb: ``(n_t, d) float32`` unit rows.
         image_ids, text_ids: ``(n_i,)``, ``(n_t,)`` ints; an image and a text are a positive
             pair when their ids are equal (several images may share one caption).
-        ks: the k of recall@k.
+        ks: the k of recall@k. A k above either side's size (the images a text query ranks,
+            or the texts an image query ranks) measures nothing (every positive is in the top
+            k) and is left out, as the clip_benchmark path skips it (``recall_ks_skipped``).
 
     Returns:
         ``text_retrieval_recall@k`` (image queries), ``image_retrieval_recall@k`` (text
-        queries) for every k, and ``mean_recall@1`` (their mean at k=1; present when 1 in ks).
-        A positive ranks ahead of negatives with exactly equal similarity.
+        queries) for every k kept, and ``mean_recall@1`` (their mean at k=1; present when 1 is
+        kept). A positive ranks ahead of negatives with exactly equal similarity.
     """
     image_emb = np.asarray(image_emb, dtype=np.float32)
     text_emb = np.asarray(text_emb, dtype=np.float32)
@@ -209,6 +211,7 @@ def retrieval_metrics(
             f"ids: got {image_ids.shape[0]} image ids for {image_emb.shape[0]} images and {text_ids.shape[0]} "
             f"text ids for {text_emb.shape[0]} texts; expected one id per row"
         )
+    ks = [k for k in ks if k <= min(image_emb.shape[0], text_emb.shape[0])]
     i2t = _hits_at_k(image_emb, text_emb, image_ids, text_ids, ks, block)
     t2i = _hits_at_k(text_emb, image_emb, text_ids, image_ids, ks, block)
     out: dict[str, float] = {}
