@@ -30,6 +30,7 @@ from browser_helpers import (
     require_chromium,
     wait_for_partition_run,
 )
+from daemon_helpers import shipped_dagster_home
 
 pytestmark = pytest.mark.browser
 
@@ -65,9 +66,7 @@ def ui_homes(small_dataset, tmp_path):
     for sub in ("landing", "eval"):
         if (small_dataset / sub).exists():
             shutil.copytree(small_dataset / sub, home / sub)
-    dagster_home = tmp_path / "dagster_home"
-    dagster_home.mkdir()
-    shutil.copy(REPO_ROOT / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")
+    dagster_home = shipped_dagster_home(tmp_path / "dagster_home")
     keys = sorted(find_shards(home / "landing"))
     assert keys, f"no shards in {home / 'landing'}"
     with DagsterInstance.from_config(str(dagster_home)) as instance:
@@ -182,9 +181,7 @@ def curated_homes(small_dataset, tmp_path, monkeypatch):
     for sub in ("landing", "eval"):
         if (small_dataset / sub).exists():
             shutil.copytree(small_dataset / sub, home / sub)
-    dagster_home = tmp_path / "dagster_home"
-    dagster_home.mkdir()
-    shutil.copy(REPO_ROOT / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")
+    dagster_home = shipped_dagster_home(tmp_path / "dagster_home")
     monkeypatch.setenv("CURATION_HOME", str(home))
     monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))
     monkeypatch.setenv("CURATION_AUTOMATION", "off")

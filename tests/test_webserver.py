@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from daemon_helpers import shipped_dagster_home
 
 REPO = Path(__file__).resolve().parent.parent
 ASSET_QUERY = "{ assetNodes { assetKey { path } } }"
@@ -54,9 +54,7 @@ def test_webserver_serves_the_asset_graph(tmp_path):
     exe = Path(sys.executable).parent / "dagster-webserver"
     if not exe.exists():
         pytest.fail(f"dagster-webserver not found next to {sys.executable}")
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    home = shipped_dagster_home(tmp_path / "dagster_home")
     env = dict(os.environ)
     env.update(
         DAGSTER_HOME=str(home),
