@@ -27,13 +27,15 @@ caption matrix exists) and at the end; each N runs in its own subprocess.
 Usage::
 
     python benchmarks/prune_scale.py --n 1000000 --k 1000 [--dtype float16] [--compact] [--uids counter]   # lake mode
+    python benchmarks/prune_scale.py --n 1000000 --k 1000 --repeat 3          # medians and ranges of 3 runs
     python benchmarks/prune_scale.py --n 10000000 --k 10000                   # the 10M run
     python benchmarks/prune_scale.py --mode memory   # N = 100k and 1M, d 512, k 1000
     python benchmarks/prune_scale.py --n 20000 --k 100 --d 64   # a quick run
     python benchmarks/prune_scale.py --json out.json
 
-It prints one table per N, the growth ratios between the smallest and the largest N, and the
-targets (1M end to end < 10 min on 2 cores, peak RSS < 2x the embedding matrix, near-linear
+It prints one table per N (with ``--repeat R``, one per run and then the medians and ranges of
+the R runs, which the lake mode's targets are read on), the growth ratios between the smallest
+and the largest N, and the targets (1M end to end < 10 min on 2 cores, peak RSS < 2x the embedding matrix, near-linear
 growth).
 """
 
@@ -658,6 +660,85 @@ def _fmt_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _lake_once(args, n: int, rep: int) -> dict | int:
+    """One lake-mode run of ``n`` rows: the lake written by one process (seeded: every repeat
+    writes the same pool), the stages run by a fresh one. Returns its results, or the failing
+    process's exit code (its stderr went straight through)."""
+    import shutil
+    import tempfile
+
+    if args.root:
+        root = args.root if args.repeat == 1 else str(Path(args.root) / f"repeat{rep}")
+    else:
+        root = tempfile.mkdtemp(prefix="prune_scale_")
+    gen = [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import prune_scale as p; "
+           "p.write_lake(%r, %d, %d, %d, %d, %r, %d, uids=%r)" % (str(Path(__file__).parent), root, n, args.d,
+                                                                  args.k, args.shard_rows, args.dup_fraction,
+                                                                  args.seed, args.uids)]
+    t = time.perf_counter()
+    subprocess.run(gen, check=True, env=os.environ.copy())
+    gen_s = time.perf_counter() - t
+    cmd = [sys.executable, "-c", "import sys, json; sys.path.insert(0, %r); import prune_scale as p; "
+           "print(json.dumps(p.run_lake(%r, %d, %d, %d, %d, %r, %d, %r, %d, %r, target_recall=%r, compact=%r, "
+           "uids=%r)))" % (
+               str(Path(__file__).parent), root, n, args.d, args.k, args.niter, args.eps, args.seed,
+               args.dtype, args.shard_rows, args.dup_fraction, args.target_recall, args.compact, args.uids)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    if not args.root:
+        shutil.rmtree(root, ignore_errors=True)
+    if proc.returncode != 0:
+        return proc.returncode
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r["generate_s"] = gen_s
+    return r
+
+
+def _median(values) -> float:
+    return float(np.median(np.asarray(values, dtype=np.float64)))
+
+
+def _target_readings(runs: list[dict]) -> list[tuple[str, list[float], float, bool]]:
+    """``(name, per-run values, limit, lower is better)`` of each target a lake run reads."""
+    return [
+        ("peak RSS GiB", [r["peak_rss"] / 2**30 for r in runs], 4.0, True),
+        ("new shard of every concept, % of full", [100 * r["incremental_fraction"] for r in runs], 5.0, True),
+        (f"new shard of {runs[0]['incremental_local']['concepts']} concepts, % of full",
+         [100 * r["incremental_local"]["fraction_of_full"] for r in runs], 5.0, True),
+        ("SemDeDup x sgemm", [r["ratio_to_sgemm"]["semdedup"] for r in runs], 2.0, True),
+    ]
+
+
+def _fmt_repeats(runs: list[dict]) -> str:
+    """Medians and ranges over repeated runs of one N (the box's run-to-run spread is as large
+    as many changes: a difference inside these ranges is noise), and whether every run kept the
+    same uids (the pipeline is deterministic: it must)."""
+    rows = [("full (kmeans..export) s", [r["full_s"] for r in runs])]
+    for s in ("kmeans", "layout", "semdedup", "dbp_select", "export"):
+        rows.append((f"{s} s", [r["seconds"][s] for r in runs]))
+    rows += [("new shard of every concept s", [r["incremental_s"] for r in runs]),
+             ("  its scoring s", [r["incremental"]["score_s"] for r in runs]),
+             ("  its pool-wide rest s", [r["incremental"]["pool_wide_s"] for r in runs]),
+             (f"new shard of {runs[0]['incremental_local']['concepts']} concepts s", [r["incremental_local"]["seconds"] for r in runs]),
+             ("one sgemm GFLOP/s", [r["sgemm_gflops"] for r in runs])]
+    rows += [(name, vals) for name, vals, _lim, _low in _target_readings(runs)]
+    lines = [f"N={runs[0]['n']:,}: medians of {len(runs)} runs (min - max)", "| | median | min - max |", "|---|---|---|"]
+    lines += [f"| {name} | {_median(v):.2f} | {min(v):.2f} - {max(v):.2f} |" for name, v in rows]
+    hashes = {r["kept_uids_hash"] for r in runs}
+    lines.append(f"kept uids identical in every run: {len(hashes) == 1} ({', '.join(sorted(hashes))})")
+    return "\n".join(lines)
+
+
+def _fmt_targets(runs: list[dict]) -> str:
+    """The targets at the largest N, read on the median of the runs, with how many runs met each."""
+    big = runs[0]
+    parts = []
+    for name, vals, lim, _low in _target_readings(runs):
+        met = sum(v < lim for v in vals)
+        parts.append(f"{name} {_median(vals):.2f} (< {lim:g}: {_median(vals) < lim}"
+                     + (f"; met in {met} of {len(vals)} runs" if len(vals) > 1 else "") + ")")
+    return f"targets at N={big['n']:,}" + (f" (medians of {len(runs)} runs)" if len(runs) > 1 else "") + ": " + "; ".join(parts)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -682,51 +763,40 @@ def main(argv=None) -> int:
     ap.add_argument("--uids", choices=UID_SCHEMES, default="hashed",
                     help="synthetic uids: hashed (default; unordered, like the platform's hashed uids) or counter "
                          "(the row number: appended shards come out sorted by uid; runs before 2026-12-05)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="lake mode: run each N this many times (the same seeded pool, a fresh lake and process "
+                         "each) and print medians and ranges; the targets are read on the medians")
     ap.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error(f"--repeat: got {args.repeat}; expected >= 1")
     logging.basicConfig(level=logging.WARNING)
 
     if args.mode == "lake":
-        import shutil
-        import tempfile
-
         results = []
         for n in args.n:
-            root = args.root or tempfile.mkdtemp(prefix="prune_scale_")
-            gen = [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import prune_scale as p; "
-                   "p.write_lake(%r, %d, %d, %d, %d, %r, %d, uids=%r)" % (str(Path(__file__).parent), root, n, args.d,
-                                                                          args.k, args.shard_rows, args.dup_fraction,
-                                                                          args.seed, args.uids)]
-            t = time.perf_counter()
-            subprocess.run(gen, check=True, env=os.environ.copy())
-            gen_s = time.perf_counter() - t
-            cmd = [sys.executable, "-c", "import sys, json; sys.path.insert(0, %r); import prune_scale as p; "
-                   "print(json.dumps(p.run_lake(%r, %d, %d, %d, %d, %r, %d, %r, %d, %r, target_recall=%r, compact=%r, "
-                   "uids=%r)))" % (
-                       str(Path(__file__).parent), root, n, args.d, args.k, args.niter, args.eps, args.seed,
-                       args.dtype, args.shard_rows, args.dup_fraction, args.target_recall, args.compact, args.uids)]
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
-            if not args.root:
-                shutil.rmtree(root, ignore_errors=True)
-            if proc.returncode != 0:  # its stderr went straight through
-                return proc.returncode
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            r["generate_s"] = gen_s
-            results.append(r)
-            print(_fmt_lake(r), flush=True)
-            print(flush=True)
+            runs = []
+            for rep in range(args.repeat):
+                r = _lake_once(args, n, rep)
+                if isinstance(r, int):
+                    return r
+                r["repeat"] = rep
+                runs.append(r)
+                print(_fmt_lake(r) if args.repeat == 1 else f"[repeat {rep + 1} of {args.repeat}]\n" + _fmt_lake(r), flush=True)
+                print(flush=True)
+            if args.repeat > 1:
+                print(_fmt_repeats(runs), flush=True)
+                print(flush=True)
+            results.append(runs)
         if len(results) > 1:
             a, b = results[0], results[-1]
-            per = (b["full_s"] / b["n"]) / (a["full_s"] / a["n"])
-            print(f"per-sample cost {b['n']:,} vs {a['n']:,}: x{per:.2f} (target <= 1.5)")
-        big = results[-1]
-        print(f"targets at N={big['n']:,}: peak RSS {big['peak_rss'] / 2**30:.2f} GiB (< 4 GiB: {big['peak_rss'] < 4 * 2**30}); "
-              f"incremental {100 * big['incremental_fraction']:.1f}% of full (< 5%: {big['incremental_fraction'] < 0.05}; "
-              f"a shard of {big['incremental_local']['concepts']} concepts {100 * big['incremental_local']['fraction_of_full']:.1f}%: "
-              f"{big['incremental_local']['fraction_of_full'] < 0.05}); "
-              f"SemDeDup x{big['ratio_to_sgemm']['semdedup']:.2f} of sgemm (< 2: {big['ratio_to_sgemm']['semdedup'] < 2})")
+            per = (_median([r["full_s"] for r in b]) / b[0]["n"]) / (_median([r["full_s"] for r in a]) / a[0]["n"])
+            print(f"per-sample cost {b[0]['n']:,} vs {a[0]['n']:,}: x{per:.2f} (target <= 1.5"
+                  + (f"; medians of {args.repeat} runs" if args.repeat > 1 else "") + ")")
+        print(_fmt_targets(results[-1]))
         if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2))
+            flat = [r for runs in results for r in runs]
+            Path(args.json).write_text(json.dumps(flat, indent=2))
         return 0
 
     if args.single:

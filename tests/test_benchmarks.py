@@ -42,11 +42,18 @@ def test_memory_mode_runs_with_either_uid_scheme(tmp_path):
 
 
 def test_lake_mode_matches_the_in_memory_path_and_updates(tmp_path):
-    (r,), text = _run(tmp_path, "--n", "12000", "--k", "12", "--shard-rows", "2000")
-    assert r["parity_with_in_memory"] == {"rows_compared": 12000, "dedup_scores_identical": True,
-                                          "budgets_identical": True, "kept_uids_identical": True}
-    assert r["incr_new_rows"] == 2000 and r["incremental"]["mode"] == "incremental"
-    assert r["incremental_local"]["new_rows"] == 2000 and "targets at N=12,000" in text
+    runs, text = _run(tmp_path, "--n", "12000", "--k", "12", "--shard-rows", "2000", "--repeat", "2")
+    assert [r["repeat"] for r in runs] == [0, 1]
+    for r in runs:
+        assert r["parity_with_in_memory"] == {"rows_compared": 12000, "dedup_scores_identical": True,
+                                              "budgets_identical": True, "kept_uids_identical": True}
+        assert r["incr_new_rows"] == 2000 and r["incremental"]["mode"] == "incremental"
+        assert r["incremental_local"]["new_rows"] == 2000
+    # repeats: the same seeded pool each time, so the same kept uids; medians and ranges printed
+    assert runs[0]["kept_uids_hash"] == runs[1]["kept_uids_hash"]
+    assert "medians of 2 runs (min - max)" in text and "kept uids identical in every run: True" in text
+    targets = next(line for line in text.splitlines() if line.startswith("targets at N=12,000 (medians of 2 runs)"))
+    assert targets.count("; met in ") == 4 and "SemDeDup x sgemm" in targets
 
 
 @pytest.fixture(scope="module")
