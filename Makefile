@@ -40,7 +40,7 @@ ui: install
 
 bench: install
 	$(BIN)/python benchmarks/embed_throughput.py
-	$(BIN)/python benchmarks/prune_scale.py
+	$(BIN)/python benchmarks/prune_scale.py --repeat 3
 
 clean:
 	rm -rf $(VENV) data dagster_home/storage dagster_home/history dagster_home/schedules dagster_home/logs
