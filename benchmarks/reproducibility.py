@@ -24,6 +24,18 @@ import sys
 import time
 
 
+def emoji_landing():
+    """The default dataset's shard directory in the data home (``CURATION_HOME``)."""
+    from curation.storage.data_home import data_home
+
+    return data_home() / "landing" / "emoji"
+
+
+def emoji_shards() -> list:
+    """Its shards, sorted (empty without the default dataset)."""
+    return sorted(emoji_landing().glob("*.tar"))
+
+
 def one_run(args) -> dict:
     import numpy as np
     import torch
@@ -32,7 +44,6 @@ def one_run(args) -> dict:
     from curation.embed.encoders import build_encoder
     from curation.engine.compute import ComputeSpec
     from curation.ingest.shards import iter_samples
-    from curation.storage.data_home import data_home
     from curation.train.determinism import determinism_record, set_deterministic
     from curation.train.trainer import TrainConfig, train_clip
 
@@ -40,7 +51,7 @@ def one_run(args) -> dict:
         set_deterministic(threads=args.threads)
     else:
         torch.set_num_threads(args.threads)
-    shard = sorted((data_home() / "landing" / "emoji").glob("*.tar"))[0]
+    shard = emoji_shards()[0]
     images, captions = [], []
     for _key, members in iter_samples(shard):
         img = next((members[e] for e in ("png", "jpg", "webp") if e in members), None)
@@ -85,9 +96,8 @@ def main() -> int:
         return 0
     from curation.storage.data_home import data_home
 
-    landing = data_home() / "landing" / "emoji"
-    if not any(landing.glob("*.tar")):
-        print(f"reproducibility: got no shards in {landing}; expected the default dataset: "
+    if not emoji_shards():
+        print(f"reproducibility: got no shards in {emoji_landing()}; expected the default dataset: "
               f"`curation datasets build default --out {data_home()}` (or set CURATION_HOME)", file=sys.stderr)
         return 2
     cmd = [sys.executable, __file__, "--child", "--threads", str(args.threads), "--n", str(args.n),

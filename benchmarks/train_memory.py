@@ -102,6 +102,11 @@ def peak_gib() -> tuple[float, float]:
     return me, kids
 
 
+def checkpoint(work: Path, backend: str) -> Path:
+    """Where the ``train-<backend>`` phase writes its checkpoint (the evaluate phase reads platform's)."""
+    return work / "ck" / f"{backend}.pt"
+
+
 def phase(name: str, args) -> dict:
     import torch
 
@@ -119,7 +124,7 @@ def phase(name: str, args) -> dict:
 
         backend = name.split("-", 1)[1]
         cfg = TrainConfig(model="tiny-rn-32", samples_seen=args.samples_seen, batch_size=128, backend=backend)
-        summary, _ = train_subset(tars, cfg, work / "ck" / f"{backend}.pt", cpu)
+        summary, _ = train_subset(tars, cfg, checkpoint(work, backend), cpu)
         out.update(samples_seen=summary.samples_seen, n_train=summary.n_train, samples_per_s=round(summary.samples_per_s))
     elif name == "filter_model":
         import polars as pl
@@ -178,7 +183,7 @@ def phase(name: str, args) -> dict:
         pl.DataFrame(rows).write_parquet(ev / "manifest.parquet")
         (ev / "tasks.json").write_text(json.dumps({"zero_shot": {"color": list(COLORS), "shape": list(SHAPES)},
                                                   "retrieval": {"caption_column": "caption", "image_column": "member"}}))  # fmt: skip
-        ck = work / "ck" / "platform.pt"
+        ck = checkpoint(work, "platform")
         res = evaluate_checkpoint(ck, [EvalSetSpec("synth-heldout", str(ev), "manifest", "simple")], work / "eval-results")
         out.update(eval_n=args.eval_n, average=round(res["average"]["main"], 4))
     me, kids = peak_gib()
@@ -262,7 +267,7 @@ def main() -> int:
     if args.phase:
         print("RESULT " + json.dumps(phase(args.phase, args)), flush=True)
         return 0
-    ck = Path(args.work) / "ck" / "platform.pt"
+    ck = checkpoint(Path(args.work), "platform")
     if "evaluate" in args.phases and not ck.exists() and (
             "train-platform" not in args.phases or args.phases.index("train-platform") > args.phases.index("evaluate")):
         print(f"train_memory: the evaluate phase evaluates the train-platform phase's checkpoint ({ck}): got no such file; "
