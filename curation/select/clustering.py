@@ -22,11 +22,13 @@ import logging
 import math
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import polars as pl
 
+from curation.select.faiss_loader import import_faiss
 from curation.select.similarity import topk_inner_product
+
+faiss = import_faiss()  # its bundled OpenBLAS on the CPU's AVX-512/AVX2 kernels (see faiss_loader)
 
 log = logging.getLogger(__name__)
 
