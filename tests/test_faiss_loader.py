@@ -64,3 +64,11 @@ def test_a_coretype_the_user_set_is_kept():
     if got["core"] is None:
         pytest.skip("this faiss build does not carry an OpenBLAS of its own")
     assert got["core"].lower() == "prescott" and got["env"] == "Prescott"
+
+
+def test_an_empty_coretype_counts_as_unset_and_is_given_back():
+    want = openblas_coretype(cpu_flags())
+    got = _faiss_core({"OPENBLAS_CORETYPE": ""})
+    assert got["env"] == ""
+    if want is not None and got["core"] is not None:
+        assert got["core"].lower() == want.lower()

@@ -55,14 +55,18 @@ def import_faiss():
     docstring); the module when it is imported already."""
     if "faiss" in sys.modules:
         return sys.modules["faiss"]
-    core = None if os.environ.get("OPENBLAS_CORETYPE") else openblas_coretype(cpu_flags())
+    before = os.environ.get("OPENBLAS_CORETYPE")
+    core = None if before else openblas_coretype(cpu_flags())
     if core is not None:
         os.environ["OPENBLAS_CORETYPE"] = core
     try:
         import faiss
     finally:
-        if core is not None:
-            os.environ.pop("OPENBLAS_CORETYPE", None)
+        if core is not None:  # as it was: unset, or the empty value the user gave
+            if before is None:
+                os.environ.pop("OPENBLAS_CORETYPE", None)
+            else:
+                os.environ["OPENBLAS_CORETYPE"] = before
     return faiss
 
 
