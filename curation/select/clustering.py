@@ -13,7 +13,9 @@ ALGORITHMS.md sections 1 and 3.
   nearest OTHER centroids (blocked top-l), ``C = d_intra * d_inter`` (clusters with fewer
   than two members get the mean complexity of the others), ``p = softmax(C / tau)``.
 
-:func:`default_k` is the documented default for pools of any size.
+:func:`default_k` is the documented default for pools of any size. faiss is imported through
+:func:`curation.select.faiss_loader.import_faiss`, so its bundled OpenBLAS runs the CPU's
+AVX-512/AVX2 kernels on CPUs newer than it (it took an Emerald Rapids for an SSE3 ``Prescott``).
 """
 
 from __future__ import annotations
