@@ -5,14 +5,14 @@ from the CPU model at load time. A CPU newer than that OpenBLAS (Intel Emerald R
 207, the 2026-12-06 benchmark box) is not in its table, and it falls back to the generic
 ``Prescott`` (SSE3) kernels: faiss's k-means and flat search then run 4-6x slower than on
 AVX-512 kernels (docs/benchmarks.md, session 8: five k-means iterations of 256,000 x 512 rows
-into 1,000 centroids 30-40 s vs 7.1 s; the 1M pool benchmark's k-means 89 -> 18 s, its
-assignment 46 -> 15 s). numpy's own OpenBLAS (newer) is not affected.
+into 1,000 centroids 30-43 s vs 7-9 s; the 1M pool benchmark's k-means 89.1 -> 19.4 s and its
+layout stage 46.0 -> 16.1 s, medians of 3). numpy's own OpenBLAS (newer) is not affected.
 
 :func:`import_faiss` imports faiss with ``OPENBLAS_CORETYPE`` set from the CPU's flags
 (``SkylakeX`` for AVX-512 F/CD/BW/DQ/VL, ``Haswell`` for AVX2 + FMA) for the duration of the
-import only: faiss's OpenBLAS reads it once, when it is loaded, and the variable is removed
-again, so numpy (loaded before) and child processes keep their own detection. A value the
-user set is left as it is (``OPENBLAS_CORETYPE=Prescott`` reproduces the slow path). Other
+import only: faiss's OpenBLAS reads it once, when it is loaded, and the variable is then put
+back as it was, so numpy (loaded before) and child processes keep their own detection. A value
+the user set is left as it is (``OPENBLAS_CORETYPE=Prescott`` reproduces the slow path). Other
 platforms (no ``/proc/cpuinfo``, not x86) import faiss unchanged.
 """
 
