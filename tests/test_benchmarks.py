@@ -49,6 +49,14 @@ def test_lake_mode_matches_the_in_memory_path_and_updates(tmp_path):
                                               "budgets_identical": True, "kept_uids_identical": True}
         assert r["incr_new_rows"] == 2000 and r["incremental"]["mode"] == "incremental"
         assert r["incremental_local"]["new_rows"] == 2000
+        # the bound is the best of four sgemm readings (start, around SemDeDup, end)
+        assert len(r["sgemm_gflops_readings"]) == 4 and r["sgemm_gflops"] == max(r["sgemm_gflops_readings"])
+        assert r["ratio_to_sgemm"]["semdedup"] > 0
+    from curation.select.faiss_loader import cpu_flags, openblas_coretype
+
+    if openblas_coretype(cpu_flags()) is not None and runs[0]["faiss_blas"] is not None:
+        assert runs[0]["faiss_blas"].lower() == openblas_coretype(cpu_flags()).lower()  # not a generic core
+    assert "faiss's OpenBLAS kernels: " in text
     # repeats: the same seeded pool each time, so the same kept uids; medians and ranges printed
     assert runs[0]["kept_uids_hash"] == runs[1]["kept_uids_hash"]
     assert "medians of 2 runs (min - max)" in text and "kept uids identical in every run: True" in text
