@@ -3,6 +3,8 @@ the memory budget in blocks, incremental == full for every recipe, two-level == 
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -67,7 +69,9 @@ class SynPool:
         self.seed = seed
 
     def shard(self, stem: str, n: int, salt: int = 0) -> None:
-        rng = np.random.default_rng(abs(hash((stem, salt, self.seed))) % 2**32)
+        # a stable seed per shard (Python's hash() of strings changes per process: every run drew a
+        # different pool, and a test reading boundary rows of it failed in some runs)
+        rng = np.random.default_rng(zlib.crc32(f"{stem}/{salt}/{self.seed}".encode()))
         c = rng.integers(0, CONCEPTS, n)
         x = self.centers[c] + rng.uniform(0.3, 0.6) * rng.standard_normal((n, D))
         dup = rng.choice(n, n // 10, replace=False)
@@ -277,7 +281,10 @@ def test_layout_files_are_sorted_by_cluster_so_a_cluster_read_skips_the_others(t
         return out
 
     monkeypatch.setattr(layout_mod, "read_bucket", spy)
-    x = p.lake.read("pool_by_cluster", columns=["uid", "emb_float32", "cluster_id"]).filter(pl.col("cluster_id") == c).head(3)
+    # copies of the cluster's three most central members (the layout's first rows of a cluster are
+    # its LEAST central, the ones a small shift can move into a neighbouring cluster)
+    x = (p.lake.read("pool_by_cluster", columns=["uid", "emb_float32", "cluster_id", "cos_to_centroid"])
+         .filter(pl.col("cluster_id") == c).sort("cos_to_centroid", descending=True).head(3))
     vec = decode_vectors(x["emb_float32"].to_arrow(), "float32")
     p.lake.write("embeddings", pa.table({
         "uid": [make_uid("syn", "new", str(i)) for i in range(3)], "shard": ["syn-new"] * 3,
