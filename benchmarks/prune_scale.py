@@ -381,6 +381,7 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
         write_dedup_scores,
     )
     from curation.select.clustering import DEFAULT_NEIGHBORS
+    from curation.select import native_blas
     from curation.select.faiss_loader import faiss_blas_core
     from curation.select.pool_tables import clusters_frame, read_recipe_pool, stored_d_inter
     from curation.select.recipes import apply_recipe, parse_recipe
@@ -521,6 +522,7 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
         "seconds": sec, "bytes_read": rd, "bytes_written": wr, "stage_peak_rss": mem,
         "sgemm_gflops": rate / 1e9, "sgemm_gflops_readings": [r / 1e9 for r in rates],
         "faiss_blas": faiss_blas_core(),
+        "semdedup_gram": native_blas.status(), "semdedup_gram_native": native_blas.available(),
         "ratio_to_sgemm": {s: sec[s] / (f / rate) for s, f in flops.items()},
         "full_s": full_s, "incremental_s": incr_s, "incremental_fraction": incr_s / full_s,
         "incr_new_rows": incr["new_rows"], "incr_touched_clusters": incr["touched_clusters"],
@@ -600,12 +602,20 @@ def _parity(lake, cent, recipe, sel) -> dict:
             "kept_uids_identical": _uids_hash(ref.uids) == _uids_hash(sel.uids)}
 
 
+def _gram_kernel(r: dict) -> str:
+    """What ran SemDeDup's Gram triangles (``native_blas``: numpy's OpenBLAS ssyrk, or why not)."""
+    g = r.get("semdedup_gram")
+    if g is None:
+        return "not recorded"
+    return f"ssyrk of {g}" if r.get("semdedup_gram_native") else f"numpy's x @ x.T ({g})"
+
+
 def _fmt_lake(r: dict) -> str:
     gib, mib = 2**30, 2**20
     lines = [f"N={r['n']:,} d={r['d']} k={r['k']} layout {r['dtype']}, {r.get('uids', 'counter')} uids  (X = {r['x_bytes'] / gib:.2f} GiB; "
              f"one sgemm: {r['sgemm_gflops']:.1f} GFLOP/s, the best of "
              + " / ".join(f"{g:.0f}" for g in r.get('sgemm_gflops_readings', [])) + " at the start, around SemDeDup, at the end; "
-             f"faiss's OpenBLAS kernels: {r.get('faiss_blas')})",
+             f"faiss's OpenBLAS kernels: {r.get('faiss_blas')}; SemDeDup's Gram: {_gram_kernel(r)})",
              "| stage | seconds | read MiB | written MiB | stage peak RSS GiB | x sgemm time of same FLOPs |",
              "|---|---|---|---|---|---|"]
     for s in LAKE_STAGES:

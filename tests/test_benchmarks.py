@@ -58,6 +58,12 @@ def test_lake_mode_matches_the_in_memory_path_and_updates(tmp_path):
     if want is not None and runs[0]["faiss_blas"] is not None:
         assert runs[0]["faiss_blas"].lower() == want.lower()  # not a generic core
     assert "faiss's OpenBLAS kernels: " in text
+    from curation.select import native_blas
+
+    assert runs[0]["semdedup_gram"] == native_blas.status()  # what the run's process ran
+    assert runs[0]["semdedup_gram_native"] == native_blas.available()
+    if native_blas.available():
+        assert f"SemDeDup's Gram: ssyrk of {runs[0]['semdedup_gram']}" in text
     # repeats: the same seeded pool each time, so the same kept uids; medians and ranges printed
     assert runs[0]["kept_uids_hash"] == runs[1]["kept_uids_hash"]
     assert "medians of 2 runs (min - max)" in text and "kept uids identical in every run: True" in text

@@ -32,6 +32,7 @@ def native():
 def test_the_native_routine_is_taken_where_numpy_bundles_openblas(native):
     # the pinned numpy wheel bundles scipy-openblas64: a fallback here would be a silent slowdown
     assert native.status() == os.path.basename(native.numpy_openblas_path())
+    assert native.available()
 
 
 def test_the_upper_triangle_is_numpys_x_xT_bit_for_bit(native):
@@ -86,8 +87,8 @@ def test_the_environment_switches_it_off():
     code = ("import json, numpy as np; from curation.select import native_blas as nb; "
             "from curation.select.similarity import max_sim_to_earlier as m; "
             "x = np.eye(3, dtype=np.float32); x[2] = x[0]; "
-            "print(json.dumps({'status': nb.status(), 'm': m(x).tolist()}))")
+            "print(json.dumps({'status': nb.status(), 'native': nb.available(), 'm': m(x).tolist()}))")
     env = dict(os.environ, CURATION_NATIVE_SYRK="0", PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r == {"status": "disabled by CURATION_NATIVE_SYRK=0", "m": [-1.0, 0.0, 1.0]}
+    assert r == {"status": "disabled by CURATION_NATIVE_SYRK=0", "native": False, "m": [-1.0, 0.0, 1.0]}

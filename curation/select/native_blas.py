@@ -91,6 +91,11 @@ def _load():
     return fn, os.path.basename(path)
 
 
+def available() -> bool:
+    """True when :func:`ssyrk_upper` runs the native routine (False: callers use ``x @ x.T``)."""
+    return _fn() is not None
+
+
 def status() -> str:
     """What :func:`ssyrk_upper` runs: the library's file name, or why it falls back."""
     _fn()
