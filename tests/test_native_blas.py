@@ -40,6 +40,8 @@ def test_the_upper_triangle_is_numpys_x_xT_bit_for_bit(native):
     for n, d in [(2, 1), (3, 8), (17, 5), (256, 64), (300, 512)]:
         x = _unit(rng, n, d)
         assert np.array_equal(np.triu(native.ssyrk_upper(x)), np.triu(x @ x.T)), (n, d)
+    assert native.ssyrk_upper(np.zeros((3, 0), np.float32)) is None  # no columns: numpy's zeros
+    np.testing.assert_array_equal(max_sim_to_earlier(np.zeros((3, 0), np.float32)), [-1.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="C-contiguous float32"):
         native.ssyrk_upper(_unit(rng, 4, 6)[:, ::2])
     with pytest.raises(ValueError, match="C-contiguous float32"):

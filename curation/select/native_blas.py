@@ -114,7 +114,7 @@ def ssyrk_upper(x: np.ndarray) -> np.ndarray | None:
     bit for n >= 2; the strict lower triangle is left unwritten (arbitrary values). ``x``: ``(n, k)``
     float32, C-contiguous. None when the native routine is not available (see the module)."""
     fn = _fn()
-    if fn is None:
+    if fn is None or x.ndim != 2 or x.shape[1] == 0:  # no columns: BLAS rejects lda = 0; x @ x.T is zeros
         return None
     if x.dtype != np.float32 or not x.flags.c_contiguous:
         raise ValueError(f"ssyrk_upper: got {x.dtype} {'C' if x.flags.c_contiguous else 'non-C'}-ordered rows; "
