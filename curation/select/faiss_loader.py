@@ -76,11 +76,9 @@ def faiss_blas_core() -> str | None:
     if "faiss" not in sys.modules:
         return None
     try:
-        from threadpoolctl import threadpool_info
-    except ImportError:  # pragma: no cover - the pinned environment has it
+        from curation.select.native_blas import bundled_openblas
+
+        found = bundled_openblas("faiss")
+    except ImportError:  # pragma: no cover - the pinned environment has threadpoolctl
         return None
-    for info in threadpool_info():
-        path = info.get("filepath") or ""
-        if info.get("internal_api") == "openblas" and "faiss" in os.path.basename(os.path.dirname(path)):
-            return info.get("architecture")
-    return None
+    return found[0].get("architecture") if found else None

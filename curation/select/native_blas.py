@@ -35,16 +35,21 @@ _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
 
-def numpy_openblas_path() -> str | None:
-    """The file of the OpenBLAS numpy loaded (None: numpy uses another BLAS)."""
+def bundled_openblas(package: str) -> list[dict]:
+    """threadpoolctl's entries for the OpenBLAS copies loaded from a wheel's own library
+    directory (``numpy.libs``, ``faiss_cpu.libs``: a directory whose name starts with ``package``)."""
     from threadpoolctl import threadpool_info
 
+    return [info for info in threadpool_info() if info.get("internal_api") == "openblas"
+            and os.path.basename(os.path.dirname(info.get("filepath") or "")).startswith(package)]
+
+
+def numpy_openblas_path() -> str | None:
+    """The file of the OpenBLAS numpy loaded (None: numpy uses another BLAS)."""
     numpy_dir = os.path.dirname(os.path.dirname(os.path.abspath(np.__file__)))
-    for info in threadpool_info():
-        path = info.get("filepath") or ""
-        if info.get("internal_api") == "openblas" and os.path.abspath(path).startswith(numpy_dir) \
-                and os.path.basename(os.path.dirname(path)).startswith("numpy"):
-            return path
+    for info in bundled_openblas("numpy"):
+        if os.path.abspath(info["filepath"]).startswith(numpy_dir):
+            return info["filepath"]
     return None
 
 

@@ -93,16 +93,17 @@ def max_sim_to_earlier(x: np.ndarray, block: int = DEFAULT_BLOCK) -> np.ndarray:
     out = np.full(n, -1.0, dtype=np.float32)
     if n <= 1:
         return out
-    first = 0
-    gram = ssyrk_upper(x[:block])  # the first block's x @ x.T, upper triangle only (no copy into the lower one)
-    if gram is not None:
-        first = gram.shape[0]
-        _max_above_diagonal(gram, out[:first])
-        del gram
+    head = x[:block]
+    gram = ssyrk_upper(head)  # the first block's x @ x.T, upper triangle only (no copy into the lower one)
+    if gram is None:
+        gram = head @ head.T  # numpy's syrk: the same upper triangle, copied into the lower one
+    first = gram.shape[0]
+    _max_above_diagonal(gram, out[:first])
+    del gram
     upper = _upper_mask(min(block, n, _MAX_ROWS))
     for s in range(first, n, block):
         e = min(n, s + block)
-        g = x[s:e] @ x[:e].T  # (b, e); for s = 0 numpy's syrk (x @ x.T of one buffer)
+        g = x[s:e] @ x[:e].T  # (b, e): the block against every row up to its own last one
         # Row j's max over the columns i < j only: in row slabs, each slab reads the columns
         # up to its last row (the lower triangle, not the whole square) and masks its own
         # diagonal block (column i >= row j).
