@@ -224,12 +224,15 @@ LOCAL_CONCEPTS = 20
 
 
 def io_bytes() -> tuple[int, int]:
-    """(bytes read, bytes written) by this process through read/write syscalls (/proc/self/io)."""
+    """(bytes read, bytes written) by this process: through read/write syscalls (/proc/self/io),
+    plus the ``pool_by_cluster`` bytes read through a memory map (which rchar does not see)."""
+    from curation.select.layout import mapped_bytes
+
     try:
         d = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
-        return int(d["rchar"]), int(d["wchar"])
+        return int(d["rchar"]) + mapped_bytes(), int(d["wchar"])
     except OSError:  # pragma: no cover - not Linux
-        return 0, 0
+        return mapped_bytes(), 0
 
 
 def sgemm_rate(d: int) -> float:

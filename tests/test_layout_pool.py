@@ -823,6 +823,68 @@ def test_two_level_kmeans_refinement_recovers_concepts_cut_by_cell_borders():
     assert recovery[0] < 0.93 and recovery[5] > 0.96
 
 
+def test_reading_some_clusters_picks_their_rows_from_their_row_groups(tmp_path, monkeypatch):
+    """``read_bucket(clusters=...)`` reads only the row groups that may hold a wanted cluster and
+    picks the wanted rows itself (no row filter in the scan): the same rows, in the same order,
+    as a filtered scan, for one cluster, several, all, none and an unknown one; a chunked read
+    holds views of the wanted runs; the memory-mapped reads are counted, and reading one
+    cluster counts fewer bytes than reading its bucket."""
+    import pyarrow.compute as pc
+    import pyarrow.fs as pa_fs
+
+    from curation.select import layout as layout_mod
+    from curation.select.layout import RowChunks, layout_dataset, mapped_bytes, read_bucket
+
+    monkeypatch.setattr(layout_mod, "LAYOUT_ROW_GROUP_ROWS", 64)
+    p = SynPool(tmp_path / "lake")
+    for i in range(3):
+        p.shard(f"{i:05d}", 900)
+    _curated(p.lake)
+    assert layout_dataset(p.lake).filesystem.base_fs.equals(pa_fs.LocalFileSystem(use_mmap=True))
+    plain = p.lake.table(LAYOUT_TABLE).to_pyarrow_dataset()  # deltalake's own reader, a row filter
+    for bucket in p.lake.partitions(LAYOUT_TABLE):
+        present = np.unique(plain.to_table(columns=["cluster_id"], filter=pc.field("bucket") == bucket)
+                            .column("cluster_id").to_numpy())
+        assert present.size >= 2
+        for want in ([present[-1]], [present[0], present[-1]], present.tolist(), [], [10_000]):
+            flt = (pc.field("bucket") == bucket) & pc.field("cluster_id").isin(pa.array(np.asarray(want, np.int32), pa.int32()))
+            ref = plain.to_table(columns=["uid", "cluster_id", "cos_to_centroid", "emb_float32"], filter=flt)
+            before = mapped_bytes()
+            got = read_bucket(p.lake, bucket, clusters=want, dtype="float32")
+            counted = mapped_bytes() - before
+            rc = read_bucket(p.lake, bucket, clusters=want, dtype="float32", chunked=True)
+            assert got.uids.tolist() == binary_column_to_bytes(ref.column("uid")).tolist() == rc.uids.tolist()
+            assert got.cluster_ids.tolist() == ref.column("cluster_id").to_pylist() == rc.cluster_ids.tolist()
+            np.testing.assert_array_equal(got.cos, ref.column("cos_to_centroid").to_numpy())
+            ref_x = decode_vectors(ref.column("emb_float32"), "float32")
+            assert got.x.shape[0] == ref.num_rows and isinstance(rc.x, RowChunks) and rc.x.shape[0] == ref.num_rows
+            if ref.num_rows:
+                np.testing.assert_array_equal(got.x, ref_x)
+                np.testing.assert_array_equal(rc.x[np.arange(ref.num_rows)], ref_x)
+                assert all(not c.flags.owndata for c in rc.x.chunks)  # views of the read, not copies
+            if want == [present[-1]]:
+                one = counted
+        before = mapped_bytes()
+        whole = read_bucket(p.lake, bucket, dtype="float32")
+        assert 0 < one < mapped_bytes() - before
+        assert whole.uids.shape[0] == plain.count_rows(filter=pc.field("bucket") == bucket)
+
+
+def test_kept_runs_are_views_of_consecutive_kept_rows():
+    from curation.select.layout import _kept_runs
+
+    a, b = np.arange(10, dtype=np.float32).reshape(5, 2), np.arange(10, 16, dtype=np.float32).reshape(3, 2)
+    same = _kept_runs([a, b], None)
+    assert len(same) == 2 and same[0] is a and same[1] is b
+    keep = np.array([1, 1, 0, 1, 1, 0, 0, 1], bool)
+    runs = _kept_runs([a, b], keep)
+    assert [r.tolist() for r in runs] == [a[0:2].tolist(), a[3:5].tolist(), b[2:3].tolist()]
+    assert all(r.base is not None and (np.shares_memory(r, a) or np.shares_memory(r, b)) for r in runs)
+    whole = _kept_runs([a, b], np.array([1] * 5 + [0] * 3, bool))
+    assert len(whole) == 1 and whole[0] is a
+    assert _kept_runs([a, b], np.zeros(8, bool)) == []
+
+
 def test_row_chunks_gather_runs_and_scattered_rows():
     """``RowChunks[idx]`` equals indexing the concatenated chunks, whether a chunk's wanted rows
     form one run in order (copied whole), are out of order, or repeat; float16 chunks (a

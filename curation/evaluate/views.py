@@ -235,6 +235,7 @@ def _cluster_vectors(db: Lake, clusters: Sequence[int], uids: pl.Series) -> tupl
         LAYOUT_TABLE,
         bucket_names,
         layout_clusters_per_bucket,
+        layout_dataset,
         layout_dtype,
         read_bucket,
     )
@@ -242,7 +243,7 @@ def _cluster_vectors(db: Lake, clusters: Sequence[int], uids: pl.Series) -> tupl
     if db.exists(LAYOUT_TABLE) and layout_dtype(db) == "float32":
         cs = np.asarray(sorted(set(int(c) for c in clusters)), dtype=np.int32)
         buckets = bucket_names(cs, layout_clusters_per_bucket(db)).to_list()
-        ds = db.dataset(LAYOUT_TABLE)
+        ds = layout_dataset(db)
         ids, xs = [], []
         for b in sorted(set(buckets)):
             rows = read_bucket(db, b, clusters=[int(c) for c, bb in zip(cs, buckets) if bb == b], dtype="float32", dataset=ds)
