@@ -849,6 +849,7 @@ class RowChunks:
         return out
 
 
+_MAPPED_FS = pa_fs.LocalFileSystem(use_mmap=True)
 _MAPPED_LOCK = threading.Lock()
 _MAPPED_BYTES = [0]
 
@@ -875,9 +876,6 @@ def _count_mapped(ds, t: pa.Table) -> None:
     if isinstance(base, pa_fs.LocalFileSystem) and base.equals(_MAPPED_FS):
         with _MAPPED_LOCK:
             _MAPPED_BYTES[0] += t.nbytes
-
-
-_MAPPED_FS = pa_fs.LocalFileSystem(use_mmap=True)
 
 
 def read_bucket(lake: Lake, bucket: str, clusters=None, vectors: bool = True, dtype: str | None = None,
@@ -907,7 +905,7 @@ def read_bucket(lake: Lake, bucket: str, clusters=None, vectors: bool = True, dt
         else:
             x = decode_vectors(col, dtype)
             if keep is not None:
-                x = x[keep] if x.shape[0] else np.zeros((0, x.shape[1] if x.ndim == 2 else 0), np.float32)
+                x = x[keep]
     if keep is not None:
         uids, cids, cos = uids[keep], cids[keep], cos[keep]
     return BucketRows(uids=uids, cluster_ids=cids, cos=cos, x=x)
