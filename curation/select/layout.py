@@ -893,9 +893,10 @@ def read_bucket(lake: Lake, bucket: str, clusters=None, vectors: bool = True, dt
     dtype = dtype or layout_dtype(lake)
     ds = dataset if dataset is not None else layout_dataset(lake)
     cols = ["uid", "cluster_id", "cos_to_centroid"] + ([emb_column(dtype)] if vectors else [])
-    t, keep = _read_rows(ds, bucket, cols, clusters)
+    t, want = _read_rows(ds, bucket, cols, clusters)
     _count_mapped(ds, t)
     cids = t.column("cluster_id").to_numpy().astype(np.int32)
+    keep = None if want is None else np.isin(cids, want)
     uids, cos = binary_column_to_bytes(t.column("uid")), t.column("cos_to_centroid").to_numpy().astype(np.float32)
     x = None
     if vectors:
@@ -912,8 +913,8 @@ def read_bucket(lake: Lake, bucket: str, clusters=None, vectors: bool = True, dt
 
 
 def _read_rows(ds, bucket: str, cols: list[str], clusters) -> tuple[pa.Table, np.ndarray | None]:
-    """``(rows of the bucket's row groups that may hold a wanted cluster, their (n,) bool mask of
-    wanted rows)``; the whole bucket and no mask when ``clusters`` is None."""
+    """``(rows of the bucket's row groups that may hold a wanted cluster, the wanted cluster ids
+    (sorted int32))``; the whole bucket and None when ``clusters`` is None."""
     flt = pc.field("bucket") == bucket
     if clusters is None:
         return ds.to_table(columns=cols, filter=flt), None
@@ -921,8 +922,7 @@ def _read_rows(ds, bucket: str, cols: list[str], clusters) -> tuple[pa.Table, np
     on_stats = pc.field("cluster_id").isin(pa.array(want))
     frags = [f.subset(on_stats) for f in ds.get_fragments(filter=flt)]
     t = pads.FileSystemDataset([f for f in frags if f.num_row_groups], ds.schema, ds.format, ds.filesystem).to_table(columns=cols)
-    cids = t.column("cluster_id").to_numpy()
-    return t, np.isin(cids, want)
+    return t, want
 
 
 def _kept_runs(chunks: list[np.ndarray], keep: np.ndarray | None) -> list[np.ndarray]:
