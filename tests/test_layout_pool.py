@@ -161,16 +161,36 @@ def _two_per_bucket(root, shards: int, rows: int):
     return p, cent, cfg, dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame
 
 
-def test_bucket_above_memory_budget_is_processed_in_blocks(tmp_path):
-    p, _cent, _cfg, ref = _two_per_bucket(tmp_path / "lake", 3, 800)
+def test_bucket_above_memory_budget_is_processed_in_blocks(tmp_path, monkeypatch):
+    import curation.select.layout as L
+
+    p, cent, _cfg, ref = _two_per_bucket(tmp_path / "lake", 3, 800)
+    spilled = []
+    spill = L._spill_cluster
+    monkeypatch.setattr(L, "_spill_cluster", lambda *a: spilled.append(a[3]) or spill(*a))
     # budget below one cluster's vectors: per-cluster reads, then a memmap scored in blocks
     small = LayoutConfig(clusters_per_bucket=2, memory_budget_bytes=4 * D * 100, block=64)
     got = dedup_scores_by_bucket(p.lake, config=small, incremental=False).frame
+    assert sorted(spilled) == [0, 1, 2, 3]
     j = ref.join(got, on="uid")
     assert j.height == ref.height == 2400
     np.testing.assert_allclose(j["max_sim_to_earlier"], j["max_sim_to_earlier_right"], atol=1e-6)
     for eps in (0.01, 0.05):
         assert np.array_equal(is_duplicate(j["max_sim_to_earlier"].to_numpy(), eps), is_duplicate(j["max_sim_to_earlier_right"].to_numpy(), eps))
+    # a spilled cluster is read from the pass's table version, like the rest of its bucket: a
+    # shard laid out after that version changes nothing the task returns
+    v = p.lake.table(LAYOUT_TABLE).version()
+    kw = dict(root=p.lake.root, storage_options=None, dtype="float32", d=D, block=64,
+              memory_budget_bytes=small.memory_budget_bytes, version=v)
+    before = L.bucket_scores(("000000", None, {}), **kw)
+    p.shard("00003", 800)
+    update_layout(p.lake, cent, small)
+    assert p.lake.table(LAYOUT_TABLE).version() > v
+    spilled.clear()
+    after = L.bucket_scores(("000000", None, {}), **kw)
+    assert sorted(spilled) == [0, 1]
+    for a, b in zip(before, after, strict=True):
+        assert np.array_equal(a, b)
 
 
 def test_bucket_tasks_read_the_drivers_table_version_opened_once_per_process(tmp_path, monkeypatch):

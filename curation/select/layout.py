@@ -919,10 +919,15 @@ def _read_rows(ds, bucket: str, cols: list[str], clusters) -> tuple[pa.Table, np
     if clusters is None:
         return ds.to_table(columns=cols, filter=flt), None
     want = np.unique(np.asarray(list(clusters), dtype=np.int32))
+    return _row_groups_of(ds, bucket, want).to_table(columns=cols), want
+
+
+def _row_groups_of(ds, bucket: str, want: np.ndarray):
+    """A dataset of the bucket's row groups whose ``cluster_id`` statistics admit a cluster of
+    ``want`` (read from the files' footers; the rows are not filtered)."""
     on_stats = pc.field("cluster_id").isin(pa.array(want))
-    frags = [f.subset(on_stats) for f in ds.get_fragments(filter=flt)]
-    t = pads.FileSystemDataset([f for f in frags if f.num_row_groups], ds.schema, ds.format, ds.filesystem).to_table(columns=cols)
-    return t, want
+    frags = [f.subset(on_stats) for f in ds.get_fragments(filter=pc.field("bucket") == bucket)]
+    return pads.FileSystemDataset([f for f in frags if f.num_row_groups], ds.schema, ds.format, ds.filesystem)
 
 
 def _kept_runs(chunks: list[np.ndarray], keep: np.ndarray | None) -> list[np.ndarray]:
@@ -1111,7 +1116,7 @@ def _score_cluster(lake, ds, bucket, rows, order, c, add, fits, dtype, d, block,
         one = read_bucket(lake, bucket, clusters=[c], vectors=True, dtype=dtype, dataset=ds)
         x = one.x[semdedup_order(one.cos, one.uids)]
     else:
-        x = _spill_cluster(lake, bucket, c, dtype, d)
+        x = _spill_cluster(lake, ds, bucket, c, dtype, d)
     keep = None
     if add is not None:
         xm = x if members is not None else np.asarray(x)
@@ -1137,26 +1142,36 @@ def _score_cluster(lake, ds, bucket, rows, order, c, add, fits, dtype, d, block,
     return u, ids, cos, m
 
 
-def _spill_cluster(lake: Lake, bucket: str, c: int, dtype: str, d: int) -> np.memmap:
+def _spill_cluster(lake: Lake, ds, bucket: str, c: int, dtype: str, d: int) -> np.memmap:
     """A cluster above the memory budget, written in SemDeDup order to a temporary memmap,
-    one record batch at a time (peak memory: one batch)."""
-    meta = read_bucket(lake, bucket, clusters=[c], vectors=False, dtype=dtype)
+    one record batch at a time (peak memory: one batch).
+
+    ``ds``: the task's bucket dataset (the pass's table version). Like :func:`read_bucket`, only
+    the row groups that may hold the cluster are read and its rows are picked by a mask: no
+    row filter in the scan (which copies the vectors it keeps) and no listing of the table."""
+    meta = read_bucket(lake, bucket, clusters=[c], vectors=False, dtype=dtype, dataset=ds)
     order = semdedup_order(meta.cos, meta.uids)
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size)
     fd, path = tempfile.mkstemp(prefix=f"semdedup_c{c}_", suffix=".f32")
     os.close(fd)
     mm = np.memmap(path, dtype=np.float32, mode="w+", shape=(order.size, d))
-    ds = layout_dataset(lake)
-    flt = (pc.field("bucket") == bucket) & (pc.field("cluster_id") == c)
+    groups = _row_groups_of(ds, bucket, np.array([c], np.int32))
     row = 0
-    for batch in ds.to_batches(columns=[emb_column(dtype)], filter=flt, batch_size=8192):
-        if batch.num_rows == 0:
-            continue
+    for batch in groups.to_batches(columns=["cluster_id", emb_column(dtype)], batch_size=8192):
         _count_mapped(ds, batch)
-        mm[rank[row : row + batch.num_rows]] = decode_vectors(batch.column(0), dtype)
-        row += batch.num_rows
-    mm.flush()
+        mine = batch.column(0).to_numpy() == c
+        n = int(mine.sum())
+        if n:
+            x = _decode_chunk(batch.column(1), dtype, stored=True)
+            mm[rank[row : row + n]] = x if n == batch.num_rows else x[mine]
+            row += n
+    if row != order.size:
+        raise ValueError(f"{LAYOUT_TABLE}: got {row} vectors for cluster {c} of bucket {bucket}; expected {order.size} "
+                         "(the table changed between two reads of one version?)")
+    # no flush: only this process reads the file back, and deletes it after; the kernel writes
+    # the dirty pages out when memory is short (what the spill is for). A flush (msync) forced
+    # every page to disk first: ~10% of a spilled bucket's time.
     log.info("cluster %d (%d rows) above the memory budget: scored in blocks from %s", c, order.size, path)
     return mm
 
