@@ -990,3 +990,34 @@ def test_find_locates_hashed_and_counter_uids_in_any_query_order():
         want_hit = np.isin(q, keys)
         assert np.array_equal(hit, want_hit)
         assert np.array_equal(keys[pos[hit]], q[hit])
+
+
+def test_clip_recipe_bucket_tasks_read_the_pinned_layout_version_one_bucket_each(tmp_path, monkeypatch):
+    """CLIP score and CLIPCov bucket tasks read the layout version their LayoutRef pinned (a
+    shard re-laid out with new content afterwards changes nothing they return), each from its
+    own bucket's files (no task lists the whole table)."""
+    import curation.select.layout as L
+
+    p = SynPool(tmp_path / "lake")
+    for i in range(3):
+        p.shard(f"{i:05d}", 300)
+    cent, _ = fit_centroids(p.lake, K, niter=10)
+    cfg = LayoutConfig(clusters_per_bucket=4, with_text=True)
+    build_layout(p.lake, cent, cfg)
+    ref = L.LayoutRef.of(p.lake)
+    assert ref.version == p.lake.table(LAYOUT_TABLE).version()
+    asg = p.lake.read("assignments", columns=["uid", "cluster_id"]).sort("uid")
+    uids, cids = asg["uid"].to_numpy(), asg["cluster_id"].to_numpy()
+    scores = ref.clip_scores(uids)
+    cov = ref.clipcov(uids, cids, 300, max_dense=4096, large="exact", factorized=False)
+    p.shard("00001", 300, salt=1)  # same uids, new vectors: its rows are replaced in the layout
+    update_layout(p.lake, cent, cfg)
+    assert p.lake.table(LAYOUT_TABLE).version() > ref.version
+    assert not np.array_equal(L.LayoutRef.of(p.lake).clip_scores(uids), scores)  # the latest differs
+    predicates = []
+    opened = L.layout_dataset
+    monkeypatch.setattr(L, "layout_dataset", lambda lake, dt=None, pred=None: predicates.append(pred) or opened(lake, dt, pred))
+    assert np.array_equal(ref.clip_scores(uids), scores)
+    for a, b in zip(ref.clipcov(uids, cids, 300, max_dense=4096, large="exact", factorized=False), cov, strict=True):
+        assert np.array_equal(a, b)
+    assert predicates and all(pr and pr[0][0] == "bucket" for pr in predicates)

@@ -786,9 +786,10 @@ class BucketRows:
     x: np.ndarray | None
 
 
-def layout_dtype(lake: Lake) -> str:
-    """The vector dtype of the ``pool_by_cluster`` table (from its column name)."""
-    names = lake.table(LAYOUT_TABLE).schema().to_arrow()
+def layout_dtype(lake: Lake, dt=None) -> str:
+    """The vector dtype of the ``pool_by_cluster`` table (from its column name; of the open
+    snapshot ``dt`` when given)."""
+    names = (dt if dt is not None else lake.table(LAYOUT_TABLE)).schema().to_arrow()
     names = [f.name for f in pa.schema(names)]
     for dt in DTYPES:
         if emb_column(dt) in names:
@@ -1623,15 +1624,16 @@ def _rows_of(bucket_uids: np.ndarray, want: np.ndarray) -> np.ndarray:
 
 
 def bucket_clipcov(item: tuple, root: str, storage_options: dict | None, dtype: str, max_dense: int, large: str,
-                   factorized: bool) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Greedy CLIPCov for the classes of ONE bucket, read by this task from the lake.
+                   factorized: bool, version: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Greedy CLIPCov for the classes of ONE bucket, read by this task from the lake (at the
+    table ``version`` the driver pinned; None: the latest).
 
     ``item = (bucket, [(member_uids (m, 16) uint8 in visiting order, budget), ...])``; returns
     one ``(picks, gains)`` per class (:func:`curation.select.clipcov.clipcov_greedy`)."""
     from curation.select.clipcov import clipcov_greedy
 
     bucket, classes = item
-    ds = layout_dataset(Lake(root, storage_options or {}))
+    ds = _bucket_dataset(Lake(root, storage_options or {}), bucket, version)
     u, img, txt = _read_pairs(ds, bucket, dtype)
     out = []
     for members, b in classes:
@@ -1640,35 +1642,42 @@ def bucket_clipcov(item: tuple, root: str, storage_options: dict | None, dtype: 
     return out
 
 
-def bucket_clip_scores(bucket: str, root: str, storage_options: dict | None, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(uids (n, 16) uint8, cos(image, caption) (n,) float32)`` of one bucket."""
+def bucket_clip_scores(bucket: str, root: str, storage_options: dict | None, dtype: str,
+                       version: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(uids (n, 16) uint8, cos(image, caption) (n,) float32)`` of one bucket (at ``version``)."""
     from curation.select.clipcov import clip_scores
 
-    ds = layout_dataset(Lake(root, storage_options or {}))
+    ds = _bucket_dataset(Lake(root, storage_options or {}), bucket, version)
     u, img, txt = _read_pairs(ds, bucket, dtype)
     return u, clip_scores(img, txt)
 
 
 @dataclass(frozen=True)
 class LayoutRef:
-    """Where a recipe reads aligned vectors bucket by bucket: the lake root, options, dtype and
-    ``clusters_per_bucket`` of the ``pool_by_cluster`` layout (picklable, for Ray tasks)."""
+    """Where a recipe reads aligned vectors bucket by bucket: the lake root, options, dtype,
+    ``clusters_per_bucket`` and table ``version`` of the ``pool_by_cluster`` layout (picklable,
+    for Ray tasks). Every bucket task reads that one version (a layout written meanwhile, by a
+    concurrent ``concept_clusters`` run, changes nothing a recipe reads), each opening only its
+    bucket's files from one snapshot per process (not the whole table's, once per task)."""
 
     root: str
     storage_options: dict
     dtype: str
     clusters_per_bucket: int
+    version: int | None = None
 
     @classmethod
     def of(cls, lake: Lake) -> LayoutRef:
-        return cls(lake.root, dict(lake.storage_options), layout_dtype(lake), layout_clusters_per_bucket(lake))
+        dt = lake.table(LAYOUT_TABLE)
+        return cls(lake.root, dict(lake.storage_options), layout_dtype(lake, dt), layout_clusters_per_bucket(lake),
+                   dt.version())
 
     def clip_scores(self, uids, executor: Executor | None = None) -> np.ndarray:
         """(n,) float32 CLIP score of every pool uid (str), one bucket per task."""
         executor = executor or InProcessExecutor()
         lake = Lake(self.root, self.storage_options)
-        res = executor.map(bucket_clip_scores, lake.partitions(LAYOUT_TABLE), root=self.root,
-                           storage_options=self.storage_options or None, dtype=self.dtype)
+        res = executor.map(bucket_clip_scores, _layout_buckets(lake, self.version), root=self.root,
+                           storage_options=self.storage_options or None, dtype=self.dtype, version=self.version)
         u = np.concatenate([r[0] for r in res]) if res else np.zeros((0, UID_BYTES), np.uint8)
         sc = np.concatenate([r[1] for r in res]) if res else np.zeros(0, np.float32)
         return sc[_rows_of(u, uids_to_bytes(uids))]
@@ -1695,7 +1704,8 @@ class LayoutRef:
                              self.clusters_per_bucket).to_list()
         items = [(name, [(ub[m], b) for m, b in by_bucket[bk]]) for name, bk in zip(names, sorted(by_bucket))]
         res = executor.map(bucket_clipcov, items, root=self.root, storage_options=self.storage_options or None,
-                           dtype=self.dtype, max_dense=max_dense, large=large, factorized=factorized)
+                           dtype=self.dtype, max_dense=max_dense, large=large, factorized=factorized,
+                           version=self.version)
         kept, pos, gain = [], [], []
         for bk, r in zip(sorted(by_bucket), res):
             for (members, b), (p, g) in zip(by_bucket[bk], r):
@@ -1705,6 +1715,13 @@ class LayoutRef:
         if not kept:
             return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64)
         return np.concatenate(kept), np.concatenate(pos), np.concatenate(gain)
+
+
+def _layout_buckets(lake: Lake, version: int | None) -> list[str]:
+    """The layout's bucket names (of the snapshot ``version``; the latest when None), sorted."""
+    if version is None:
+        return lake.partitions(LAYOUT_TABLE)
+    return sorted({p["bucket"] for p in _layout_table(lake, version).partitions()})
 
 
 def iter_layout(lake: Lake, dtype: str | None = None):
