@@ -1021,3 +1021,23 @@ def test_clip_recipe_bucket_tasks_read_the_pinned_layout_version_one_bucket_each
     for a, b in zip(ref.clipcov(uids, cids, 300, max_dense=4096, large="exact", factorized=False), cov, strict=True):
         assert np.array_equal(a, b)
     assert predicates and all(pr and pr[0][0] == "bucket" for pr in predicates)
+
+
+def test_score_items_pair_clusters_with_buckets_without_reading_rows(tmp_path, monkeypatch):
+    """An update's items come from ``cluster_id // clusters_per_bucket`` and the partition list,
+    not from a read of the layout's rows; a wanted cluster with no rows is scored as nothing."""
+    import curation.select.layout as L
+
+    p, _cent, cfg, _ref = _two_per_bucket(tmp_path / "lake", 2, 300)  # 4 clusters, 2 per bucket
+    assert p.lake.partitions(LAYOUT_TABLE) == ["000000", "000001"]
+    monkeypatch.setattr(L.Lake, "dataset", lambda *a, **k: pytest.fail("the layout's rows were read"))
+    items = L._score_items(p.lake, {0, 3, 2, 9}, {3, 9}, {0: "a0", 2: "a2"})
+    assert items == [("000000", [], {0: "a0"}), ("000001", [3], {2: "a2"})]  # cluster 9's bucket 000004 is absent
+    monkeypatch.undo()
+    v = p.lake.table(LAYOUT_TABLE).version()
+    kw = dict(root=p.lake.root, storage_options=None, dtype="float32", d=D, block=64, memory_budget_bytes=1 << 30,
+              version=v)
+    none = L.bucket_scores(("000000", [7], {}), **kw)  # no rows of cluster 7 in this bucket
+    assert [a.shape[0] for a in none] == [0, 0, 0, 0]
+    some = L.bucket_scores(("000000", [0, 7], {}), **kw)
+    assert some[0].shape[0] > 0 and set(some[1].tolist()) == {0}

@@ -1337,17 +1337,22 @@ def _bucket_dataset(lake: Lake, bucket: str | None, version: int | None = None):
     return layout_dataset(lake, dt, None if bucket is None else [("bucket", "=", bucket)])
 
 
-def _score_items(lake: Lake, clusters: list[int], full: set[int] | None, adds: dict) -> list[tuple]:
-    """One ``bucket_scores`` item per bucket holding any of ``clusters`` (all when None)."""
-    pairs = lake.dataset(LAYOUT_TABLE).to_table(columns=["cluster_id", "bucket"])
-    cb = pl.from_arrow(pairs).unique()
-    if clusters is not None:
-        cb = cb.filter(pl.col("cluster_id").is_in(list(clusters)))
-    items = []
-    for (b,), g in cb.sort("bucket").group_by(["bucket"], maintain_order=True):
-        cl = set(g["cluster_id"].to_list())
-        items.append((b, None if full is None else sorted(cl & full), {c: adds[c] for c in cl if c in adds}))
-    return items
+def _score_items(lake: Lake, clusters: list[int], full: set[int], adds: dict) -> list[tuple]:
+    """One ``bucket_scores`` item per layout bucket that ``clusters`` fall in: ``(bucket, the
+    bucket's clusters of full, {cluster: adds} of the bucket)``, sorted by bucket.
+
+    A cluster's bucket is ``cluster_id // clusters_per_bucket``: nothing of the table is read
+    but its partition list (reading its ``cluster_id`` and ``bucket`` columns to pair them took
+    0.4 s at 1M rows). A wanted cluster with no rows left (all removed) is named in its item
+    if the bucket remains, and the task finds no rows of it; a bucket the layout no longer has
+    gets no item."""
+    present = set(lake.partitions(LAYOUT_TABLE))
+    cs = np.array(sorted(set(clusters)), dtype=np.int64)
+    by_bucket: dict[str, list[int]] = {}
+    for c, b in zip(cs.tolist(), bucket_names(cs, layout_clusters_per_bucket(lake)).to_list()):
+        if b in present:
+            by_bucket.setdefault(b, []).append(c)
+    return [(b, sorted(set(cl) & full), {c: adds[c] for c in cl if c in adds}) for b, cl in sorted(by_bucket.items())]
 
 
 def _timed_items(lake: Lake, executor: Executor, config: LayoutConfig, items: list[tuple]):
@@ -1544,8 +1549,7 @@ def dedup_scores_by_bucket(
             for c in add_clusters:
                 gi, go = new_groups.get(c, empty), old_groups.get(c, empty)
                 adds[c] = (nb[gi], ob[go], om[go])
-    wanted = None if full_clusters is None else sorted(full_clusters | set(adds))
-    items = _score_items(lake, wanted, full_clusters, adds)
+    items = _score_items(lake, full_clusters | set(adds), full_clusters, adds)
     (u, cid, cos, m), score_s = _timed_items(lake, executor, config, items)
     fresh = pl.from_arrow(_scores_table(u, cid, cos, m))
     frame = pl.concat([keep.select(fresh.columns).cast(fresh.schema), fresh]).sort("uid") if keep is not None else fresh
