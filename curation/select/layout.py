@@ -751,11 +751,12 @@ def update_layout(lake: Lake, centroids: np.ndarray, config: LayoutConfig = Layo
     removed = changed + gone
     touched: set[int] = set()
     if removed:
-        rm = lake.dataset("assignments").to_table(columns=["cluster_id"], filter=pc.field("shard").isin(removed))
+        rm = rows_of_shards(lake, "assignments", removed, ["cluster_id"])
         touched |= set(pc.unique(rm.column("cluster_id")).to_pylist())
-        pred = _in_list("shard", removed)
-        lake.table("assignments").delete(pred)
-        lake.table(LAYOUT_TABLE).delete(pred)
+        # the layout first: a run killed between the two finds the removed rows in assignments
+        # again, and the layout's buckets without them (nothing left to drop there)
+        drop_layout_shards(lake, removed)
+        lake.table("assignments").delete(_in_list("shard", removed))
     writer = _Writer(lake, config, overwrite=False)
     n_new, t_new, enc, audit = (_stream_assign(lake, centroids, config, new + changed, writer, assign_method, gpu)
                                 if (new or changed) else (0, set(), set(), None))
@@ -766,6 +767,79 @@ def update_layout(lake: Lake, centroids: np.ndarray, config: LayoutConfig = Layo
              n_new, len(new) + len(changed), len(removed), len(touched))
     return LayoutUpdate("incremental", n_rows, n_new, new + changed, removed,
                         np.array(sorted(touched), dtype=np.int32), sorted(enc), writer.written, audit)
+
+
+def rows_of_shards(lake: Lake, table: str, shards: list[str], columns: list[str]) -> pa.Table:
+    """The rows (``columns``) of ``table`` whose ``shard`` column (not its partition) is one of
+    ``shards``: files picked by the Delta log's min/max ``shard`` statistics, rows by a mask.
+
+    No string filter in the Parquet scan: a file that deltalake's DELETE rewrote (1.4 and
+    later, delta-io/delta-rs#4579) stores strings as ``string_view``, and pyarrow has no kernel
+    to compare those row-group statistics with a string (``ArrowNotImplementedError``): the
+    next update after a shard was replaced failed reading ``assignments``."""
+    want = pa.array(sorted(set(shards)), pa.string())
+    if not len(want):
+        return pa.table({c: pa.array([], lake.dataset(table).schema.field(c).type) for c in columns})
+    ds = lake.dataset(table, file_pruning_predicate=[("shard", "in", want.to_pylist())])
+    t = ds.to_table(columns=list(dict.fromkeys([*columns, "shard"])))
+    return t.filter(pc.is_in(t.column("shard").cast(pa.string()), value_set=want)).select(columns)
+
+
+def drop_layout_shards(lake: Lake, shards: list[str]) -> list[str]:
+    """Remove the rows of ``shards`` from ``pool_by_cluster``: each bucket holding any is
+    rewritten without them, in one commit, by the layout's own writer (sorted by cluster in
+    SemDeDup order, uncompressed PLAIN pages, 1,024-row groups). Returns the buckets rewritten.
+
+    Not deltalake's DELETE: it rewrites the files through DataFusion's writer, which (1.6.6)
+    drops every layout property (the files come back ZSTD-compressed, one row group each, so a
+    cluster read decompresses the whole file) and stores ``string_view``/``binary_view``
+    columns that pyarrow cannot filter on (delta-io/delta-rs#4579). Candidate buckets come from
+    the Delta log's min/max ``shard`` per file; their ``shard`` column tells which really hold
+    a removed row; one bucket at a time is held in memory while the rewrite streams."""
+    from deltalake import write_deltalake
+
+    want = sorted(set(shards))
+    if not want or not lake.exists(LAYOUT_TABLE):
+        return []
+    dt = lake.table(LAYOUT_TABLE)
+    adds = pa.table(dt.get_add_actions(flatten=True))
+    cand = sorted(set(adds.column("partition.bucket").to_pylist()))
+    if "min.shard" in adds.column_names and "max.shard" in adds.column_names and not (
+            adds.column("min.shard").null_count or adds.column("max.shard").null_count):
+        lo, hi = adds.column("min.shard").to_pylist(), adds.column("max.shard").to_pylist()
+        cand = sorted({b for b, a, z in zip(adds.column("partition.bucket").to_pylist(), lo, hi)
+                       if any(a <= s <= z for s in want)})
+    value_set = pa.array(want, pa.string())
+    # every dataset is opened here: the rows are generated inside deltalake's writer, where a
+    # call back into deltalake (opening a dataset) would block its runtime
+    datasets = {b: layout_dataset(lake, dt, [("bucket", "=", b)]) for b in cand}
+
+    def holds(b: str) -> bool:
+        col = datasets[b].to_table(columns=["shard"]).column("shard")
+        return bool(pc.any(pc.is_in(col.cast(pa.string()), value_set=value_set)).as_py())
+
+    buckets = [b for b in cand if holds(b)]
+    if not buckets:
+        return []
+    schema = pa.schema(dt.schema().to_arrow())
+    raw = _raw_columns(schema.names)
+
+    def batches():
+        for b in buckets:
+            t = datasets[b].to_table()
+            t = t.filter(pc.invert(pc.is_in(t.column("shard").cast(pa.string()), value_set=value_set)))
+            if t.num_rows:
+                t = t.select(schema.names)
+                if t.schema != schema:  # a file rewritten by a DELETE before: view types
+                    t = t.cast(schema)
+                yield from _sorted_by_cluster(t, raw).to_batches()
+            del t
+
+    write_deltalake(lake.uri(LAYOUT_TABLE), pa.RecordBatchReader.from_batches(schema, batches()), mode="overwrite",
+                    predicate=_in_list("bucket", buckets), partition_by=["bucket"],
+                    storage_options=dict(lake.storage_options) or None,
+                    writer_properties=_layout_writer_properties(raw))
+    return buckets
 
 
 # --------------------------------------------------------------------------- reading buckets
@@ -1407,7 +1481,7 @@ def _add_only_update(lake: Lake, executor: Executor, config: LayoutConfig, new_s
     n_now = lake.count_rows("assignments")
     cols = ["uid", "cluster_id", "cos_to_centroid"]
     if new_shards:
-        new = pl.from_arrow(lake.dataset("assignments").to_table(columns=cols, filter=pc.field("shard").isin(new_shards)))
+        new = pl.from_arrow(rows_of_shards(lake, "assignments", new_shards, cols))
     else:
         new = pl.DataFrame(schema={c: _SCORE_SCHEMA[c] for c in cols})
     new = new.sort("uid").cast({k: v for k, v in _SCORE_SCHEMA.items() if k != "max_sim_to_earlier"})
