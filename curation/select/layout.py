@@ -785,61 +785,71 @@ def rows_of_shards(lake: Lake, table: str, shards: list[str], columns: list[str]
     return t.filter(pc.is_in(t.column("shard").cast(pa.string()), value_set=want)).select(columns)
 
 
-def drop_layout_shards(lake: Lake, shards: list[str]) -> list[str]:
-    """Remove the rows of ``shards`` from ``pool_by_cluster``: each bucket holding any is
-    rewritten without them, in one commit, by the layout's own writer (sorted by cluster in
-    SemDeDup order, uncompressed PLAIN pages, 1,024-row groups). Returns the buckets rewritten.
+def drop_layout_shards(lake: Lake, shards: list[str]) -> int:
+    """Remove the rows of ``shards`` from ``pool_by_cluster``; returns the data files rewritten.
 
-    Not deltalake's DELETE: it rewrites the files through DataFusion's writer, which (1.6.6)
-    drops every layout property (the files come back ZSTD-compressed, one row group each, so a
-    cluster read decompresses the whole file) and stores ``string_view``/``binary_view``
-    columns that pyarrow cannot filter on (delta-io/delta-rs#4579). Candidate buckets come from
-    the Delta log's min/max ``shard`` per file; their ``shard`` column tells which really hold
-    a removed row; one bucket at a time is held in memory while the rewrite streams."""
-    from deltalake import write_deltalake
+    Each file holding a removed row is rewritten without it, in the layout's own format
+    (uncompressed PLAIN pages, 1,024-row groups; the rows keep their cluster / SemDeDup
+    order), and all the files are swapped in ONE commit (their removes and adds): the same
+    files deltalake's DELETE would rewrite (at 1M, a replaced shard's rows lie in one flush
+    file per bucket), not whole buckets. Candidate files come from the Delta log's min/max
+    ``shard`` per file; their ``shard`` column tells which hold a removed row.
+
+    Not deltalake's DELETE on a local lake: it rewrites through DataFusion's writer, which
+    (1.6.6) drops the layout's format (ZSTD, one row group per file, so a cluster read
+    decompresses the whole file) and stores ``string_view``/``binary_view`` columns that
+    pyarrow cannot filter on (delta-io/delta-rs#4579). A lake on an object store still goes
+    through the DELETE (its files are read as they are; ``compact_layout`` restores them)."""
+    import json
+    import uuid
+
+    import pyarrow.parquet as pq
+    from deltalake.transaction import AddAction, RemoveAction
 
     want = sorted(set(shards))
     if not want or not lake.exists(LAYOUT_TABLE):
-        return []
+        return 0
     dt = lake.table(LAYOUT_TABLE)
-    adds = pa.table(dt.get_add_actions(flatten=True))
-    cand = sorted(set(adds.column("partition.bucket").to_pylist()))
-    if "min.shard" in adds.column_names and "max.shard" in adds.column_names and not (
-            adds.column("min.shard").null_count or adds.column("max.shard").null_count):
-        lo, hi = adds.column("min.shard").to_pylist(), adds.column("max.shard").to_pylist()
-        cand = sorted({b for b, a, z in zip(adds.column("partition.bucket").to_pylist(), lo, hi)
-                       if any(a <= s <= z for s in want)})
+    if not lake.is_local:
+        dt.delete(_in_list("shard", want))
+        return -1
+    adds = pa.table(dt.get_add_actions(flatten=True)).to_pylist()
     value_set = pa.array(want, pa.string())
-    # every dataset is opened here: the rows are generated inside deltalake's writer, where a
-    # call back into deltalake (opening a dataset) would block its runtime
-    datasets = {b: layout_dataset(lake, dt, [("bucket", "=", b)]) for b in cand}
-
-    def holds(b: str) -> bool:
-        col = datasets[b].to_table(columns=["shard"]).column("shard")
-        return bool(pc.any(pc.is_in(col.cast(pa.string()), value_set=value_set)).as_py())
-
-    buckets = [b for b in cand if holds(b)]
-    if not buckets:
-        return []
     schema = pa.schema(dt.schema().to_arrow())
-    raw = _raw_columns(schema.names)
-
-    def batches():
-        for b in buckets:
-            t = datasets[b].to_table()
-            t = t.filter(pc.invert(pc.is_in(t.column("shard").cast(pa.string()), value_set=value_set)))
-            if t.num_rows:
-                t = t.select(schema.names)
-                if t.schema != schema:  # a file rewritten by a DELETE before: view types
-                    t = t.cast(schema)
-                yield from _sorted_by_cluster(t, raw).to_batches()
-            del t
-
-    write_deltalake(lake.uri(LAYOUT_TABLE), pa.RecordBatchReader.from_batches(schema, batches()), mode="overwrite",
-                    predicate=_in_list("bucket", buckets), partition_by=["bucket"],
-                    storage_options=dict(lake.storage_options) or None,
-                    writer_properties=_layout_writer_properties(raw))
-    return buckets
+    file_schema = pa.schema([f for f in schema if f.name != "bucket"])
+    raw = _raw_columns(file_schema.names)
+    stat_cols = [c for c in file_schema.names if c not in raw]
+    root = lake._local_path(LAYOUT_TABLE)
+    now = int(time.time() * 1000)
+    actions: list = []
+    for add in adds:
+        lo, hi = add.get("min.shard"), add.get("max.shard")
+        if lo is not None and hi is not None and not any(lo <= x <= hi for x in want):
+            continue
+        path = os.path.join(root, add["path"])
+        t = pq.read_table(path)
+        gone = pc.is_in(t.column("shard").cast(pa.string()), value_set=value_set)
+        if not pc.any(gone).as_py():
+            continue
+        t = t.filter(pc.invert(gone)).select(file_schema.names)
+        if t.schema != file_schema:  # a file a DELETE rewrote before: view types
+            t = t.cast(file_schema)
+        bucket = add["partition.bucket"]
+        actions.append(RemoveAction(add["path"], True, now, add["size_bytes"], {"bucket": bucket}))
+        if not t.num_rows:
+            continue
+        rel = f"bucket={bucket}/part-00000-{uuid.uuid4()}-c000.parquet"
+        pq.write_table(t, os.path.join(root, rel), row_group_size=LAYOUT_ROW_GROUP_ROWS, compression="NONE",
+                       use_dictionary=stat_cols, column_encoding={c: "PLAIN" for c in raw}, write_statistics=stat_cols)
+        stats = {"numRecords": t.num_rows,
+                 "minValues": {c: pc.min(t.column(c)).as_py() for c in stat_cols},
+                 "maxValues": {c: pc.max(t.column(c)).as_py() for c in stat_cols},
+                 "nullCount": {c: t.column(c).null_count for c in file_schema.names}}
+        actions.append(AddAction(rel, os.path.getsize(os.path.join(root, rel)), {"bucket": bucket}, now, True,
+                                 json.dumps(stats)))
+    if actions:
+        dt.create_write_transaction(actions, mode="append", schema=dt.schema(), partition_by=["bucket"])
+    return sum(isinstance(x, RemoveAction) for x in actions)
 
 
 # --------------------------------------------------------------------------- reading buckets
