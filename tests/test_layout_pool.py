@@ -1043,18 +1043,20 @@ def test_score_items_pair_clusters_with_buckets_without_reading_rows(tmp_path, m
     assert some[0].shape[0] > 0 and set(some[1].tolist()) == {0}
 
 
-def _layout_files_keep_their_format(lake: Lake) -> None:
-    """Every layout file as the layout's writer makes it: uncompressed, no view types, row
-    groups of at most 1,024 rows in cluster order."""
+def _table_files_keep_their_format(lake: Lake, table: str = LAYOUT_TABLE) -> None:
+    """Every file of ``table`` as its writer makes it: uncompressed, no view types; the
+    layout's in row groups of at most 1,024 rows in cluster order."""
     import pyarrow.parquet as pq
 
-    for frag in lake.dataset(LAYOUT_TABLE).get_fragments():
+    for frag in lake.dataset(table).get_fragments():
         md = pq.ParquetFile(frag.path, filesystem=frag.filesystem).metadata
         types = [str(t) for t in pq.read_schema(frag.path, filesystem=frag.filesystem).types]
         assert not any("view" in t for t in types), (frag.path, types)
-        col = md.schema.names.index("cluster_id")
         groups = [md.row_group(i) for i in range(md.num_row_groups)]
         assert all(g.column(c).compression == "UNCOMPRESSED" for g in groups for c in range(g.num_columns))
+        if table != LAYOUT_TABLE:
+            continue
+        col = md.schema.names.index("cluster_id")
         assert all(g.num_rows <= 1024 for g in groups)
         bounds = [(g.column(col).statistics.min, g.column(col).statistics.max) for g in groups]
         assert all(a[1] <= b[0] for a, b in zip(bounds, bounds[1:])), bounds
@@ -1062,10 +1064,10 @@ def _layout_files_keep_their_format(lake: Lake) -> None:
 
 def test_replaced_and_removed_shards_keep_the_layout_and_the_scores_exact(tmp_path, monkeypatch):
     """Shards replaced one after the other, then one removed: every update exact (== a full
-    recompute), the layout keeps its file format (deltalake's DELETE rewrote its files
-    ZSTD-compressed with view types, and the second replaced shard then failed to read its
-    rows from assignments), and a run killed between the layout rewrite and the assignments
-    delete is finished by the next one."""
+    recompute), the layout and assignments keep their file format (deltalake's DELETE rewrote
+    their files ZSTD-compressed with view types, and the second replaced shard then failed to
+    read its rows from assignments), and a run killed between the layout's commit and the
+    assignments' is finished by the next one."""
     import deltalake
 
     p = SynPool(tmp_path / "lake")
@@ -1079,7 +1081,7 @@ def test_replaced_and_removed_shards_keep_the_layout_and_the_scores_exact(tmp_pa
         du = _finish(p.lake, cent, cfg, incremental=True)
         _assert_same_scores(du.frame, dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame)
         assert p.lake.count_rows(LAYOUT_TABLE) == p.lake.count_rows("assignments") == du.frame.height
-        _layout_files_keep_their_format(p.lake)
+        _table_files_keep_their_format(p.lake)
 
     for stem in ("00001", "00002", "00001"):  # the third replaces a shard whose rows a DELETE rewrote
         p.shard(stem, 400, salt=len(stem) + int(stem))
@@ -1088,10 +1090,20 @@ def test_replaced_and_removed_shards_keep_the_layout_and_the_scores_exact(tmp_pa
     update_and_check(["syn-00003"])
     # killed after the layout dropped the replaced shard's rows, before assignments did
     p.shard("00000", 400, salt=9)
-    real = deltalake.DeltaTable.delete
-    monkeypatch.setattr(deltalake.DeltaTable, "delete", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
+    real = deltalake.DeltaTable.create_write_transaction
+    commits = []
+
+    def killed_second(self, *a, **k):
+        commits.append(self.table_uri)
+        if len(commits) == 2:
+            raise RuntimeError("killed")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(deltalake.DeltaTable, "create_write_transaction", killed_second)
     with pytest.raises(RuntimeError, match="killed"):
         update_layout(p.lake, cent, cfg)
+    assert [u.rstrip("/").rsplit("/", 1)[-1] for u in commits] == [LAYOUT_TABLE, "assignments"]
     assert p.lake.count_rows(LAYOUT_TABLE) == p.lake.count_rows("assignments") - 400
-    monkeypatch.setattr(deltalake.DeltaTable, "delete", real)
+    monkeypatch.setattr(deltalake.DeltaTable, "create_write_transaction", real)
     update_and_check(["syn-00000"])
+    _table_files_keep_their_format(p.lake, "assignments")

@@ -87,7 +87,7 @@ from curation.select.similarity import (
     max_sim_to_earlier_blocked,
     single_thread_blas,
 )
-from curation.storage.lake import Lake, plain_writer_properties, release_memory
+from curation.storage.lake import TABLES, Lake, plain_writer_properties, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -755,8 +755,8 @@ def update_layout(lake: Lake, centroids: np.ndarray, config: LayoutConfig = Layo
         touched |= set(pc.unique(rm.column("cluster_id")).to_pylist())
         # the layout first: a run killed between the two finds the removed rows in assignments
         # again, and the layout's buckets without them (nothing left to drop there)
-        drop_layout_shards(lake, removed)
-        lake.table("assignments").delete(_in_list("shard", removed))
+        drop_shard_rows(lake, LAYOUT_TABLE, removed)
+        drop_shard_rows(lake, "assignments", removed)
     writer = _Writer(lake, config, overwrite=False)
     n_new, t_new, enc, audit = (_stream_assign(lake, centroids, config, new + changed, writer, assign_method, gpu)
                                 if (new or changed) else (0, set(), set(), None))
@@ -785,21 +785,22 @@ def rows_of_shards(lake: Lake, table: str, shards: list[str], columns: list[str]
     return t.filter(pc.is_in(t.column("shard").cast(pa.string()), value_set=want)).select(columns)
 
 
-def drop_layout_shards(lake: Lake, shards: list[str]) -> int:
-    """Remove the rows of ``shards`` from ``pool_by_cluster``; returns the data files rewritten.
+def drop_shard_rows(lake: Lake, table: str, shards: list[str]) -> int:
+    """Remove the rows of ``shards`` (its ``shard`` column) from ``pool_by_cluster`` or
+    ``assignments``; returns the data files rewritten.
 
-    Each file holding a removed row is rewritten without it, in the layout's own format
-    (uncompressed PLAIN pages, 1,024-row groups; the rows keep their cluster / SemDeDup
-    order), and all the files are swapped in ONE commit (their removes and adds): the same
-    files deltalake's DELETE would rewrite (at 1M, a replaced shard's rows lie in one flush
-    file per bucket), not whole buckets. Candidate files come from the Delta log's min/max
-    ``shard`` per file; their ``shard`` column tells which hold a removed row.
+    Each file holding a removed row is rewritten without it in the table's own format (the
+    layout: uncompressed PLAIN pages in 1,024-row groups, the rows keeping their cluster /
+    SemDeDup order; assignments: uncompressed, uid PLAIN), and all the files are swapped in
+    ONE commit (their removes and adds): the files deltalake's DELETE would rewrite (at 1M
+    rows, a replaced shard's rows lie in one flush file per bucket), no more. Candidate files
+    come from the Delta log's min/max ``shard``; their ``shard`` column tells which hold one.
 
     Not deltalake's DELETE on a local lake: it rewrites through DataFusion's writer, which
-    (1.6.6) drops the layout's format (ZSTD, one row group per file, so a cluster read
-    decompresses the whole file) and stores ``string_view``/``binary_view`` columns that
-    pyarrow cannot filter on (delta-io/delta-rs#4579). A lake on an object store still goes
-    through the DELETE (its files are read as they are; ``compact_layout`` restores them)."""
+    (1.6.6) drops that format (ZSTD, one row group per file: a cluster read then decompresses
+    the whole file) and stores ``string_view``/``binary_view`` columns that pyarrow cannot
+    filter on (delta-io/delta-rs#4579). A lake on an object store still goes through the
+    DELETE (such files are read as they are; ``compact_layout`` rewrites the layout's)."""
     import json
     import uuid
 
@@ -807,48 +808,47 @@ def drop_layout_shards(lake: Lake, shards: list[str]) -> int:
     from deltalake.transaction import AddAction, RemoveAction
 
     want = sorted(set(shards))
-    if not want or not lake.exists(LAYOUT_TABLE):
+    if not want or not lake.exists(table):
         return 0
-    dt = lake.table(LAYOUT_TABLE)
+    dt = lake.table(table)
     if not lake.is_local:
         dt.delete(_in_list("shard", want))
         return -1
-    adds = pa.table(dt.get_add_actions(flatten=True)).to_pylist()
-    value_set = pa.array(want, pa.string())
+    part = TABLES[table]
     schema = pa.schema(dt.schema().to_arrow())
-    file_schema = pa.schema([f for f in schema if f.name != "bucket"])
-    raw = _raw_columns(file_schema.names)
+    file_schema = pa.schema([f for f in schema if f.name != part])
+    raw = _raw_columns(file_schema.names) if table == LAYOUT_TABLE else ["uid"]
     stat_cols = [c for c in file_schema.names if c not in raw]
-    root = lake._local_path(LAYOUT_TABLE)
+    group_rows = LAYOUT_ROW_GROUP_ROWS if table == LAYOUT_TABLE else None
+    value_set = pa.array(want, pa.string())
+    root = lake._local_path(table)
     now = int(time.time() * 1000)
     actions: list = []
-    for add in adds:
+    for add in pa.table(dt.get_add_actions(flatten=True)).to_pylist():
         lo, hi = add.get("min.shard"), add.get("max.shard")
         if lo is not None and hi is not None and not any(lo <= x <= hi for x in want):
             continue
-        path = os.path.join(root, add["path"])
-        t = pq.read_table(path)
+        t = pq.read_table(os.path.join(root, add["path"]))
         gone = pc.is_in(t.column("shard").cast(pa.string()), value_set=value_set)
         if not pc.any(gone).as_py():
             continue
         t = t.filter(pc.invert(gone)).select(file_schema.names)
         if t.schema != file_schema:  # a file a DELETE rewrote before: view types
             t = t.cast(file_schema)
-        bucket = add["partition.bucket"]
-        actions.append(RemoveAction(add["path"], True, now, add["size_bytes"], {"bucket": bucket}))
+        pv = {part: add[f"partition.{part}"]} if part else {}
+        actions.append(RemoveAction(add["path"], True, now, add["size_bytes"], pv))
         if not t.num_rows:
             continue
-        rel = f"bucket={bucket}/part-00000-{uuid.uuid4()}-c000.parquet"
-        pq.write_table(t, os.path.join(root, rel), row_group_size=LAYOUT_ROW_GROUP_ROWS, compression="NONE",
+        rel = "/".join([*(f"{k}={v}" for k, v in pv.items()), f"part-00000-{uuid.uuid4()}-c000.parquet"])
+        pq.write_table(t, os.path.join(root, rel), row_group_size=group_rows, compression="NONE",
                        use_dictionary=stat_cols, column_encoding={c: "PLAIN" for c in raw}, write_statistics=stat_cols)
         stats = {"numRecords": t.num_rows,
                  "minValues": {c: pc.min(t.column(c)).as_py() for c in stat_cols},
                  "maxValues": {c: pc.max(t.column(c)).as_py() for c in stat_cols},
                  "nullCount": {c: t.column(c).null_count for c in file_schema.names}}
-        actions.append(AddAction(rel, os.path.getsize(os.path.join(root, rel)), {"bucket": bucket}, now, True,
-                                 json.dumps(stats)))
+        actions.append(AddAction(rel, os.path.getsize(os.path.join(root, rel)), pv, now, True, json.dumps(stats)))
     if actions:
-        dt.create_write_transaction(actions, mode="append", schema=dt.schema(), partition_by=["bucket"])
+        dt.create_write_transaction(actions, mode="append", schema=dt.schema(), partition_by=[part] if part else None)
     return sum(isinstance(x, RemoveAction) for x in actions)
 
 
