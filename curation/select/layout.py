@@ -787,7 +787,7 @@ def rows_of_shards(lake: Lake, table: str, shards: list[str], columns: list[str]
 
 def drop_shard_rows(lake: Lake, table: str, shards: list[str]) -> int:
     """Remove the rows of ``shards`` (its ``shard`` column) from ``pool_by_cluster`` or
-    ``assignments``; returns the data files rewritten.
+    ``assignments``; returns the data files rewritten (-1 on an object store: see below).
 
     Each file holding a removed row is rewritten without it in the table's own format (the
     layout: uncompressed PLAIN pages in 1,024-row groups, the rows keeping their cluster /
@@ -828,11 +828,12 @@ def drop_shard_rows(lake: Lake, table: str, shards: list[str]) -> int:
         lo, hi = add.get("min.shard"), add.get("max.shard")
         if lo is not None and hi is not None and not any(lo <= x <= hi for x in want):
             continue
-        t = pq.read_table(os.path.join(root, add["path"]))
-        gone = pc.is_in(t.column("shard").cast(pa.string()), value_set=value_set)
+        path = os.path.join(root, add["path"])
+        # the shard column first (a compacted bucket's one file spans every shard's range)
+        gone = pc.is_in(pq.read_table(path, columns=["shard"]).column("shard").cast(pa.string()), value_set=value_set)
         if not pc.any(gone).as_py():
             continue
-        t = t.filter(pc.invert(gone)).select(file_schema.names)
+        t = pq.read_table(path).filter(pc.invert(gone)).select(file_schema.names)
         if t.schema != file_schema:  # a file a DELETE rewrote before: view types
             t = t.cast(file_schema)
         pv = {part: add[f"partition.{part}"]} if part else {}
@@ -1421,7 +1422,7 @@ def _bucket_dataset(lake: Lake, bucket: str | None, version: int | None = None):
     return layout_dataset(lake, dt, None if bucket is None else [("bucket", "=", bucket)])
 
 
-def _score_items(lake: Lake, clusters: list[int], full: set[int], adds: dict) -> list[tuple]:
+def _score_items(lake: Lake, clusters: set[int], full: set[int], adds: dict) -> list[tuple]:
     """One ``bucket_scores`` item per layout bucket that ``clusters`` fall in: ``(bucket, the
     bucket's clusters of full, {cluster: adds} of the bucket)``, sorted by bucket.
 
