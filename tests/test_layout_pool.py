@@ -1034,6 +1034,10 @@ def test_score_items_pair_clusters_with_buckets_without_reading_rows(tmp_path, m
     items = L._score_items(p.lake, {0, 3, 2, 9}, {3, 9}, {0: "a0", 2: "a2"})
     assert items == [("000000", [], {0: "a0"}), ("000001", [3], {2: "a2"})]  # cluster 9's bucket 000004 is absent
     monkeypatch.undo()
+    # without the layout state (a build killed before writing it) the rows pair them: the same items
+    monkeypatch.setattr(L, "layout_state", lambda lake: None)
+    assert L._score_items(p.lake, {0, 3, 2, 9}, {3, 9}, {0: "a0", 2: "a2"}) == items
+    monkeypatch.undo()
     v = p.lake.table(LAYOUT_TABLE).version()
     kw = dict(root=p.lake.root, storage_options=None, dtype="float32", d=D, block=64, memory_budget_bytes=1 << 30,
               version=v)

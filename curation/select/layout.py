@@ -1428,13 +1428,20 @@ def _score_items(lake: Lake, clusters: set[int], full: set[int], adds: dict) -> 
 
     A cluster's bucket is ``cluster_id // clusters_per_bucket``: nothing of the table is read
     but its partition list (reading its ``cluster_id`` and ``bucket`` columns to pair them took
-    0.4 s at 1M rows). A wanted cluster with no rows left (all removed) is named in its item
-    if the bucket remains, and the task finds no rows of it; a bucket the layout no longer has
-    gets no item."""
+    0.4 s at 1M rows; still done when the layout state is missing). A wanted cluster with no
+    rows left (all removed) is named in its item if the bucket remains, and the task finds no
+    rows of it; a bucket the layout no longer has gets no item."""
     present = set(lake.partitions(LAYOUT_TABLE))
     cs = np.array(sorted(set(clusters)), dtype=np.int64)
+    state = layout_state(lake)
+    if state is not None and state["clusters_per_bucket"].n_unique() == 1:
+        names = bucket_names(cs, int(state["clusters_per_bucket"][0])).to_list()
+    else:  # no layout state (a build killed before writing it): pair them from the rows
+        pairs = pl.from_arrow(lake.dataset(LAYOUT_TABLE).to_table(columns=["cluster_id", "bucket"])).unique()
+        of = dict(zip(pairs["cluster_id"].to_list(), pairs["bucket"].to_list()))
+        names = [of.get(c) for c in cs.tolist()]
     by_bucket: dict[str, list[int]] = {}
-    for c, b in zip(cs.tolist(), bucket_names(cs, layout_clusters_per_bucket(lake)).to_list()):
+    for c, b in zip(cs.tolist(), names):
         if b in present:
             by_bucket.setdefault(b, []).append(c)
     return [(b, sorted(set(cl) & full), {c: adds[c] for c in cl if c in adds}) for b, cl in sorted(by_bucket.items())]
