@@ -794,7 +794,8 @@ def drop_shard_rows(lake: Lake, table: str, shards: list[str]) -> int:
     SemDeDup order; assignments: uncompressed, uid PLAIN), and all the files are swapped in
     ONE commit (their removes and adds): the files deltalake's DELETE would rewrite (at 1M
     rows, a replaced shard's rows lie in one flush file per bucket), no more. Candidate files
-    come from the Delta log's min/max ``shard``; their ``shard`` column tells which hold one.
+    come from deltalake's pruning by the log's min/max ``shard``; their ``shard`` column tells
+    which hold one.
 
     Not deltalake's DELETE on a local lake: it rewrites through DataFusion's writer, which
     (1.6.6) drops that format (ZSTD, one row group per file: a cluster read then decompresses
@@ -824,11 +825,13 @@ def drop_shard_rows(lake: Lake, table: str, shards: list[str]) -> int:
     root = lake._local_path(table)
     now = int(time.time() * 1000)
     actions: list = []
+    # deltalake's own pruning by the log's min/max shard (a superset; it knows how its stats
+    # were written, truncated strings included)
+    cand = {os.path.normpath(u) for u in dt.file_uris(file_pruning_predicate=[("shard", "in", want)])}
     for add in pa.table(dt.get_add_actions(flatten=True)).to_pylist():
-        lo, hi = add.get("min.shard"), add.get("max.shard")
-        if lo is not None and hi is not None and not any(lo <= x <= hi for x in want):
+        path = os.path.normpath(os.path.join(root, add["path"]))
+        if path not in cand:
             continue
-        path = os.path.join(root, add["path"])
         # the shard column first (a compacted bucket's one file spans every shard's range)
         gone = pc.is_in(pq.read_table(path, columns=["shard"]).column("shard").cast(pa.string()), value_set=value_set)
         if not pc.any(gone).as_py():
