@@ -1031,13 +1031,12 @@ def test_score_items_pair_clusters_with_buckets_without_reading_rows(tmp_path, m
     p, _cent, cfg, _ref = _two_per_bucket(tmp_path / "lake", 2, 300)  # 4 clusters, 2 per bucket
     assert p.lake.partitions(LAYOUT_TABLE) == ["000000", "000001"]
     monkeypatch.setattr(L.Lake, "dataset", lambda *a, **k: pytest.fail("the layout's rows were read"))
-    items = L._score_items(p.lake, {0, 3, 2, 9}, {3, 9}, {0: "a0", 2: "a2"})
+    state = L.layout_state(p.lake)
+    items = L._score_items(p.lake, state, {0, 3, 2, 9}, {3, 9}, {0: "a0", 2: "a2"})
     assert items == [("000000", [], {0: "a0"}), ("000001", [3], {2: "a2"})]  # cluster 9's bucket 000004 is absent
     monkeypatch.undo()
     # without the layout state (a build killed before writing it) the rows pair them: the same items
-    monkeypatch.setattr(L, "layout_state", lambda lake: None)
-    assert L._score_items(p.lake, {0, 3, 2, 9}, {3, 9}, {0: "a0", 2: "a2"}) == items
-    monkeypatch.undo()
+    assert L._score_items(p.lake, None, {0, 3, 2, 9}, {3, 9}, {0: "a0", 2: "a2"}) == items
     v = p.lake.table(LAYOUT_TABLE).version()
     kw = dict(root=p.lake.root, storage_options=None, dtype="float32", d=D, block=64, memory_budget_bytes=1 << 30,
               version=v)

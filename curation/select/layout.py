@@ -87,7 +87,7 @@ from curation.select.similarity import (
     max_sim_to_earlier_blocked,
     single_thread_blas,
 )
-from curation.storage.lake import TABLES, Lake, plain_writer_properties, release_memory
+from curation.storage.lake import TABLES, UID_PLAIN_TABLES, Lake, plain_writer_properties, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -818,7 +818,7 @@ def drop_shard_rows(lake: Lake, table: str, shards: list[str]) -> int:
     part = TABLES[table]
     schema = pa.schema(dt.schema().to_arrow())
     file_schema = pa.schema([f for f in schema if f.name != part])
-    raw = _raw_columns(file_schema.names) if table == LAYOUT_TABLE else ["uid"]
+    raw = _raw_columns(file_schema.names) if table == LAYOUT_TABLE else ["uid"] if table in UID_PLAIN_TABLES else []
     stat_cols = [c for c in file_schema.names if c not in raw]
     group_rows = LAYOUT_ROW_GROUP_ROWS if table == LAYOUT_TABLE else None
     value_set = pa.array(want, pa.string())
@@ -879,9 +879,9 @@ def layout_dtype(lake: Lake, dt=None) -> str:
     snapshot ``dt`` when given)."""
     names = (dt if dt is not None else lake.table(LAYOUT_TABLE)).schema().to_arrow()
     names = [f.name for f in pa.schema(names)]
-    for dt in DTYPES:
-        if emb_column(dt) in names:
-            return dt
+    for dtype in DTYPES:
+        if emb_column(dtype) in names:
+            return dtype
     raise ValueError(f"{LAYOUT_TABLE}: got columns {names}; expected one of {[emb_column(d) for d in DTYPES]}")
 
 
@@ -1425,7 +1425,7 @@ def _bucket_dataset(lake: Lake, bucket: str | None, version: int | None = None):
     return layout_dataset(lake, dt, None if bucket is None else [("bucket", "=", bucket)])
 
 
-def _score_items(lake: Lake, clusters: set[int], full: set[int], adds: dict) -> list[tuple]:
+def _score_items(lake: Lake, state: pl.DataFrame | None, clusters: set[int], full: set[int], adds: dict) -> list[tuple]:
     """One ``bucket_scores`` item per layout bucket that ``clusters`` fall in: ``(bucket, the
     bucket's clusters of full, {cluster: adds} of the bucket)``, sorted by bucket.
 
@@ -1433,10 +1433,10 @@ def _score_items(lake: Lake, clusters: set[int], full: set[int], adds: dict) -> 
     but its partition list (reading its ``cluster_id`` and ``bucket`` columns to pair them took
     0.4 s at 1M rows; still done when the layout state is missing). A wanted cluster with no
     rows left (all removed) is named in its item if the bucket remains, and the task finds no
-    rows of it; a bucket the layout no longer has gets no item."""
+    rows of it; a bucket the layout no longer has gets no item. ``state``: :func:`layout_state`,
+    as the caller read it."""
     present = set(lake.partitions(LAYOUT_TABLE))
     cs = np.array(sorted(set(clusters)), dtype=np.int64)
-    state = layout_state(lake)
     if state is not None and state["clusters_per_bucket"].n_unique() == 1:
         names = bucket_names(cs, int(state["clusters_per_bucket"][0])).to_list()
     else:  # no layout state (a build killed before writing it): pair them from the rows
@@ -1644,7 +1644,7 @@ def dedup_scores_by_bucket(
             for c in add_clusters:
                 gi, go = new_groups.get(c, empty), old_groups.get(c, empty)
                 adds[c] = (nb[gi], ob[go], om[go])
-    items = _score_items(lake, full_clusters | set(adds), full_clusters, adds)
+    items = _score_items(lake, state, full_clusters | set(adds), full_clusters, adds)
     (u, cid, cos, m), score_s = _timed_items(lake, executor, config, items)
     fresh = pl.from_arrow(_scores_table(u, cid, cos, m))
     frame = pl.concat([keep.select(fresh.columns).cast(fresh.schema), fresh]).sort("uid") if keep is not None else fresh
@@ -1775,7 +1775,8 @@ class LayoutRef:
         """(n,) float32 CLIP score of every pool uid (str), one bucket per task."""
         executor = executor or InProcessExecutor()
         lake = Lake(self.root, self.storage_options)
-        res = executor.map(bucket_clip_scores, _layout_buckets(lake, self.version), root=self.root,
+        buckets = lake.partitions(LAYOUT_TABLE, None if self.version is None else _layout_table(lake, self.version))
+        res = executor.map(bucket_clip_scores, buckets, root=self.root,
                            storage_options=self.storage_options or None, dtype=self.dtype, version=self.version)
         u = np.concatenate([r[0] for r in res]) if res else np.zeros((0, UID_BYTES), np.uint8)
         sc = np.concatenate([r[1] for r in res]) if res else np.zeros(0, np.float32)
@@ -1814,13 +1815,6 @@ class LayoutRef:
         if not kept:
             return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64)
         return np.concatenate(kept), np.concatenate(pos), np.concatenate(gain)
-
-
-def _layout_buckets(lake: Lake, version: int | None) -> list[str]:
-    """The layout's bucket names (of the snapshot ``version``; the latest when None), sorted."""
-    if version is None:
-        return lake.partitions(LAYOUT_TABLE)
-    return sorted({p["bucket"] for p in _layout_table(lake, version).partitions()})
 
 
 def iter_layout(lake: Lake, dtype: str | None = None):

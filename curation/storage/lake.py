@@ -343,11 +343,12 @@ class Lake:
         the matching rows, never the whole table (e.g. one cluster's rows of 10M assignments)."""
         return self.scan(table).filter(predicate).select(list(columns)).collect(engine="streaming")
 
-    def partitions(self, table: str) -> list[str]:
+    def partitions(self, table: str, dt: DeltaTable | None = None) -> list[str]:
+        """``table``'s partition values, sorted (of the open snapshot ``dt`` when given)."""
         part_col = TABLES[table]
-        if part_col is None or not self.exists(table):
+        if part_col is None or (dt is None and not self.exists(table)):
             return []
-        return sorted({p[part_col] for p in self.table(table).partitions()})
+        return sorted({p[part_col] for p in (dt if dt is not None else self.table(table)).partitions()})
 
 
 def release_memory() -> None:
