@@ -245,6 +245,8 @@ def dedup_scores(
             "clusters_updated_exactly": du.updated_clusters,
             "rows_scored": du.rows_scored,
             "rows_reentered": du.reentered,
+            # changed or removed shards: the share of rows in touched clusters (>= 0.8: a full pass)
+            **({"touched_share_of_rows": du.touched_share} if du.touched_share is not None else {}),
             **{f"removed_fraction@eps={e}": v for e, v in fr.items()},
             "removed_by_eps": dg.MetadataValue.md(md_table(grid)),
             **previews.dedup_preview(lake, datasets),

@@ -89,9 +89,12 @@ class SynPool:
 
 
 def _curated(lake: Lake) -> tuple[np.ndarray, LayoutConfig]:
-    """A pool curated from scratch: K centroids, the layout (4 clusters per bucket), full scores."""
+    """A pool curated from scratch: K centroids, the layout (4 clusters per bucket), full scores.
+    Updates after changed or removed shards take the incremental path here whatever share of
+    the pool they touch (these pools have K clusters: any shard touches most of them);
+    ``full_pass_fraction`` has its own test."""
     cent, _ = fit_centroids(lake, K, niter=10)
-    cfg = LayoutConfig(clusters_per_bucket=4)
+    cfg = LayoutConfig(clusters_per_bucket=4, full_pass_fraction=2.0)
     build_layout(lake, cent, cfg)
     _finish(lake, cent, cfg, incremental=False)
     return cent, cfg
@@ -301,16 +304,7 @@ def test_layout_files_are_sorted_by_cluster_so_a_cluster_read_skips_the_others(t
         return out
 
     monkeypatch.setattr(layout_mod, "read_bucket", spy)
-    # copies of the cluster's three most central members (the layout's first rows of a cluster are
-    # its LEAST central, the ones a small shift can move into a neighbouring cluster)
-    x = (p.lake.read("pool_by_cluster", columns=["uid", "emb_float32", "cluster_id", "cos_to_centroid"])
-         .filter(pl.col("cluster_id") == c).sort("cos_to_centroid", descending=True).head(3))
-    vec = decode_vectors(x["emb_float32"].to_arrow(), "float32")
-    p.lake.write("embeddings", pa.table({
-        "uid": [make_uid("syn", "new", str(i)) for i in range(3)], "shard": ["syn-new"] * 3,
-        "image_emb": matrix_to_list_column(_unit(vec + 1e-3)), "text_emb": matrix_to_list_column(_unit(vec)),
-        "encoder": ["openclip:test"] * 3,
-    }), partition="syn-new")
+    _topical_shard(p.lake, c, "new")
     up = update_layout(p.lake, cent, cfg)
     assert up.touched_clusters.tolist() == [c]
     du = _finish(p.lake, cent, cfg, incremental=True)
@@ -318,6 +312,20 @@ def test_layout_files_are_sorted_by_cluster_so_a_cluster_read_skips_the_others(t
     members = int((p.lake.read("assignments", columns=["cluster_id"])["cluster_id"] == c).sum())
     assert read_rows == [members]
     _assert_same_scores(du.frame, dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame)
+
+
+def _topical_shard(lake: Lake, c: int, stem: str) -> None:
+    """A 3-row shard ``syn-<stem>`` of copies of cluster ``c``'s three most central members
+    (the layout's first rows of a cluster are its LEAST central, the ones a small shift can
+    move into a neighbouring cluster): it touches cluster ``c`` only."""
+    x = (lake.read(LAYOUT_TABLE, columns=["emb_float32", "cluster_id", "cos_to_centroid"])
+         .filter(pl.col("cluster_id") == c).sort("cos_to_centroid", descending=True).head(3))
+    vec = decode_vectors(x["emb_float32"].to_arrow(), "float32")
+    lake.write("embeddings", pa.table({
+        "uid": [make_uid("syn", stem, str(i)) for i in range(3)], "shard": [f"syn-{stem}"] * 3,
+        "image_emb": matrix_to_list_column(_unit(vec + 1e-3)), "text_emb": matrix_to_list_column(_unit(vec)),
+        "encoder": ["openclip:test"] * 3,
+    }), partition=f"syn-{stem}")
 
 
 def _assert_same_scores(got: pl.DataFrame, ref: pl.DataFrame) -> None:
@@ -1123,3 +1131,56 @@ def test_replaced_and_removed_shards_keep_the_layout_and_the_scores_exact(tmp_pa
         _table_files_keep_their_format(p.lake)
     p.shard("00006", 300, salt=10)
     update_and_check(["syn-00005", "syn-00006"])
+
+
+def test_an_update_touching_most_of_the_pool_recomputes_every_bucket(tmp_path, caplog):
+    """Changed or removed shards whose clusters hold at least ``full_pass_fraction`` of the
+    scored rows are scored by a full pass (no uid join of the pool); its scores equal the
+    general path's. A topical removal keeps the general path. A removed shard's old clusters
+    come from the ``assignments`` version the scores were computed from; once a vacuum has
+    taken that version's files, only the new rows count (a lower bound: the general path)."""
+    import dataclasses
+    import logging
+
+    from curation.select.layout import _touched_share
+
+    p = SynPool(tmp_path / "lake")
+    for i in range(4):
+        p.shard(f"{i:05d}", 400)
+    cent, general = _curated(p.lake)  # full_pass_fraction above 1: never a full pass
+    auto = dataclasses.replace(general, full_pass_fraction=0.8)
+    # a replaced shard drawn from every concept: its old and new rows touch every cluster
+    p.shard("00001", 400, salt=1)
+    update_layout(p.lake, cent, auto)
+    assert _touched_share(p.lake, [], ["syn-00001"], []) == 1.0
+    ref = dedup_scores_by_bucket(p.lake, config=general)
+    assert ref.mode == "incremental" and ref.reentered == 400 and ref.recomputed_clusters == K
+    with caplog.at_level(logging.INFO, logger="curation.select.layout"):
+        du = _finish(p.lake, cent, auto, incremental=True)
+    assert du.mode == "full" and du.recomputed_clusters == K and du.touched_share == 1.0
+    assert "every bucket is recomputed" in caplog.text and ref.touched_share is None  # fraction 2: not measured
+    _assert_same_scores(du.frame, ref.frame)
+    assert du.table.equals(dedup_scores_by_bucket(p.lake, config=general, incremental=False).table)
+    # a topical shard (copies of one cluster's most central members), added, then removed: its
+    # old rows' cluster is found at the scores' assignments version, a small share of the pool
+    _topical_shard(p.lake, 3, "topic")
+    assert update_layout(p.lake, cent, auto).touched_clusters.tolist() == [3]
+    assert _finish(p.lake, cent, auto, incremental=True).updated_clusters == 1
+    p.lake.delete_partition("embeddings", "syn-topic")
+    update_layout(p.lake, cent, auto)
+    members = int((p.lake.read("dedup_scores", columns=["cluster_id"])["cluster_id"] == 3).sum())
+    assert _touched_share(p.lake, [], [], ["syn-topic"]) == pytest.approx(members / p.lake.count_rows("dedup_scores"))
+    du = _finish(p.lake, cent, auto, incremental=True)
+    assert du.mode == "incremental" and du.recomputed_clusters == 1 and 0 < du.touched_share < 0.8
+    _assert_same_scores(du.frame, dedup_scores_by_bucket(p.lake, config=general, incremental=False).frame)
+    # a crawl-like shard removed, and the files of the scores' assignments version vacuumed
+    p.lake.delete_partition("embeddings", "syn-00002")
+    update_layout(p.lake, cent, auto)
+    assert _touched_share(p.lake, [], [], ["syn-00002"]) == 1.0
+    p.lake.table("assignments").vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
+    assert _touched_share(p.lake, [], [], ["syn-00002"]) == 0.0
+    du = _finish(p.lake, cent, auto, incremental=True)
+    assert du.mode == "incremental" and du.recomputed_clusters == K
+    _assert_same_scores(du.frame, dedup_scores_by_bucket(p.lake, config=general, incremental=False).frame)
+    with pytest.raises(ValueError, match="full_pass_fraction: got 0"):
+        LayoutConfig(full_pass_fraction=0)

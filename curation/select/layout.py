@@ -32,8 +32,11 @@ The pool-wide stages never hold the ``(N, d)`` matrix. Instead:
    returns the new members' M and the old members' gain, combined with the stored M by a
    uint64 uid key (no N-scale string join); a uid of a shard whose content changed since
    re-enters as new content (removed from its old cluster, added to its new one: both
-   recomputed). Budgets and selections are then recomputed from the stored scores. The
-   result is identical to a full recompute (tests/test_layout_pool.py).
+   recomputed). When changed or removed shards touch clusters holding most of the pool
+   (``LayoutConfig.full_pass_fraction``, 80%: a replaced shard of a web crawl touches nearly
+   every cluster), every bucket is recomputed instead of joining the pool's uids first.
+   Budgets and selections are then recomputed from the stored scores. The result is
+   identical to a full recompute (tests/test_layout_pool.py).
 5. :func:`compact_layout` (on request) rewrites buckets that hold many files (one per flush,
    one per update) as one file in cluster order, so reading a few clusters reads their row
    groups and little else.
@@ -97,6 +100,9 @@ DTYPES = ("float32", "float16")
 DEFAULT_CLUSTERS_PER_BUCKET = 32
 DEFAULT_FLUSH_ROWS = 131_072
 DEFAULT_MEMORY_BUDGET = 1 << 30
+# the general update's uid join costs ~20% of a full pass at 1M (docs/benchmarks.md): a full
+# pass is cheaper once the touched clusters hold ~80% of the rows
+DEFAULT_FULL_PASS_FRACTION = 0.8
 #: rows per Parquet row group of ``pool_by_cluster`` (2 MiB of float32 x 512 vectors): the
 #: granularity at which a read of some clusters skips the rest of a bucket. 1,024 rows read a
 #: bucket ~30% faster than 256 (fewer, larger column chunks to decode: 245 vs 343 ms for 8
@@ -137,6 +143,13 @@ class LayoutConfig:
             those rows). Either way the pool-wide recall is estimated on
             :data:`AUDIT_ROWS_PER_SHARD` rows of every shard, drawn independently of the
             calibration rows, and reported (:class:`LayoutUpdate`).
+        full_pass_fraction: an incremental SemDeDup update whose shards were changed or
+            removed (not only added) recomputes its touched clusters in full after a uid join
+            of ``assignments`` and the stored scores; when those clusters hold at least this
+            fraction of the stored rows (a replaced shard of a web crawl touches nearly every
+            cluster), every bucket is recomputed instead: the scores of a full recompute,
+            without the join (1M rows, a replaced shard touching 988 of 1,000 clusters:
+            docs/benchmarks.md). Above 1: never.
     """
 
     clusters_per_bucket: int = DEFAULT_CLUSTERS_PER_BUCKET
@@ -147,6 +160,7 @@ class LayoutConfig:
     with_text: bool = False
     nprobe: int | None = None
     target_recall: float | None = None
+    full_pass_fraction: float = DEFAULT_FULL_PASS_FRACTION
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -158,6 +172,8 @@ class LayoutConfig:
             raise ValueError(f"nprobe: got {self.nprobe}; expected >= 1 or None")
         if self.target_recall is not None and not 0.0 < float(self.target_recall) <= 1.0:
             raise ValueError(f"target_recall: got {self.target_recall}; expected 0 < target_recall <= 1 or None")
+        if not float(self.full_pass_fraction) > 0.0:
+            raise ValueError(f"full_pass_fraction: got {self.full_pass_fraction}; expected > 0 (above 1: never)")
         if self.target_recall is not None and self.nprobe is not None:
             raise ValueError("nprobe and target_recall: got both; expected at most one (target_recall picks nprobe)")
 
@@ -769,9 +785,10 @@ def update_layout(lake: Lake, centroids: np.ndarray, config: LayoutConfig = Layo
                         np.array(sorted(touched), dtype=np.int32), sorted(enc), writer.written, audit)
 
 
-def rows_of_shards(lake: Lake, table: str, shards: list[str], columns: list[str]) -> pa.Table:
-    """The rows (``columns``) of ``table`` whose ``shard`` column (not its partition) is one of
-    ``shards``: files picked by the Delta log's min/max ``shard`` statistics, rows by a mask.
+def rows_of_shards(lake: Lake, table: str, shards: list[str], columns: list[str], dt=None) -> pa.Table:
+    """The rows (``columns``) of ``table`` (of its open snapshot ``dt`` when given: an older
+    version) whose ``shard`` column (not its partition) is one of ``shards``: files picked by
+    the Delta log's min/max ``shard`` statistics, rows by a mask.
 
     No string filter in the Parquet scan: a file that deltalake's DELETE rewrote (1.4 and
     later, delta-io/delta-rs#4579) stores strings as ``string_view``, and pyarrow has no kernel
@@ -779,8 +796,8 @@ def rows_of_shards(lake: Lake, table: str, shards: list[str], columns: list[str]
     next update after a shard was replaced failed reading ``assignments``."""
     want = pa.array(sorted(set(shards)), pa.string())
     if not len(want):
-        return pa.table({c: pa.array([], lake.dataset(table).schema.field(c).type) for c in columns})
-    ds = lake.dataset(table, file_pruning_predicate=[("shard", "in", want.to_pylist())])
+        return pa.table({c: pa.array([], lake.dataset(table, dt).schema.field(c).type) for c in columns})
+    ds = lake.dataset(table, dt, file_pruning_predicate=[("shard", "in", want.to_pylist())])
     t = ds.to_table(columns=list(dict.fromkeys([*columns, "shard"])))
     return t.filter(pc.is_in(t.column("shard").cast(pa.string()), value_set=want)).select(columns)
 
@@ -1291,6 +1308,9 @@ class DedupUpdate:
             which shards are new or changed without joining the pool's uids).
         score_seconds: seconds spent scoring the buckets (reading and multiplying the touched
             clusters); the rest of the update is pool-wide (reading, merging the stored scores).
+        touched_share: after changed or removed shards, the share of the stored rows in the
+            clusters they touch, which chose between a full pass and the incremental path
+            (``LayoutConfig.full_pass_fraction``); None when not measured.
     """
 
     table: pa.Table
@@ -1301,6 +1321,7 @@ class DedupUpdate:
     reentered: int = 0
     shards: pl.DataFrame | None = None
     score_seconds: float = 0.0
+    touched_share: float | None = None
 
     @property
     def frame(self) -> pl.DataFrame:
@@ -1599,6 +1620,13 @@ def dedup_scores_by_bucket(
         du = _add_only_update(lake, executor, config, diff[0], layout_shards)
         if du is not None:
             return du
+    share = None
+    if diff is not None and (diff[1] or diff[2]) and float(config.full_pass_fraction) <= 1.0:
+        share = _touched_share(lake, *diff)
+        if share >= float(config.full_pass_fraction):  # a full pass costs less than the join below
+            log.info("SemDeDup update: the changed or removed shards touch clusters holding %.1f%% of the scored rows "
+                     "(full_pass_fraction %.2f): every bucket is recomputed", 100 * share, config.full_pass_fraction)
+            have_old = False
     if not have_old:  # every bucket in full: no N-scale table is read by the driver
         n_asg = lake.count_rows("assignments")
         items = [(b, None, {}) for b in lake.partitions(LAYOUT_TABLE)]
@@ -1607,7 +1635,7 @@ def dedup_scores_by_bucket(
         if table.num_rows != n_asg:
             raise ValueError(f"dedup_scores: got {table.num_rows} scores for {n_asg} assigned rows; expected one each "
                              "(the layout and assignments disagree: re-run concept_clusters with mode 'retrain')")
-        return DedupUpdate(table, "full", int(np.unique(cid).size), 0, table.num_rows, 0, layout_shards, score_s)
+        return DedupUpdate(table, "full", int(np.unique(cid).size), 0, table.num_rows, 0, layout_shards, score_s, share)
     asg = lake.read("assignments", columns=["uid", "shard", "cluster_id", "cos_to_centroid"])
     full_clusters: set[int] | None = None
     adds: dict[int, tuple] = {}
@@ -1653,7 +1681,38 @@ def dedup_scores_by_bucket(
                          "(the layout and assignments disagree: re-run concept_clusters with mode 'retrain')")
     n_full = len(full_clusters) if full_clusters is not None else int(np.unique(cid).size)
     return DedupUpdate(frame.to_arrow().cast(_SCORE_ARROW), mode, n_full, len(adds), int(fresh.height), reentered,
-                       layout_shards, score_s)
+                       layout_shards, score_s, share)
+
+
+def _touched_share(lake: Lake, new: list[str], changed: list[str], gone: list[str]) -> float:
+    """The share of the stored ``dedup_scores`` rows that lie in clusters an update of these
+    shards touches: the clusters of the new and changed shards' rows in ``assignments`` now,
+    and of the changed and gone shards' rows at the ``assignments`` version the scores were
+    computed from (``dedup_scores_shards``; its files outlive the update's rewrite until a
+    vacuum). When that version can no longer be read (vacuumed, or a state written before
+    versions were stored), the new rows' clusters alone: a lower bound, so the caller keeps
+    the incremental path when unsure. Reads a few files and one int32 column."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import DeltaError
+
+    stored = lake.dataset("dedup_scores").to_table(columns=["cluster_id"]).column(0).to_numpy()
+    if stored.size == 0:
+        return 0.0
+    parts = []
+    if new or changed:
+        parts.append(rows_of_shards(lake, "assignments", new + changed, ["cluster_id"]).column(0).to_numpy())
+    st = lake.read(DEDUP_STATE_TABLE)
+    if (changed or gone) and "assignments_version" in st.columns and st["assignments_version"].n_unique() == 1 \
+            and st["assignments_version"].null_count() == 0:
+        try:
+            dt = DeltaTable(lake.uri("assignments"), version=int(st["assignments_version"][0]),
+                            storage_options=dict(lake.storage_options) or None)
+            parts.append(rows_of_shards(lake, "assignments", changed + gone, ["cluster_id"], dt=dt).column(0).to_numpy())
+        except (OSError, DeltaError, pa.ArrowException) as e:
+            log.info("SemDeDup update: the removed rows' clusters are unknown (%s): counting the new rows' only", e)
+    if not parts:
+        return 0.0
+    return float(np.isin(stored, np.unique(np.concatenate(parts))).mean())
 
 
 def _scores_table(u: np.ndarray, cid: np.ndarray, cos: np.ndarray, m: np.ndarray) -> pa.Table:
