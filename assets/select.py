@@ -115,11 +115,14 @@ class ConceptClustersConfig(dg.Config):
     measured on 32 other rows of every shard (``assign_recall``). ``layout_dtype``: vector type of ``pool_by_cluster`` (float32 or
     float16). ``compact_min_files``: after writing the layout, compact every bucket holding at
     least this many data files into one file sorted by cluster (Delta OPTIMIZE ZORDER BY
-    cluster_id, :func:`curation.select.layout.compact_layout`); None: never. A build leaves one
-    file per bucket per flush and each update appends one per touched bucket; compacted, a few
+    cluster_id, :func:`curation.select.layout.compact_layout`); None: never. A build writes one
+    file per bucket (``layout_spill``) and each update appends one per touched bucket; compacted, a few
     clusters' update reads less (1M: 406 -> 165 MiB, 0.28 -> 0.14 s for 24 clusters; 10M: a
     topical shard's SemDeDup 21.3 -> 5.95 GB, 31.7 -> 10.7 s) at the cost of one rewrite of
-    those buckets (3.4 s for the whole 1M layout, 68 s for 10M) and, until a vacuum, their disk."""
+    those buckets (3.4 s for the whole 1M layout, 68 s for 10M) and, until a vacuum, their disk.
+    ``layout_spill``: a build holds the layout's rows per bucket in temporary files under
+    ``TMPDIR`` (the layout's size) and writes each bucket once in cluster order; False: every
+    flush is appended (a file per bucket per flush, no temporary space)."""
 
     k: Optional[int] = None
     niter: int = DEFAULT_NITER
@@ -132,6 +135,7 @@ class ConceptClustersConfig(dg.Config):
     clusters_per_bucket: int = DEFAULT_CLUSTERS_PER_BUCKET
     layout_dtype: Literal["float32", "float16"] = "float32"
     compact_min_files: Optional[int] = None
+    layout_spill: bool = True
 
 
 @dg.asset(
@@ -152,7 +156,7 @@ def concept_clusters(context: dg.AssetExecutionContext, config: ConceptClustersC
     # an aligned (CLIP) encoder: the layout also carries caption vectors for CLIPCov / CLIP score
     layout_cfg = LayoutConfig(clusters_per_bucket=config.clusters_per_bucket, dtype=config.layout_dtype,
                               with_text=str(encoder).startswith(ALIGNED_ENCODER_PREFIX), nprobe=config.nprobe,
-                              target_recall=config.target_recall)
+                              target_recall=config.target_recall, spill=config.layout_spill)
     have = (db.exists("centroids") or db.exists("clusters")) and db.exists("assignments")
     old_k = read_centroids(db).shape[0] if have else None
     if config.mode == "assign" and not have:

@@ -423,11 +423,17 @@ def test_compaction_keeps_rows_and_scores_and_sorts_buckets_by_cluster(tmp_path,
 
     monkeypatch.setattr(layout, "LAYOUT_ROW_GROUP_ROWS", 64)  # several row groups per compacted file
     p = SynPool(tmp_path / "lake")
-    for i in range(4):
+    for i in range(2):
         p.shard(f"{i:05d}", 600)
     cent, _ = fit_centroids(p.lake, K, niter=10)
-    cfg = LayoutConfig(clusters_per_bucket=4, flush_rows=500)  # one file per bucket per flush
+    cfg = LayoutConfig(clusters_per_bucket=4, flush_rows=500)
     build_layout(p.lake, cent, cfg)
+    # a build writes each bucket once (from its spill), whatever flush_rows; every update then
+    # appends a file to each bucket it touches
+    assert set(layout_files_per_bucket(p.lake).values()) == {1}
+    for i in (2, 3):
+        p.shard(f"{i:05d}", 600)
+        update_layout(p.lake, cent, cfg)
     _finish(p.lake, cent, cfg, incremental=False)
     with pytest.raises(ValueError, match="min_files"):
         compact_layout(p.lake, min_files=1)
@@ -939,7 +945,7 @@ def test_float16_bucket_is_held_as_stored_and_gathered_as_float32(tmp_path):
     for i in range(2):
         p.shard(f"{i:05d}", 300)
     cent, _ = fit_centroids(p.lake, 4, niter=5)
-    build_layout(p.lake, cent, LayoutConfig(dtype="float16", flush_rows=200))
+    build_layout(p.lake, cent, LayoutConfig(dtype="float16", flush_rows=200, spill=False))  # a file per flush
     bucket = p.lake.partitions("pool_by_cluster")[0]
     whole = read_bucket(p.lake, bucket, dtype="float16")
     rc = read_bucket(p.lake, bucket, dtype="float16", chunked=True).x
@@ -1184,3 +1190,47 @@ def test_an_update_touching_most_of_the_pool_recomputes_every_bucket(tmp_path, c
     _assert_same_scores(du.frame, dedup_scores_by_bucket(p.lake, config=general, incremental=False).frame)
     with pytest.raises(ValueError, match="full_pass_fraction: got 0"):
         LayoutConfig(full_pass_fraction=0)
+
+
+def test_a_build_writes_each_bucket_once_from_its_spill(tmp_path, monkeypatch):
+    """A full build spills the layout's rows per bucket and writes each bucket as one file in
+    cluster / SemDeDup order: the same rows (float16 vectors and caption vectors included) and
+    the same SemDeDup scores as a build that appends every flush; a bucket above the memory
+    budget is written in pieces; the temporary files are gone after the build, and after a
+    build that failed while writing."""
+    import tempfile
+
+    import curation.select.layout as layout
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    pools = {name: SynPool(tmp_path / name) for name in ("spilled", "flushed", "pieces")}
+    for p in pools.values():
+        for i in range(3):
+            p.shard(f"{i:05d}", 500)
+    cent, _ = fit_centroids(pools["spilled"].lake, K, niter=10)
+    base = dict(clusters_per_bucket=4, flush_rows=300, dtype="float16", with_text=True)
+    cfgs = {"spilled": LayoutConfig(**base), "flushed": LayoutConfig(**base, spill=False),
+            "pieces": LayoutConfig(**base, memory_budget_bytes=20_000)}  # ~160 rows of 124 bytes
+    for name, p in pools.items():
+        assert build_layout(p.lake, cent, cfgs[name]).rows_written == 1500
+        assert list(tmp.iterdir()) == []
+    files = {name: layout_files_per_bucket(p.lake) for name, p in pools.items()}
+    assert set(files["spilled"].values()) == {1} and max(files["flushed"].values()) > 1
+    assert max(files["pieces"].values()) > 1  # buckets of more than flush_rows rows: a file per piece
+    rows = {name: p.lake.read(LAYOUT_TABLE).sort("uid") for name, p in pools.items()}
+    assert rows["spilled"].equals(rows["flushed"]) and rows["pieces"].equals(rows["flushed"])
+    for frag in pools["spilled"].lake.dataset(LAYOUT_TABLE).get_fragments():
+        t = frag.to_table(columns=["cluster_id", "cos_to_centroid", "uid"])
+        order = layout.semdedup_order(t.column("cos_to_centroid").to_numpy(), binary_column_to_bytes(t.column("uid")),
+                                      t.column("cluster_id").to_numpy())
+        assert np.array_equal(order, np.arange(t.num_rows))
+    scores = {name: dedup_scores_by_bucket(p.lake, config=cfgs[name], incremental=False).frame
+              for name, p in pools.items()}
+    assert scores["spilled"].equals(scores["flushed"]) and scores["pieces"].equals(scores["flushed"])
+    # a build failing while it writes the buckets leaves no temporary file behind
+    monkeypatch.setattr(layout, "write_layout_rows", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        build_layout(pools["spilled"].lake, cent, cfgs["spilled"])
+    assert list(tmp.iterdir()) == []

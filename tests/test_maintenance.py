@@ -65,7 +65,7 @@ def _data_files(lake: Lake, table: str) -> set[str]:
 @pytest.fixture
 def updated_lake(tmp_path):
     """A layout written in small flushes, then two incremental updates: several files per bucket."""
-    cfg = LayoutConfig(clusters_per_bucket=2, flush_rows=250)
+    cfg = LayoutConfig(clusters_per_bucket=2, flush_rows=250, spill=False)
     lake, cent = _laid_out(tmp_path / "lake", 3, 300, cfg)
     write_dedup_scores(lake, dedup_scores_by_bucket(lake, config=cfg, incremental=False))
     for i in (3, 4):
@@ -208,7 +208,7 @@ def test_cli_maintain_runs_the_job_on_the_instance_and_prints_what_it_did(tmp_pa
     original = sys.modules.pop("assets.definitions", None)
     importlib.import_module("assets.definitions")
     try:
-        lake, _ = _laid_out(tmp_path / "data" / "lake", 2, 300, LayoutConfig(clusters_per_bucket=2, flush_rows=250))
+        lake, _ = _laid_out(tmp_path / "data" / "lake", 2, 300, LayoutConfig(clusters_per_bucket=2, flush_rows=250, spill=False))
         files = sum(layout_files_per_bucket(lake).values())
         assert main(["maintain", "--dry-run", "--retention-hours", "0"]) == 0
         out = capsys.readouterr().out
@@ -257,7 +257,7 @@ def test_sigkill_during_compaction_leaves_the_layout_intact_and_the_next_run_fin
     import time
 
     template = tmp_path / "template"
-    lake, _ = _laid_out(template / "lake", 6, 1500, LayoutConfig(clusters_per_bucket=1, flush_rows=300))
+    lake, _ = _laid_out(template / "lake", 6, 1500, LayoutConfig(clusters_per_bucket=1, flush_rows=300, spill=False))
     write_dedup_scores(lake, dedup_scores_by_bucket(lake, config=LayoutConfig(clusters_per_bucket=1), incremental=False))
     rows = lake.read(LAYOUT_TABLE, columns=["uid", "cluster_id", "cos_to_centroid"]).sort("uid")
     dagster_home = shipped_dagster_home(tmp_path / "dagster_home")
@@ -312,7 +312,7 @@ def test_the_daemon_queue_runs_one_layout_writer_at_a_time(tmp_path):
     from daemon_helpers import start_daemon, stop, wait_for
 
     home = tmp_path / "home"
-    lake, _ = _laid_out(home / "lake", 3, 300, LayoutConfig(clusters_per_bucket=2, flush_rows=250))
+    lake, _ = _laid_out(home / "lake", 3, 300, LayoutConfig(clusters_per_bucket=2, flush_rows=250, spill=False))
     assert any(c > 1 for c in layout_files_per_bucket(lake).values())
     dagster_home = shipped_dagster_home(tmp_path / "dagster_home")
     instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home)))

@@ -164,7 +164,7 @@ def test_ray_engine_gives_the_same_dedup_scores_and_clipcov_subset(pool):
     np.testing.assert_allclose(got["score"].to_numpy(), ref_subset["score"].to_numpy(), rtol=1e-6)
 
 
-def test_incremental_assignment_and_retrain(pool):
+def test_incremental_assignment_and_retrain(pool, monkeypatch):
     _run(pool, [concept_clusters], config={"concept_clusters": {"config": {"k": 4, "niter": 10}}})
     db = pool.db
     cent0 = list_column_to_matrix(db.read("centroids").sort("cluster_id")["centroid"])
@@ -185,10 +185,17 @@ def test_incremental_assignment_and_retrain(pool):
     np.testing.assert_array_equal(emb["cluster_id"].to_numpy(), sims.argmax(1))
     np.testing.assert_allclose(emb["cos_to_centroid"].to_numpy(), sims.max(1), atol=1e-5)
     assert db.read("assignments").height == 3 * PER_SHARD
-    # a different k retrains in auto mode
+    # a different k retrains in auto mode; the build spills its layout (layout_spill) unless told not to
+    import curation.select.layout as layout_mod
+
+    spills = []
+    real_spill = layout_mod._BucketSpill
+    monkeypatch.setattr(layout_mod, "_BucketSpill", lambda cfg: spills.append(cfg) or real_spill(cfg))
     res = _run(pool, [concept_clusters], config={"concept_clusters": {"config": {"k": 3, "niter": 10}}})
     md = res.asset_materializations_for_node("concept_clusters")[0].metadata
-    assert md["mode"].value == "retrain" and db.read("centroids").height == 3
+    assert md["mode"].value == "retrain" and db.read("centroids").height == 3 and len(spills) == 1
+    _run(pool, [concept_clusters], config={"concept_clusters": {"config": {"mode": "retrain", "layout_spill": False}}})
+    assert len(spills) == 1 and db.read("assignments").height == 3 * PER_SHARD
     # the two-level assignment, nprobe calibrated for full recall on the first shard: audited
     res = _run(pool, [concept_clusters], config={"concept_clusters": {"config": {
         "k": 3, "niter": 10, "mode": "retrain", "method": "two-level", "target_recall": 1.0}}})

@@ -150,6 +150,11 @@ class LayoutConfig:
             cluster), every bucket is recomputed instead: the scores of a full recompute,
             without the join (1M rows, a replaced shard touching 988 of 1,000 clusters:
             docs/benchmarks.md). Above 1: never.
+        spill: a full build holds the layout's rows per bucket in raw temporary files (under
+            ``TMPDIR``, as many bytes as the layout) until every shard is assigned, and writes
+            each bucket once, as one file in cluster order (:class:`_BucketSpill`). False: each
+            flush appends its rows (no temporary space; every bucket then holds a file per
+            flush, and reading a few clusters reads most of it until :func:`compact_layout`).
     """
 
     clusters_per_bucket: int = DEFAULT_CLUSTERS_PER_BUCKET
@@ -161,6 +166,7 @@ class LayoutConfig:
     nprobe: int | None = None
     target_recall: float | None = None
     full_pass_fraction: float = DEFAULT_FULL_PASS_FRACTION
+    spill: bool = True
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -442,14 +448,20 @@ def _calibration_rows(lake: Lake, shards) -> tuple[np.ndarray, list[str]]:
 
 
 class _Writer:
-    """Buffers per-partition rows and appends them to ``assignments`` and ``pool_by_cluster``."""
+    """Buffers per-partition rows and appends them to ``assignments`` and ``pool_by_cluster``.
 
-    def __init__(self, lake: Lake, config: LayoutConfig, overwrite: bool):
+    With ``spill`` (a full build) the layout rows of each flush go to a :class:`_BucketSpill`
+    instead, and :meth:`close` writes them bucket by bucket: every bucket is then one file in
+    cluster order. Without it (an update) each flush appends its rows, one file per bucket it
+    holds rows of."""
+
+    def __init__(self, lake: Lake, config: LayoutConfig, overwrite: bool, spill: bool = False):
         self.lake, self.config, self.first = lake, config, overwrite
         self.asg: list[pa.Table] = []
         self.vec: list[pa.Table] = []
         self.rows = 0
         self.written = 0
+        self.spill = _BucketSpill(config) if spill else None
 
     def add(self, shard: str, uids: pa.Array, x: np.ndarray, ids: np.ndarray, cos: np.ndarray,
             text: np.ndarray | None = None) -> None:
@@ -480,10 +492,135 @@ class _Writer:
             n = sum(t.num_rows for t in self.vec)
             # the buffered rows are passed as the only reference, so write_layout_rows frees them
             # once it has sorted them (the flush holds one copy of its rows while it sorts, not two)
-            write_layout_rows(self.lake, _concat_clearing(self.vec), mode)
-            self.written += n
+            if self.spill is not None:
+                self.spill.add(_concat_clearing(self.vec))
+            else:
+                write_layout_rows(self.lake, _concat_clearing(self.vec), mode)
+                self.written += n
             self.first = False
         self.asg, self.vec, self.rows = [], [], 0
+
+    def close(self) -> None:
+        """Flush the buffer; with a spill, write the layout from it (one file per bucket)."""
+        self.flush()
+        if self.spill is not None:
+            self.written += self.spill.write(self.lake)
+
+    def discard(self) -> None:
+        """Delete the spill's temporary files (after :meth:`close`, or after a failure)."""
+        if self.spill is not None:
+            self.spill.discard()
+
+
+class _BucketSpill:
+    """The ``pool_by_cluster`` rows of a full build, held per bucket in raw temporary files
+    (under ``TMPDIR``: as many bytes as the layout) until every shard is assigned, then written
+    bucket by bucket.
+
+    Why: a build that appended each flush (``flush_rows`` rows spread over every bucket) left
+    one file per flush in every bucket, and in each of them a cluster's rows a short run: at 10M
+    rows a bucket had 76 files whose every 1,024-row group held runs of all its 32 clusters, so
+    an update touching a few clusters read the whole layout (docs/benchmarks.md). Written from
+    the spill, a bucket is one file sorted by cluster: a cluster lies in one or two row groups.
+    The spill costs one raw write and read of the rows (no Parquet encoding), less than
+    compacting the flushed files afterwards (:func:`compact_layout`: a Parquet read and write).
+
+    Each bucket keeps one file per column (cluster, cos, shard index, and the raw bytes of the
+    uid and of each vector column), appended flush by flush, so a bucket reads back as
+    contiguous arrays. Memory holds one flush while it is spilled, and a group of buckets of
+    about ``flush_rows`` rows while they are written (a bucket above ``memory_budget_bytes`` is
+    written in pieces of ``flush_rows`` rows, a file each)."""
+
+    def __init__(self, config: LayoutConfig):
+        self.config = config
+        self.dir = tempfile.mkdtemp(prefix="pool_by_cluster_spill_")
+        self.schema: pa.Schema | None = None
+        self.widths: dict[str, int] = {}  # raw column -> bytes per row
+        self.shards: dict[str, int] = {}
+        self.counts: dict[int, int] = {}
+
+    def _path(self, bucket: int, column: str) -> str:
+        return os.path.join(self.dir, f"{bucket}.{column}")
+
+    def _columns(self) -> dict[str, tuple[np.dtype, int]]:
+        """``{column: (dtype, values per row)}`` of the spill files."""
+        return {"cluster_id": (np.dtype("<i4"), 1), "cos_to_centroid": (np.dtype("<f4"), 1), "shard": (np.dtype("<i4"), 1),
+                **{c: (np.dtype(np.uint8), w) for c, w in self.widths.items()}}
+
+    def add(self, rows: pa.Table) -> None:
+        """Append a flush's rows (the columns :class:`_Writer` builds) to their buckets' files."""
+        if rows.num_rows == 0:
+            return
+        if self.schema is None:
+            self.schema = rows.schema
+        cid = rows.column("cluster_id").to_numpy()
+        bucket = cid.astype(np.int64) // int(self.config.clusters_per_bucket)
+        order = np.argsort(bucket, kind="stable")
+        ids, starts = np.unique(bucket[order], return_index=True)
+        shard = rows.column("shard").combine_chunks().dictionary_encode()
+        index = np.array([self.shards.setdefault(v, len(self.shards)) for v in shard.dictionary.to_pylist()], np.int32)
+        cols = {"cluster_id": cid[order], "cos_to_centroid": rows.column("cos_to_centroid").to_numpy()[order],
+                "shard": index[shard.indices.to_numpy()][order]}
+        for c in _raw_columns(rows.column_names):
+            # the bytes in bucket order, one scatter per chunk (no concatenated column)
+            parts = [_fixed_width_bytes(ch) for ch in rows.column(c).chunks if len(ch)]
+            if any(v is None for v in parts) or len({v.shape[1] for v in parts} | ({self.widths[c]} if c in self.widths else set())) != 1:
+                raise ValueError(f"{LAYOUT_TABLE}: got {c} values of different byte widths; expected one width")
+            self.widths[c] = parts[0].shape[1]
+            cols[c] = _take_fixed_width(rows.column(c), order, as_bytes=True)
+        del rows
+        for b, a, e in zip(ids.tolist(), starts.tolist(), [*starts[1:].tolist(), order.size]):
+            for c, v in cols.items():
+                with open(self._path(b, c), "ab") as f:
+                    v[a:e].tofile(f)
+            self.counts[b] = self.counts.get(b, 0) + (e - a)
+
+    def _table(self, bucket: int, start: int, count: int) -> pa.Table:
+        """Rows ``start .. start + count`` of a bucket's files, in cluster / SemDeDup order."""
+        v = {}
+        for c, (dtype, per_row) in self._columns().items():
+            x = np.fromfile(self._path(bucket, c), dtype, count=count * per_row, offset=start * per_row * dtype.itemsize)
+            v[c] = x.reshape(count, per_row) if per_row > 1 else x
+        order = semdedup_order(v["cos_to_centroid"], v["uid"], v["cluster_id"])
+        name = bucket_names(np.array([bucket * self.config.clusters_per_bucket]), self.config.clusters_per_bucket)[0]
+        cols = {"bucket": pa.repeat(name, count), "cluster_id": pa.array(v["cluster_id"][order]),
+                "cos_to_centroid": pa.array(v["cos_to_centroid"][order]),
+                "shard": pa.array(list(self.shards), pa.string()).take(pa.array(v["shard"][order]))}
+        for c in self.widths:
+            cols[c] = _fixed_binary(v.pop(c)[order])
+        return pa.table({f.name: cols[f.name].cast(f.type) for f in self.schema}, schema=self.schema)
+
+    def write(self, lake: Lake) -> int:
+        """Write every spilled bucket (the first write overwrites the table), deleting each
+        bucket's files once read; returns the rows written."""
+        if self.schema is None:
+            return 0
+        group: list[pa.Table] = []
+        rows = written = 0
+        mode = "overwrite"
+        piece = max(1, int(self.config.flush_rows))
+        row_bytes = sum(dtype.itemsize * per_row for dtype, per_row in self._columns().values())
+        for b in sorted(self.counts):
+            n = self.counts[b]
+            steps = [(0, n)] if n * row_bytes <= self.config.memory_budget_bytes else \
+                [(a, min(piece, n - a)) for a in range(0, n, piece)]
+            for start, count in steps:
+                group.append(self._table(b, start, count))
+                rows += count
+                if rows >= piece or len(steps) > 1:
+                    write_layout_rows(lake, _concat_clearing(group), mode, presorted=True)
+                    mode, written, rows = "append", written + rows, 0
+            for c in self._columns():
+                os.unlink(self._path(b, c))
+        if group:
+            write_layout_rows(lake, _concat_clearing(group), mode, presorted=True)
+            written += rows
+        return written
+
+    def discard(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _concat_clearing(tables: list[pa.Table]) -> pa.Table:
@@ -512,9 +649,10 @@ def _sorted_by_cluster(rows: pa.Table, fixed: list[str]) -> pa.Table:
     return pa.Table.from_batches(pa.table(cols, schema=rows.schema).to_batches(max_chunksize=8192))
 
 
-def _take_fixed_width(col: pa.ChunkedArray, order: np.ndarray) -> pa.Array:
+def _take_fixed_width(col: pa.ChunkedArray, order: np.ndarray, as_bytes: bool = False) -> pa.Array | np.ndarray:
     """Rows ``order`` of a binary column whose values all have one width, as one array of the
-    column's type over a single new buffer (one scatter per chunk)."""
+    column's type over a single new buffer (one scatter per chunk); ``as_bytes``: that buffer
+    as ``(n, width) uint8`` (the caller checked the widths)."""
     parts = [_fixed_width_bytes(ch) for ch in col.chunks if len(ch)]
     if any(p is None for p in parts) or len({p.shape[1] for p in parts}) != 1:
         return col.take(pa.array(order))  # not fixed width: Arrow's take
@@ -525,10 +663,10 @@ def _take_fixed_width(col: pa.ChunkedArray, order: np.ndarray) -> pa.Array:
     for part in parts:
         out[pos[start : start + part.shape[0]]] = part
         start += part.shape[0]
-    return _fixed_binary(out).cast(col.type)
+    return out if as_bytes else _fixed_binary(out).cast(col.type)
 
 
-def write_layout_rows(lake: Lake, rows: pa.Table, mode: str) -> None:
+def write_layout_rows(lake: Lake, rows: pa.Table, mode: str, presorted: bool = False) -> None:
     """Append (or overwrite with) ``pool_by_cluster`` rows, partitioned by bucket.
 
     Parquet pages are written UNCOMPRESSED: the vector bytes do not compress (snappy saves
@@ -541,7 +679,8 @@ def write_layout_rows(lake: Lake, rows: pa.Table, mode: str) -> None:
     Rows are written sorted by (bucket, cluster, SemDeDup order) in row groups of
     ``LAYOUT_ROW_GROUP_ROWS``, so a file's ``cluster_id`` statistics say which row groups hold
     a cluster: reading a few clusters of a bucket (an incremental update touching them) skips
-    the others' row groups instead of reading the whole bucket.
+    the others' row groups instead of reading the whole bucket. ``presorted``: ``rows`` are in
+    that order already (buckets read back from a build's spill, :class:`_BucketSpill`).
     """
     from deltalake import write_deltalake
 
@@ -550,7 +689,9 @@ def write_layout_rows(lake: Lake, rows: pa.Table, mode: str) -> None:
     kwargs = {"schema_mode": "overwrite"} if mode == "overwrite" else {}
     raw = _raw_columns(rows.column_names)
     props = _layout_writer_properties(raw)
-    if rows.num_rows > 1:
+    if presorted:  # in batches, as _sorted_by_cluster leaves them
+        rows = pa.Table.from_batches(rows.to_batches(max_chunksize=8192), schema=rows.schema)
+    elif rows.num_rows > 1:
         rows = _sorted_by_cluster(rows, raw)
     write_deltalake(lake.uri(LAYOUT_TABLE), rows, mode=mode, partition_by=["bucket"],
                     storage_options=dict(lake.storage_options) or None, writer_properties=props, **kwargs)
@@ -667,7 +808,7 @@ def _stream_assign(lake: Lake, centroids: np.ndarray, config: LayoutConfig, shar
         touched |= set(np.unique(ids).tolist())
         writer.add(shard, uids, x, ids, cos, mats.get("text"))
         n += len(uids)
-    writer.flush()
+    writer.close()
     if two and audit.audited:
         log.info("two-level assignment: recall %.3f +- %.3f (nprobe %d of %d cells; %d audited rows)",
                  audit.recall, audit.recall_stderr, audit.nprobe, audit.nlist, audit.audited)
@@ -696,8 +837,11 @@ def build_layout(lake: Lake, centroids: np.ndarray, config: LayoutConfig = Layou
                  assign_method: str = "auto", gpu: bool | None = None) -> LayoutUpdate:
     """Assign every row (streaming) and write ``assignments`` + ``pool_by_cluster`` from scratch."""
     fps = partition_fingerprints(lake)
-    writer = _Writer(lake, config, overwrite=True)
-    n, _touched, enc, audit = _stream_assign(lake, centroids, config, None, writer, assign_method, gpu)
+    writer = _Writer(lake, config, overwrite=True, spill=config.spill)
+    try:
+        n, _touched, enc, audit = _stream_assign(lake, centroids, config, None, writer, assign_method, gpu)
+    finally:
+        writer.discard()
     if n == 0:
         raise ValueError("embeddings table: got no rows; expected embedded samples (materialize embeddings first)")
     _write_shard_state(lake, fps, config, uuid.uuid4().hex)
