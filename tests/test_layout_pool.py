@@ -1194,43 +1194,75 @@ def test_an_update_touching_most_of_the_pool_recomputes_every_bucket(tmp_path, c
 
 def test_a_build_writes_each_bucket_once_from_its_spill(tmp_path, monkeypatch):
     """A full build spills the layout's rows per bucket and writes each bucket as one file in
-    cluster / SemDeDup order: the same rows (float16 vectors and caption vectors included) and
-    the same SemDeDup scores as a build that appends every flush; a bucket above the memory
-    budget is written in pieces; the temporary files are gone after the build, and after a
-    build that failed while writing."""
+    cluster / SemDeDup order, its row groups holding whole clusters, in one commit: the same
+    rows (float16 vectors and caption vectors included) and the same SemDeDup scores as a
+    build that appends every flush, and as the Delta-writer path an object store takes; a
+    bucket above the memory budget is written in pieces; a rebuild replaces the schema too;
+    the temporary files are gone after a build, and after a failed one, which leaves the old
+    layout as it was."""
     import tempfile
 
     import curation.select.layout as layout
 
+    monkeypatch.setattr(layout, "LAYOUT_ROW_GROUP_ROWS", 200)  # clusters of ~150 rows: several per group
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    pools = {name: SynPool(tmp_path / name) for name in ("spilled", "flushed", "pieces")}
+    pools = {name: SynPool(tmp_path / name) for name in ("spilled", "groups", "flushed", "pieces")}
     for p in pools.values():
         for i in range(3):
             p.shard(f"{i:05d}", 500)
     cent, _ = fit_centroids(pools["spilled"].lake, K, niter=10)
     base = dict(clusters_per_bucket=4, flush_rows=300, dtype="float16", with_text=True)
-    cfgs = {"spilled": LayoutConfig(**base), "flushed": LayoutConfig(**base, spill=False),
+    cfgs = {"spilled": LayoutConfig(**base), "groups": LayoutConfig(**base), "flushed": LayoutConfig(**base, spill=False),
             "pieces": LayoutConfig(**base, memory_budget_bytes=20_000)}  # ~160 rows of 124 bytes
+    commits = {}
     for name, p in pools.items():
-        assert build_layout(p.lake, cent, cfgs[name]).rows_written == 1500
+        with monkeypatch.context() as m:
+            if name == "groups":  # the Delta writer's path (a lake on an object store)
+                m.setattr(layout._BucketSpill, "write", layout._BucketSpill._write_groups)
+            assert build_layout(p.lake, cent, cfgs[name]).rows_written == 1500
+        commits[name] = p.lake.table(LAYOUT_TABLE).version()
         assert list(tmp.iterdir()) == []
+    assert commits["spilled"] == commits["pieces"] == 0  # the whole layout in one commit
     files = {name: layout_files_per_bucket(p.lake) for name, p in pools.items()}
-    assert set(files["spilled"].values()) == {1} and max(files["flushed"].values()) > 1
+    assert set(files["spilled"].values()) == set(files["groups"].values()) == {1} and max(files["flushed"].values()) > 1
     assert max(files["pieces"].values()) > 1  # buckets of more than flush_rows rows: a file per piece
     rows = {name: p.lake.read(LAYOUT_TABLE).sort("uid") for name, p in pools.items()}
-    assert rows["spilled"].equals(rows["flushed"]) and rows["pieces"].equals(rows["flushed"])
+    assert all(r.equals(rows["flushed"]) for r in rows.values())
     for frag in pools["spilled"].lake.dataset(LAYOUT_TABLE).get_fragments():
         t = frag.to_table(columns=["cluster_id", "cos_to_centroid", "uid"])
         order = layout.semdedup_order(t.column("cos_to_centroid").to_numpy(), binary_column_to_bytes(t.column("uid")),
                                       t.column("cluster_id").to_numpy())
         assert np.array_equal(order, np.arange(t.num_rows))
+        md, sizes = frag.metadata, pl.Series(t.column("cluster_id").to_numpy()).value_counts()
+        col = md.schema.names.index("cluster_id")
+        groups = [(md.row_group(g).column(col).statistics.min, md.row_group(g).column(col).statistics.max)
+                  for g in range(md.num_row_groups)]
+        assert all(md.row_group(g).num_rows <= 200 for g in range(md.num_row_groups))
+        for c, n in sizes.iter_rows():  # a cluster of <= 200 rows lies in one row group
+            assert sum(lo <= c <= hi for lo, hi in groups) == (1 if n <= 200 else -(-n // 200))
     scores = {name: dedup_scores_by_bucket(p.lake, config=cfgs[name], incremental=False).frame
               for name, p in pools.items()}
-    assert scores["spilled"].equals(scores["flushed"]) and scores["pieces"].equals(scores["flushed"])
-    # a build failing while it writes the buckets leaves no temporary file behind
-    monkeypatch.setattr(layout, "write_layout_rows", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    assert all(f.equals(scores["flushed"]) for f in scores.values())
+    # a rebuild with another dtype, without caption vectors: the table's schema follows
+    lake = pools["spilled"].lake
+    build_layout(lake, cent, LayoutConfig(clusters_per_bucket=4))
+    assert "emb_float32" in lake.read(LAYOUT_TABLE).columns and "emb_float16" not in lake.read(LAYOUT_TABLE).columns
+    assert lake.count_rows(LAYOUT_TABLE) == 1500
+    # a build failing while it writes the buckets: no temporary file left, the layout unchanged
+    before, version = lake.read(LAYOUT_TABLE).sort("uid"), lake.table(LAYOUT_TABLE).version()
+    real = layout._write_data_file
+    written = []
+
+    def fail_second(*a, **k):
+        if written:
+            raise OSError("disk full")
+        written.append(real(*a, **k))
+        return written[-1]
+
+    monkeypatch.setattr(layout, "_write_data_file", fail_second)
     with pytest.raises(OSError, match="disk full"):
-        build_layout(pools["spilled"].lake, cent, cfgs["spilled"])
-    assert list(tmp.iterdir()) == []
+        build_layout(lake, cent, LayoutConfig(clusters_per_bucket=4))
+    assert list(tmp.iterdir()) == [] and len(written) == 1
+    assert lake.table(LAYOUT_TABLE).version() == version and lake.read(LAYOUT_TABLE).sort("uid").equals(before)

@@ -591,19 +591,23 @@ class _BucketSpill:
         return pa.table({f.name: cols[f.name].cast(f.type) for f in self.schema}, schema=self.schema)
 
     def write(self, lake: Lake) -> int:
-        """Write every spilled bucket (the first write overwrites the table), deleting each
-        bucket's files once read; returns the rows written."""
+        """Write every spilled bucket, deleting each bucket's files once read; returns the rows
+        written. A local lake gets each bucket as one data file whose row groups hold whole
+        clusters (:func:`cluster_row_groups`), and the whole layout in ONE commit that replaces
+        the old one (a build killed before it leaves the old layout as it was); elsewhere the
+        buckets go through the Delta writer in groups of about ``flush_rows`` rows, the first
+        group overwriting the table."""
         if self.schema is None:
             return 0
+        return self._commit_files(lake) if lake.is_local else self._write_groups(lake)
+
+    def _write_groups(self, lake: Lake) -> int:
         group: list[pa.Table] = []
         rows = written = 0
         mode = "overwrite"
         piece = max(1, int(self.config.flush_rows))
-        row_bytes = sum(dtype.itemsize * per_row for dtype, per_row in self._columns().values())
         for b in sorted(self.counts):
-            n = self.counts[b]
-            steps = [(0, n)] if n * row_bytes <= self.config.memory_budget_bytes else \
-                [(a, min(piece, n - a)) for a in range(0, n, piece)]
+            steps = self._steps(self.counts[b])
             for start, count in steps:
                 group.append(self._table(b, start, count))
                 rows += count
@@ -615,6 +619,42 @@ class _BucketSpill:
         if group:
             write_layout_rows(lake, _concat_clearing(group), mode, presorted=True)
             written += rows
+        return written
+
+    def _steps(self, n: int) -> list[tuple[int, int]]:
+        """``(start, count)`` reads of a bucket of ``n`` rows: all at once, or pieces of
+        ``flush_rows`` rows when the bucket is above ``memory_budget_bytes``."""
+        row_bytes = sum(dtype.itemsize * per_row for dtype, per_row in self._columns().values())
+        if n * row_bytes <= self.config.memory_budget_bytes:
+            return [(0, n)]
+        piece = max(1, int(self.config.flush_rows))
+        return [(a, min(piece, n - a)) for a in range(0, n, piece)]
+
+    def _commit_files(self, lake: Lake) -> int:
+        from deltalake import Schema
+        from deltalake.transaction import create_table_with_add_actions
+
+        root = lake._local_path(LAYOUT_TABLE)
+        raw = _raw_columns(self.schema.names)
+        now = int(time.time() * 1000)
+        adds, written = [], 0
+        for b in sorted(self.counts):
+            for start, count in self._steps(self.counts[b]):
+                t = self._table(b, start, count)
+                name = t.column("bucket")[0].as_py()
+                t = t.drop_columns(["bucket"])
+                bounds = cluster_row_groups(t.column("cluster_id").to_numpy(), LAYOUT_ROW_GROUP_ROWS)
+                adds.append(_write_data_file(root, {"bucket": name}, t, raw, None, now, groups=bounds))
+                written += count
+                del t
+            for c in self._columns():
+                os.unlink(self._path(b, c))
+        if lake.exists(LAYOUT_TABLE):  # replaces every file (and the schema: a new dtype or caption column)
+            lake.table(LAYOUT_TABLE).create_write_transaction(adds, mode="overwrite", schema=self.schema,
+                                                              partition_by=["bucket"])
+        else:
+            create_table_with_add_actions(lake.uri(LAYOUT_TABLE), Schema.from_arrow(self.schema), adds,
+                                          partition_by=["bucket"])
         return written
 
     def discard(self) -> None:
@@ -963,11 +1003,8 @@ def drop_shard_rows(lake: Lake, table: str, shards: list[str]) -> int:
     the whole file) and stores ``string_view``/``binary_view`` columns that pyarrow cannot
     filter on (delta-io/delta-rs#4579). A lake on an object store still goes through the
     DELETE (such files are read as they are; ``compact_layout`` rewrites the layout's)."""
-    import json
-    import uuid
-
     import pyarrow.parquet as pq
-    from deltalake.transaction import AddAction, RemoveAction
+    from deltalake.transaction import RemoveAction
 
     want = sorted(set(shards))
     if not want or not lake.exists(table):
@@ -980,7 +1017,6 @@ def drop_shard_rows(lake: Lake, table: str, shards: list[str]) -> int:
     schema = pa.schema(dt.schema().to_arrow())
     file_schema = pa.schema([f for f in schema if f.name != part])
     raw = _raw_columns(file_schema.names) if table == LAYOUT_TABLE else ["uid"] if table in UID_PLAIN_TABLES else []
-    stat_cols = [c for c in file_schema.names if c not in raw]
     group_rows = LAYOUT_ROW_GROUP_ROWS if table == LAYOUT_TABLE else None
     value_set = pa.array(want, pa.string())
     root = lake._local_path(table)
@@ -1002,19 +1038,64 @@ def drop_shard_rows(lake: Lake, table: str, shards: list[str]) -> int:
             t = t.cast(file_schema)
         pv = {part: add[f"partition.{part}"]} if part else {}
         actions.append(RemoveAction(add["path"], True, now, add["size_bytes"], pv))
-        if not t.num_rows:
-            continue
-        rel = "/".join([*(f"{k}={v}" for k, v in pv.items()), f"part-00000-{uuid.uuid4()}-c000.parquet"])
-        pq.write_table(t, os.path.join(root, rel), row_group_size=group_rows, compression="NONE",
-                       use_dictionary=stat_cols, column_encoding={c: "PLAIN" for c in raw}, write_statistics=stat_cols)
-        stats = {"numRecords": t.num_rows,
-                 "minValues": {c: pc.min(t.column(c)).as_py() for c in stat_cols},
-                 "maxValues": {c: pc.max(t.column(c)).as_py() for c in stat_cols},
-                 "nullCount": {c: t.column(c).null_count for c in file_schema.names}}
-        actions.append(AddAction(rel, os.path.getsize(os.path.join(root, rel)), pv, now, True, json.dumps(stats)))
+        if t.num_rows:
+            actions.append(_write_data_file(root, pv, t, raw, group_rows, now))
     if actions:
         dt.create_write_transaction(actions, mode="append", schema=dt.schema(), partition_by=[part] if part else None)
     return sum(isinstance(x, RemoveAction) for x in actions)
+
+
+def _write_data_file(root: str, pv: dict, t: pa.Table, raw: list[str], group_rows: int | None, now: int,
+                     groups: list[int] | None = None):
+    """Write ``t`` (a partition's rows, without the partition column) as a new data file of the
+    local Delta table at ``root`` in the table's own format: uncompressed pages, the ``raw``
+    columns PLAIN without dictionary or statistics, row groups of ``group_rows`` rows (or
+    bounded by the row offsets ``groups``: ``[0, ..., t.num_rows]``); returns its ``AddAction``
+    (min/max statistics of the other columns, for deltalake's file pruning), not committed."""
+    import json
+
+    import pyarrow.parquet as pq
+    from deltalake.transaction import AddAction
+
+    stat_cols = [c for c in t.column_names if c not in raw]
+    rel = "/".join([*(f"{k}={v}" for k, v in pv.items()), f"part-00000-{uuid.uuid4()}-c000.parquet"])
+    path = os.path.join(root, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    kw = dict(compression="NONE", use_dictionary=stat_cols, column_encoding={c: "PLAIN" for c in raw},
+              write_statistics=stat_cols)
+    if groups is None:
+        pq.write_table(t, path, row_group_size=group_rows, **kw)
+    else:
+        with pq.ParquetWriter(path, t.schema, **kw) as w:
+            for a, b in zip(groups[:-1], groups[1:]):
+                w.write_table(t.slice(a, b - a), row_group_size=b - a)
+    stats = {"numRecords": t.num_rows,
+             "minValues": {c: pc.min(t.column(c)).as_py() for c in stat_cols},
+             "maxValues": {c: pc.max(t.column(c)).as_py() for c in stat_cols},
+             "nullCount": {c: t.column(c).null_count for c in t.column_names}}
+    return AddAction(rel, os.path.getsize(path), pv, now, True, json.dumps(stats))
+
+
+def cluster_row_groups(cluster_ids: np.ndarray, limit: int) -> list[int]:
+    """Row-group bounds ``[0, ..., n]`` for rows sorted by cluster: whole clusters packed into
+    groups of at most ``limit`` rows, a cluster above ``limit`` split into groups of ``limit``
+    (so a cluster of at most ``limit`` rows lies in ONE row group, and reading it reads that
+    group only)."""
+    n = int(cluster_ids.size)
+    if n == 0:
+        return [0]
+    starts = (np.flatnonzero(np.diff(cluster_ids) != 0) + 1).tolist()
+    bounds, group_start = [0], 0
+    for a, b in zip([0, *starts], [*starts, n]):
+        if b - group_start > limit and a > group_start:  # the cluster does not fit: close the group
+            bounds.append(a)
+            group_start = a
+        while b - group_start > limit:  # a cluster above the limit: groups of limit rows
+            group_start += limit
+            bounds.append(group_start)
+    if bounds[-1] != n:
+        bounds.append(n)
+    return bounds
 
 
 # --------------------------------------------------------------------------- reading buckets
