@@ -521,9 +521,11 @@ class _BucketSpill:
     one file per flush in every bucket, and in each of them a cluster's rows a short run: at 10M
     rows a bucket had 76 files whose every 1,024-row group held runs of all its 32 clusters, so
     an update touching a few clusters read the whole layout (docs/benchmarks.md). Written from
-    the spill, a bucket is one file sorted by cluster: a cluster lies in one or two row groups.
-    The spill costs one raw write and read of the rows (no Parquet encoding), less than
-    compacting the flushed files afterwards (:func:`compact_layout`: a Parquet read and write).
+    the spill, a bucket is one file sorted by cluster; on a local lake its row groups hold
+    whole clusters (a cluster of up to ``LAYOUT_ROW_GROUP_ROWS`` rows is one row group) and the
+    layout is committed at once. The spill costs one raw write and read of the rows (no Parquet
+    encoding), less than compacting the flushed files afterwards (:func:`compact_layout`: a
+    Parquet read and write).
 
     Each bucket keeps one file per column (cluster, cos, shard index, and the raw bytes of the
     uid and of each vector column), appended flush by flush, so a bucket reads back as
@@ -991,8 +993,8 @@ def drop_shard_rows(lake: Lake, table: str, shards: list[str]) -> int:
     ``assignments``; returns the data files rewritten (-1 on an object store: see below).
 
     Each file holding a removed row is rewritten without it in the table's own format (the
-    layout: uncompressed PLAIN pages in 1,024-row groups, the rows keeping their cluster /
-    SemDeDup order; assignments: uncompressed, uid PLAIN), and all the files are swapped in
+    layout: uncompressed PLAIN pages, the rows keeping their cluster / SemDeDup order in row
+    groups of whole clusters of up to 1,024 rows; assignments: uncompressed, uid PLAIN), and all the files are swapped in
     ONE commit (their removes and adds): the files deltalake's DELETE would rewrite (at 1M
     rows, a replaced shard's rows lie in one flush file per bucket), no more. Candidate files
     come from deltalake's pruning by the log's min/max ``shard``; their ``shard`` column tells
@@ -1038,8 +1040,9 @@ def drop_shard_rows(lake: Lake, table: str, shards: list[str]) -> int:
             t = t.cast(file_schema)
         pv = {part: add[f"partition.{part}"]} if part else {}
         actions.append(RemoveAction(add["path"], True, now, add["size_bytes"], pv))
-        if t.num_rows:
-            actions.append(_write_data_file(root, pv, t, raw, group_rows, now))
+        if t.num_rows:  # a layout file keeps its cluster order: row groups of whole clusters
+            bounds = cluster_row_groups(t.column("cluster_id").to_numpy(), group_rows) if table == LAYOUT_TABLE else None
+            actions.append(_write_data_file(root, pv, t, raw, group_rows, now, groups=bounds))
     if actions:
         dt.create_write_transaction(actions, mode="append", schema=dt.schema(), partition_by=[part] if part else None)
     return sum(isinstance(x, RemoveAction) for x in actions)
