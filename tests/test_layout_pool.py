@@ -1158,7 +1158,7 @@ def test_an_update_touching_most_of_the_pool_recomputes_every_bucket(tmp_path, c
     # a replaced shard drawn from every concept: its old and new rows touch every cluster
     p.shard("00001", 400, salt=1)
     update_layout(p.lake, cent, auto)
-    assert _touched_share(p.lake, [], ["syn-00001"], []) == 1.0
+    assert _touched_share(p.lake, p.lake.read(DEDUP_STATE_TABLE), [], ["syn-00001"], []) == 1.0
     ref = dedup_scores_by_bucket(p.lake, config=general)
     assert ref.mode == "incremental" and ref.reentered == 400 and ref.recomputed_clusters == K
     with caplog.at_level(logging.INFO, logger="curation.select.layout"):
@@ -1175,16 +1175,16 @@ def test_an_update_touching_most_of_the_pool_recomputes_every_bucket(tmp_path, c
     p.lake.delete_partition("embeddings", "syn-topic")
     update_layout(p.lake, cent, auto)
     members = int((p.lake.read("dedup_scores", columns=["cluster_id"])["cluster_id"] == 3).sum())
-    assert _touched_share(p.lake, [], [], ["syn-topic"]) == pytest.approx(members / p.lake.count_rows("dedup_scores"))
+    assert _touched_share(p.lake, p.lake.read(DEDUP_STATE_TABLE), [], [], ["syn-topic"]) == pytest.approx(members / p.lake.count_rows("dedup_scores"))
     du = _finish(p.lake, cent, auto, incremental=True)
     assert du.mode == "incremental" and du.recomputed_clusters == 1 and 0 < du.touched_share < 0.8
     _assert_same_scores(du.frame, dedup_scores_by_bucket(p.lake, config=general, incremental=False).frame)
     # a crawl-like shard removed, and the files of the scores' assignments version vacuumed
     p.lake.delete_partition("embeddings", "syn-00002")
     update_layout(p.lake, cent, auto)
-    assert _touched_share(p.lake, [], [], ["syn-00002"]) == 1.0
+    assert _touched_share(p.lake, p.lake.read(DEDUP_STATE_TABLE), [], [], ["syn-00002"]) == 1.0
     p.lake.table("assignments").vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
-    assert _touched_share(p.lake, [], [], ["syn-00002"]) == 0.0
+    assert _touched_share(p.lake, p.lake.read(DEDUP_STATE_TABLE), [], [], ["syn-00002"]) == 0.0
     du = _finish(p.lake, cent, auto, incremental=True)
     assert du.mode == "incremental" and du.recomputed_clusters == K
     _assert_same_scores(du.frame, dedup_scores_by_bucket(p.lake, config=general, incremental=False).frame)

@@ -529,9 +529,9 @@ class _BucketSpill:
 
     Each bucket keeps one file per column (cluster, cos, shard index, and the raw bytes of the
     uid and of each vector column), appended flush by flush, so a bucket reads back as
-    contiguous arrays. Memory holds one flush while it is spilled, and a group of buckets of
-    about ``flush_rows`` rows while they are written (a bucket above ``memory_budget_bytes`` is
-    written in pieces of ``flush_rows`` rows, a file each)."""
+    contiguous arrays. Memory holds one flush while it is spilled, and one bucket while it is
+    written (on an object store, a group of buckets of about ``flush_rows`` rows); a bucket
+    above ``memory_budget_bytes`` is written in pieces of ``flush_rows`` rows, a file each."""
 
     def __init__(self, config: LayoutConfig):
         self.config = config
@@ -565,17 +565,29 @@ class _BucketSpill:
                 "shard": index[shard.indices.to_numpy()][order]}
         for c in _raw_columns(rows.column_names):
             # the bytes in bucket order, one scatter per chunk (no concatenated column)
-            parts = [_fixed_width_bytes(ch) for ch in rows.column(c).chunks if len(ch)]
-            if any(v is None for v in parts) or len({v.shape[1] for v in parts} | ({self.widths[c]} if c in self.widths else set())) != 1:
-                raise ValueError(f"{LAYOUT_TABLE}: got {c} values of different byte widths; expected one width")
-            self.widths[c] = parts[0].shape[1]
             cols[c] = _take_fixed_width(rows.column(c), order, as_bytes=True)
+            if cols[c] is None or self.widths.setdefault(c, cols[c].shape[1]) != cols[c].shape[1]:
+                raise ValueError(f"{LAYOUT_TABLE}: got {c} values of different byte widths; expected one width")
         del rows
         for b, a, e in zip(ids.tolist(), starts.tolist(), [*starts[1:].tolist(), order.size]):
             for c, v in cols.items():
                 with open(self._path(b, c), "ab") as f:
                     v[a:e].tofile(f)
             self.counts[b] = self.counts.get(b, 0) + (e - a)
+
+    def _pieces(self):
+        """``(bucket name, rows, in pieces)`` of every spilled bucket in bucket order: the bucket
+        whole, or its pieces (:meth:`_steps`); a bucket's files are deleted once read."""
+        for b in sorted(self.counts):
+            steps = self._steps(self.counts[b])
+            for start, count in steps:
+                yield self._bucket_name(b), self._table(b, start, count), len(steps) > 1
+            for c in self._columns():
+                os.unlink(self._path(b, c))
+
+    def _bucket_name(self, bucket: int) -> str:
+        cpb = self.config.clusters_per_bucket
+        return bucket_names(np.array([bucket * cpb]), cpb)[0]
 
     def _table(self, bucket: int, start: int, count: int) -> pa.Table:
         """Rows ``start .. start + count`` of a bucket's files, in cluster / SemDeDup order."""
@@ -584,8 +596,7 @@ class _BucketSpill:
             x = np.fromfile(self._path(bucket, c), dtype, count=count * per_row, offset=start * per_row * dtype.itemsize)
             v[c] = x.reshape(count, per_row) if per_row > 1 else x
         order = semdedup_order(v["cos_to_centroid"], v["uid"], v["cluster_id"])
-        name = bucket_names(np.array([bucket * self.config.clusters_per_bucket]), self.config.clusters_per_bucket)[0]
-        cols = {"bucket": pa.repeat(name, count), "cluster_id": pa.array(v["cluster_id"][order]),
+        cols = {"bucket": pa.repeat(self._bucket_name(bucket), count), "cluster_id": pa.array(v["cluster_id"][order]),
                 "cos_to_centroid": pa.array(v["cos_to_centroid"][order]),
                 "shard": pa.array(list(self.shards), pa.string()).take(pa.array(v["shard"][order]))}
         for c in self.widths:
@@ -607,17 +618,13 @@ class _BucketSpill:
         group: list[pa.Table] = []
         rows = written = 0
         mode = "overwrite"
-        piece = max(1, int(self.config.flush_rows))
-        for b in sorted(self.counts):
-            steps = self._steps(self.counts[b])
-            for start, count in steps:
-                group.append(self._table(b, start, count))
-                rows += count
-                if rows >= piece or len(steps) > 1:
-                    write_layout_rows(lake, _concat_clearing(group), mode, presorted=True)
-                    mode, written, rows = "append", written + rows, 0
-            for c in self._columns():
-                os.unlink(self._path(b, c))
+        for _name, t, pieced in self._pieces():
+            group.append(t)
+            rows += t.num_rows
+            del t
+            if rows >= self.config.flush_rows or pieced:
+                write_layout_rows(lake, _concat_clearing(group), mode, presorted=True)
+                mode, written, rows = "append", written + rows, 0
         if group:
             write_layout_rows(lake, _concat_clearing(group), mode, presorted=True)
             written += rows
@@ -640,17 +647,12 @@ class _BucketSpill:
         raw = _raw_columns(self.schema.names)
         now = int(time.time() * 1000)
         adds, written = [], 0
-        for b in sorted(self.counts):
-            for start, count in self._steps(self.counts[b]):
-                t = self._table(b, start, count)
-                name = t.column("bucket")[0].as_py()
-                t = t.drop_columns(["bucket"])
-                bounds = cluster_row_groups(t.column("cluster_id").to_numpy(), LAYOUT_ROW_GROUP_ROWS)
-                adds.append(_write_data_file(root, {"bucket": name}, t, raw, None, now, groups=bounds))
-                written += count
-                del t
-            for c in self._columns():
-                os.unlink(self._path(b, c))
+        for name, t, _pieced in self._pieces():
+            t = t.drop_columns(["bucket"])
+            bounds = cluster_row_groups(t.column("cluster_id").to_numpy(), LAYOUT_ROW_GROUP_ROWS)
+            adds.append(_write_data_file(root, {"bucket": name}, t, raw, None, now, groups=bounds))
+            written += t.num_rows
+            del t
         if lake.exists(LAYOUT_TABLE):  # replaces every file (and the schema: a new dtype or caption column)
             lake.table(LAYOUT_TABLE).create_write_transaction(adds, mode="overwrite", schema=self.schema,
                                                               partition_by=["bucket"])
@@ -691,13 +693,13 @@ def _sorted_by_cluster(rows: pa.Table, fixed: list[str]) -> pa.Table:
     return pa.Table.from_batches(pa.table(cols, schema=rows.schema).to_batches(max_chunksize=8192))
 
 
-def _take_fixed_width(col: pa.ChunkedArray, order: np.ndarray, as_bytes: bool = False) -> pa.Array | np.ndarray:
+def _take_fixed_width(col: pa.ChunkedArray, order: np.ndarray, as_bytes: bool = False) -> pa.Array | np.ndarray | None:
     """Rows ``order`` of a binary column whose values all have one width, as one array of the
     column's type over a single new buffer (one scatter per chunk); ``as_bytes``: that buffer
-    as ``(n, width) uint8`` (the caller checked the widths)."""
+    as ``(n, width) uint8``, or None when the values' widths differ."""
     parts = [_fixed_width_bytes(ch) for ch in col.chunks if len(ch)]
     if any(p is None for p in parts) or len({p.shape[1] for p in parts}) != 1:
-        return col.take(pa.array(order))  # not fixed width: Arrow's take
+        return None if as_bytes else col.take(pa.array(order))  # not fixed width: Arrow's take
     out = np.empty((order.size, parts[0].shape[1]), np.uint8)
     pos = np.empty(order.size, np.int64)
     pos[order] = np.arange(order.size)
@@ -1843,14 +1845,15 @@ def dedup_scores_by_bucket(
         # assignments after this point makes the stored version stale, never the reverse)
         layout_shards = _layout_shards(state, lake.table("assignments").version())
     have_old = incremental and lake.exists("dedup_scores") and "cos_to_centroid" in _columns(lake, "dedup_scores")
-    diff = _shard_diff(lake, layout_shards) if have_old else None
+    stored = lake.read(DEDUP_STATE_TABLE) if have_old and lake.exists(DEDUP_STATE_TABLE) else None
+    diff = _shard_diff(lake, layout_shards, stored=stored) if stored is not None else None
     if diff is not None and not diff[1] and not diff[2]:  # shards only added: the add-only update
         du = _add_only_update(lake, executor, config, diff[0], layout_shards)
         if du is not None:
             return du
     share = None
     if diff is not None and (diff[1] or diff[2]) and float(config.full_pass_fraction) <= 1.0:
-        share = _touched_share(lake, *diff)
+        share = _touched_share(lake, stored, *diff)
         if share >= float(config.full_pass_fraction):  # a full pass costs less than the join below
             log.info("SemDeDup update: the changed or removed shards touch clusters holding %.1f%% of the scored rows "
                      "(full_pass_fraction %.2f): every bucket is recomputed", 100 * share, config.full_pass_fraction)
@@ -1912,12 +1915,12 @@ def dedup_scores_by_bucket(
                        layout_shards, score_s, share)
 
 
-def _touched_share(lake: Lake, new: list[str], changed: list[str], gone: list[str]) -> float:
+def _touched_share(lake: Lake, st: pl.DataFrame, new: list[str], changed: list[str], gone: list[str]) -> float:
     """The share of the stored ``dedup_scores`` rows that lie in clusters an update of these
     shards touches: the clusters of the new and changed shards' rows in ``assignments`` now,
     and of the changed and gone shards' rows at the ``assignments`` version the scores were
-    computed from (``dedup_scores_shards``; its files outlive the update's rewrite until a
-    vacuum). When that version can no longer be read (vacuumed, or a state written before
+    computed from (``st``: the ``dedup_scores_shards`` rows, as the caller read them; that
+    version's files outlive the update's rewrite until a vacuum). When that version can no longer be read (vacuumed, or a state written before
     versions were stored), the new rows' clusters alone: a lower bound, so the caller keeps
     the incremental path when unsure. Reads a few files and one int32 column."""
     from deltalake import DeltaTable
@@ -1929,7 +1932,6 @@ def _touched_share(lake: Lake, new: list[str], changed: list[str], gone: list[st
     parts = []
     if new or changed:
         parts.append(rows_of_shards(lake, "assignments", new + changed, ["cluster_id"]).column(0).to_numpy())
-    st = lake.read(DEDUP_STATE_TABLE)
     if (changed or gone) and "assignments_version" in st.columns and st["assignments_version"].n_unique() == 1 \
             and st["assignments_version"].null_count() == 0:
         try:
