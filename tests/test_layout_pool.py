@@ -904,6 +904,56 @@ def test_reading_some_clusters_picks_their_rows_from_their_row_groups(tmp_path, 
         assert whole.uids.shape[0] == plain.count_rows(filter=pc.field("bucket") == bucket)
 
 
+def test_a_chunked_read_views_the_mapped_pages_or_decodes_through_arrow(tmp_path, monkeypatch):
+    """A chunked read of a local layout holds views of the mapped files' pages (no decoded copy);
+    when a file is not in the layout's own form (here: every file, by patching the page check),
+    it decodes the column through Arrow instead, with the same rows, vectors and SemDeDup
+    scores (full and add-only) on either path."""
+    import mmap
+
+    from curation.select import layout as layout_mod
+    from curation.select.layout import read_bucket
+    from curation.storage import parquet_pages
+
+    monkeypatch.setattr(layout_mod, "LAYOUT_ROW_GROUP_ROWS", 64)
+    p = SynPool(tmp_path / "lake")
+    for i in range(3):
+        p.shard(f"{i:05d}", 600)
+    cent, cfg = _curated(p.lake)
+    p.shard("00003", 200)  # a new shard: an update file beside each bucket's built one
+    update_layout(p.lake, cent, cfg)
+
+    def root(a):
+        while isinstance(a, np.ndarray) and a.base is not None:
+            a = a.base
+        return a.obj if isinstance(a, memoryview) else a
+
+    def reads():
+        out = {}
+        for b in p.lake.partitions(LAYOUT_TABLE):
+            r = read_bucket(p.lake, b, clusters=None, dtype="float32", chunked=True)
+            some = read_bucket(p.lake, b, clusters=[int(r.cluster_ids[0])], dtype="float32", chunked=True)
+            out[b] = (r, some)
+        return out
+
+    mapped = reads()
+    assert all(isinstance(root(c), mmap.mmap) for r, _ in mapped.values() for c in r.x.chunks)
+    full = dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame
+    update = dedup_scores_by_bucket(p.lake, config=cfg, incremental=True)
+    assert update.mode == "incremental"
+    monkeypatch.setattr(parquet_pages, "fixed_width_views", lambda *a, **k: None)
+    decoded = reads()
+    assert not any(isinstance(root(c), mmap.mmap) for r, _ in decoded.values() for c in r.x.chunks)
+    for b, (r, some) in mapped.items():
+        for got, ref in ((r, decoded[b][0]), (some, decoded[b][1])):
+            assert got.uids.tolist() == ref.uids.tolist() and got.cluster_ids.tolist() == ref.cluster_ids.tolist()
+            rows = np.arange(ref.x.shape[0])
+            np.testing.assert_array_equal(got.x[rows], ref.x[rows])
+    assert dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame.equals(full)
+    again = dedup_scores_by_bucket(p.lake, config=cfg, incremental=True)
+    assert again.mode == "incremental" and again.frame.equals(update.frame)
+
+
 def test_kept_runs_are_views_of_consecutive_kept_rows():
     from curation.select.layout import _kept_runs
 
@@ -979,12 +1029,25 @@ def test_update_in_place_equals_gathered_update():
     members = rng.permutation(np.r_[0:60, 73:193, 200:238])  # a cluster's rows, in its SemDeDup order
     is_new = np.zeros(members.size, bool)
     is_new[rng.choice(members.size, 12, replace=False)] = True
+    x_ord = whole[members].astype(np.float64)
+    sims = x_ord @ x_ord.T
     for old_m in (np.full(members.size, -np.inf, np.float32), rng.uniform(-1, 1, members.size).astype(np.float32)):
         ref = _update_m(whole[members], is_new, old_m, block=5)
         got = _update_m(rc, is_new, old_m, block=5, members=members)
         assert np.array_equal(np.isneginf(ref), np.isneginf(got))
         fin = ~np.isneginf(ref)
         np.testing.assert_allclose(got[fin], ref[fin], atol=1e-6, rtol=0)
+        # by the definition, member by member: a new one's M is its max over every earlier member
+        # (-1 for the first); an old one keeps max(old M, its max over the NEW members before it)
+        want = np.empty(members.size)
+        for i in range(members.size):
+            if is_new[i]:
+                want[i] = sims[i, :i].max() if i else -1.0
+            else:
+                earlier_new = sims[i, :i][is_new[:i]]
+                want[i] = max(float(old_m[i]), earlier_new.max() if earlier_new.size else -np.inf)
+        assert np.array_equal(np.isneginf(want), np.isneginf(got))
+        np.testing.assert_allclose(got[fin], want[fin], atol=1e-6, rtol=0)
 
 def test_find_locates_hashed_and_counter_uids_in_any_query_order():
     """``_find``: positions of query uids in sorted keys (and whether each is there), for hashed

@@ -1225,17 +1225,26 @@ def read_bucket(lake: Lake, bucket: str, clusters=None, vectors: bool = True, dt
     lie sorted by cluster, see :func:`write_layout_rows`), and the wanted rows are picked from
     them here, not by a row filter of the scan: Arrow's filter copies every column it keeps (a
     second copy of the vectors, ~30% of a bucket's read), while the wanted rows of a row group
-    are consecutive runs, so a chunked ``x`` holds views of them."""
+    are consecutive runs, so a chunked ``x`` holds views of them. A chunked read of a local
+    lake views the vectors in the mapped files themselves (:func:`_mapped_vectors`), with no
+    decoding copy; other columns, and every column elsewhere, go through Arrow."""
     dtype = dtype or layout_dtype(lake)
     ds = dataset if dataset is not None else layout_dataset(lake)
     cols = ["uid", "cluster_id", "cos_to_centroid"] + ([emb_column(dtype)] if vectors else [])
-    t, want = _read_rows(ds, bucket, cols, clusters)
+    frags, want = _fragments(ds, bucket, clusters)
+    views = _mapped_vectors(ds, frags, emb_column(dtype), dtype) if vectors and chunked else None
+    t = _rows_of_fragments(ds, frags, cols[:3] if views is not None else cols)
+    if views is not None and sum(v.shape[0] for v in views) != t.num_rows:
+        raise ValueError(f"{LAYOUT_TABLE}: got {sum(v.shape[0] for v in views)} vectors for {t.num_rows} rows of bucket "
+                         f"{bucket}; expected one each")
     _count_mapped(ds, t)
     cids = t.column("cluster_id").to_numpy().astype(np.int32)
     keep = None if want is None else np.isin(cids, want)
     uids, cos = binary_column_to_bytes(t.column("uid")), t.column("cos_to_centroid").to_numpy().astype(np.float32)
     x = None
-    if vectors:
+    if views is not None:
+        x = RowChunks(_kept_runs(views, keep))
+    elif vectors:
         col = t.column(emb_column(dtype))
         if chunked:
             x = RowChunks(_kept_runs([_decode_chunk(c, dtype, stored=True) for c in col.chunks if len(c)], keep))
@@ -1248,22 +1257,73 @@ def read_bucket(lake: Lake, bucket: str, clusters=None, vectors: bool = True, dt
     return BucketRows(uids=uids, cluster_ids=cids, cos=cos, x=x)
 
 
-def _read_rows(ds, bucket: str, cols: list[str], clusters) -> tuple[pa.Table, np.ndarray | None]:
-    """``(rows of the bucket's row groups that may hold a wanted cluster, the wanted cluster ids
-    (sorted int32))``; the whole bucket and None when ``clusters`` is None."""
-    flt = pc.field("bucket") == bucket
+def _fragments(ds, bucket: str, clusters) -> tuple[list, np.ndarray | None]:
+    """``(the bucket's files, as fragments holding only the row groups whose cluster_id
+    statistics admit a wanted cluster, the wanted cluster ids (sorted int32))``; every row group
+    and None when ``clusters`` is None. Read from the files' footers; no row is read."""
+    frags = list(ds.get_fragments(filter=pc.field("bucket") == bucket))
     if clusters is None:
-        return ds.to_table(columns=cols, filter=flt), None
+        return frags, None
     want = np.unique(np.asarray(list(clusters), dtype=np.int32))
-    return _row_groups_of(ds, bucket, want).to_table(columns=cols), want
-
-
-def _row_groups_of(ds, bucket: str, want: np.ndarray):
-    """A dataset of the bucket's row groups whose ``cluster_id`` statistics admit a cluster of
-    ``want`` (read from the files' footers; the rows are not filtered)."""
     on_stats = pc.field("cluster_id").isin(pa.array(want))
-    frags = [f.subset(on_stats) for f in ds.get_fragments(filter=pc.field("bucket") == bucket)]
-    return pads.FileSystemDataset([f for f in frags if f.num_row_groups], ds.schema, ds.format, ds.filesystem)
+    return [f for f in (f.subset(on_stats) for f in frags) if f.num_row_groups], want
+
+
+def _dataset_of(ds, frags: list):
+    """The fragments of ``ds`` as a dataset of their own."""
+    return pads.FileSystemDataset(frags, ds.schema, ds.format, ds.filesystem)
+
+
+def _rows_of_fragments(ds, frags: list, cols: list[str]) -> pa.Table:
+    """``cols`` of the fragments' rows, fragment after fragment, each in row order. From a
+    local lake each file's row groups are read by its own Parquet reader, with the footer the
+    dataset already parsed: the dataset scanner's per-row-group overhead took 0.17 s where
+    this takes 0.10 s (the uid, cluster and cos columns of a 1M layout, one thread)."""
+    base = _local_base(ds)
+    if base is None or not frags:
+        return _dataset_of(ds, frags).to_table(columns=cols)
+    import pyarrow.parquet as pq
+
+    parts = []
+    for f in frags:
+        pf = pq.ParquetFile(os.path.join(base, f.path), metadata=f.metadata, memory_map=True)
+        parts.append(pf.read_row_groups([g.id for g in f.row_groups], columns=cols, use_threads=False))
+    return pa.concat_tables(parts)
+
+
+def _local_base(ds) -> str | None:
+    """The directory of a dataset read from a local memory-mapped lake (None otherwise)."""
+    fs = ds.filesystem
+    if isinstance(fs, pa_fs.SubTreeFileSystem) and fs.base_fs.equals(_MAPPED_FS):
+        return fs.base_path
+    return None
+
+
+def _mapped_vectors(ds, frags: list, column: str, dtype: str) -> list[np.ndarray] | None:
+    """The vectors of the fragments' row groups as views of their pages in the mapped files
+    (:func:`curation.storage.parquet_pages.fixed_width_views`), in the order
+    :func:`_rows_of_fragments` returns their rows; None when ``ds`` is not read from a local
+    memory-mapped lake or a file is not in the layout's own format (the caller decodes the
+    column through Arrow). Counted in :func:`mapped_bytes` as the values' bytes.
+
+    Measured (1M pool, a 10k shard touching every cluster, the 32 buckets' products on one
+    thread): decoding the column through Arrow took 0.68 s of 2.36 s, a copy of every vector
+    that the products then read again."""
+    from curation.storage.parquet_pages import fixed_width_views
+
+    base = _local_base(ds)
+    if base is None:
+        return None
+    out: list[np.ndarray] = []
+    for f in frags:
+        views = fixed_width_views(os.path.join(base, f.path), f.metadata, column,
+                                  [g.id for g in f.row_groups], dtype)
+        if views is None:
+            return None
+        out.extend(views)
+    with _MAPPED_LOCK:
+        _MAPPED_BYTES[0] += sum(v.shape[0] * v.strides[0] for v in out)
+    return out
 
 
 def _kept_runs(chunks: list[np.ndarray], keep: np.ndarray | None) -> list[np.ndarray]:
@@ -1355,14 +1415,24 @@ def _update_m(x_ord, is_new: np.ndarray, old_m: np.ndarray, block: int, members:
 
         def products(p):
             return x_ord.matmul_rows(rows, x_ord[members[p]])
+    ahead = np.arange(n)
     for s in range(0, new_pos.size, block):
-        p = new_pos[s : s + block]
+        p = new_pos[s : s + block]  # ascending positions
         g = products(p)  # (n, b): row r = the member at position pos[r], col a = a new member
-        # the new member's own M: max over every earlier member
-        out[p] = np.where(pos[:, None] < p[None, :], g, -np.inf).max(axis=0)
-        # every later member gains the new member a as an earlier one
-        gl = np.where(pos[:, None] > p[None, :], g, -np.inf).max(axis=1)
-        out[pos] = np.maximum(out[pos], gl.astype(np.float32))
+        # (b, n): row a = a new member, column q = the member at SemDeDup position q
+        g_pos = np.empty((p.size, n), np.float32)
+        g_pos[:, pos] = g.T
+        # the new member's own M: max over every earlier member, the max of its row's first p
+        # entries (one reduceat over the rows' [start, start + p) and [start + p, next row) spans)
+        starts = np.arange(p.size) * n
+        spans = np.maximum.reduceat(g_pos.reshape(-1), np.stack([starts, starts + p], axis=1).reshape(-1))
+        out[p] = np.where(p > 0, spans[0::2], -np.inf)
+        # every later member gains the new members before it: a running max over the block's new
+        # members, read at the last one before each position
+        run = np.maximum.accumulate(g_pos, axis=0)
+        before = np.searchsorted(p, ahead, side="left")  # new members of the block before each position
+        at = np.flatnonzero(before)
+        out[at] = np.maximum(out[at], run[before[at] - 1, at])
     out[is_new & np.isneginf(out)] = -1.0
     return out
 
@@ -1492,7 +1562,7 @@ def _spill_cluster(lake: Lake, ds, bucket: str, c: int, dtype: str, d: int) -> n
     fd, path = tempfile.mkstemp(prefix=f"semdedup_c{c}_", suffix=".f32")
     os.close(fd)
     mm = np.memmap(path, dtype=np.float32, mode="w+", shape=(order.size, d))
-    groups = _row_groups_of(ds, bucket, np.array([c], np.int32))
+    groups = _dataset_of(ds, _fragments(ds, bucket, [c])[0])
     row = 0
     for batch in groups.to_batches(columns=["cluster_id", emb_column(dtype)], batch_size=8192):
         _count_mapped(ds, batch)
