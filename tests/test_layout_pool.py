@@ -1261,8 +1261,9 @@ def test_a_build_writes_each_bucket_once_from_its_spill(tmp_path, monkeypatch):
     rows (float16 vectors and caption vectors included) and the same SemDeDup scores as a
     build that appends every flush, and as the Delta-writer path an object store takes; a
     bucket above the memory budget is written in pieces; a rebuild replaces the schema too;
-    the temporary files are gone after a build, and after a failed one, which leaves the old
-    layout as it was."""
+    the assignments are committed once, beside the layout; the temporary files are gone after
+    a build, and after a failed one, which leaves the old layout and assignments as they were
+    (a failed layout commit: the assignments, committed right before it, are new)."""
     import tempfile
 
     import curation.select.layout as layout
@@ -1288,6 +1289,8 @@ def test_a_build_writes_each_bucket_once_from_its_spill(tmp_path, monkeypatch):
         commits[name] = p.lake.table(LAYOUT_TABLE).version()
         assert list(tmp.iterdir()) == []
     assert commits["spilled"] == commits["pieces"] == 0  # the whole layout in one commit
+    # and the assignments in one commit beside it (without the spill: a commit per flush, one per 500-row shard)
+    assert [pools[n].lake.table("assignments").version() for n in ("spilled", "pieces", "flushed")] == [0, 0, 2]
     files = {name: layout_files_per_bucket(p.lake) for name, p in pools.items()}
     assert set(files["spilled"].values()) == set(files["groups"].values()) == {1} and max(files["flushed"].values()) > 1
     assert max(files["pieces"].values()) > 1  # buckets of more than flush_rows rows: a file per piece
@@ -1313,19 +1316,109 @@ def test_a_build_writes_each_bucket_once_from_its_spill(tmp_path, monkeypatch):
     build_layout(lake, cent, LayoutConfig(clusters_per_bucket=4))
     assert "emb_float32" in lake.read(LAYOUT_TABLE).columns and "emb_float16" not in lake.read(LAYOUT_TABLE).columns
     assert lake.count_rows(LAYOUT_TABLE) == 1500
-    # a build failing while it writes the buckets: no temporary file left, the layout unchanged
-    before, version = lake.read(LAYOUT_TABLE).sort("uid"), lake.table(LAYOUT_TABLE).version()
+    # a build failing while it writes (an assignments file of its second flush, the second bucket's
+    # layout file, the layout's commit after the assignments' files): no temporary file left, and
+    # the layout and the assignments unchanged, their versions included
+    def state():
+        return {t: (lake.read(t).sort("uid"), lake.table(t).version()) for t in (LAYOUT_TABLE, "assignments")}
+
+    before = state()
     real = layout._write_data_file
-    written = []
+    for where in ("assignments", "layout", "commit"):
+        written = []
 
-    def fail_second(*a, **k):
-        if written:
-            raise OSError("disk full")
-        written.append(real(*a, **k))
-        return written[-1]
+        def failing(root, pv, *a, **k):
+            if (where == "assignments" and written) or (where == "layout" and len([w for w in written if w]) > 1):
+                raise OSError("disk full")
+            written.append(bool(pv))  # a layout file (partitioned by bucket)
+            return real(root, pv, *a, **k)
 
-    monkeypatch.setattr(layout, "_write_data_file", fail_second)
-    with pytest.raises(OSError, match="disk full"):
-        build_layout(lake, cent, LayoutConfig(clusters_per_bucket=4))
-    assert list(tmp.iterdir()) == [] and len(written) == 1
-    assert lake.table(LAYOUT_TABLE).version() == version and lake.read(LAYOUT_TABLE).sort("uid").equals(before)
+        def failing_commit(lake_, table, *a, **k):
+            if table == LAYOUT_TABLE:
+                raise OSError("disk full")
+            return real_commit(lake_, table, *a, **k)
+
+        real_commit = layout.replace_table_files
+        with monkeypatch.context() as m:
+            m.setattr(layout, "_write_data_file", failing)
+            if where == "commit":
+                m.setattr(layout, "replace_table_files", failing_commit)
+            with pytest.raises(OSError, match="disk full"):
+                build_layout(lake, cent, LayoutConfig(clusters_per_bucket=4, flush_rows=600))
+        assert list(tmp.iterdir()) == []
+        assert written.count(False) == (1 if where == "assignments" else 2) and written.count(True) == {
+            "assignments": 0, "layout": 2, "commit": len(lake.partitions(LAYOUT_TABLE))}[where]
+        after = state()
+        for t, (rows, version) in before.items():
+            if where == "commit" and t == "assignments":  # committed right before the layout's commit failed
+                assert after[t][1] == version + 1 and after[t][0].equals(rows)
+                continue
+            assert after[t][1] == version and after[t][0].equals(rows), (where, t)
+
+
+_KILLED_BUILD = """
+import os, signal, sys
+import numpy as np
+import curation.select.layout as layout
+from curation.storage.lake import Lake
+
+real = layout._write_data_file
+
+def write_then_die(root, pv, *a, **k):
+    if pv:  # the first layout file: every assignments file of the build is written, none committed
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(root, pv, *a, **k)
+
+layout._write_data_file = write_then_die
+layout.build_layout(Lake(sys.argv[1]), np.load(sys.argv[2]), layout.LayoutConfig(clusters_per_bucket=4, flush_rows=600))
+"""
+
+
+def test_a_killed_build_leaves_both_tables_and_its_spill_is_removed_by_the_next(tmp_path, monkeypatch):
+    """A build process SIGKILLed after writing its assignments files and spilling its rows (no
+    cleanup runs): ``assignments`` and ``pool_by_cluster`` keep their rows and versions, and its
+    spill directory is left behind; the next build removes that spill (its owner lock is free)
+    and commits both tables once each; a live build's spill is never removed."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from curation.select import layout
+
+    p = SynPool(tmp_path / "lake")
+    for i in range(3):
+        p.shard(f"{i:05d}", 500)
+    cent, cfg = _curated(p.lake)
+    before = {t: (p.lake.read(t).sort("uid"), p.lake.table(t).version()) for t in (LAYOUT_TABLE, "assignments")}
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    np.save(tmp_path / "cent.npy", cent)
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+    def killed_build() -> Path:
+        proc = subprocess.run([sys.executable, "-c", _KILLED_BUILD, str(p.lake.root), str(tmp_path / "cent.npy")],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == -9, proc.stderr[-2000:]
+        (left,) = list(tmp.iterdir())
+        assert left.name.startswith(layout.SPILL_PREFIX) and len(list(left.iterdir())) > 1  # spilled rows + owner file
+        return left
+
+    left = killed_build()
+    for t, (rows, version) in before.items():
+        assert p.lake.table(t).version() == version and p.lake.read(t).sort("uid").equals(rows), t
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    build_layout(p.lake, cent, LayoutConfig(clusters_per_bucket=4, flush_rows=600))
+    assert not left.exists() and list(tmp.iterdir()) == []  # the killed build's spill is gone, and this build's own
+    for t, (rows, version) in before.items():
+        assert p.lake.table(t).version() == version + 1 and p.lake.read(t).sort("uid").equals(rows), t
+
+    left = killed_build()
+    live = layout._BucketSpill(cfg)  # a build starting: removes the killed one's spill ...
+    try:
+        assert not left.exists() and Path(live.dir).exists()
+        assert layout.remove_stale_spills() == [] and Path(live.dir).exists()  # ... and a build beside keeps its own
+    finally:
+        live.discard()
+    assert list(tmp.iterdir()) == []

@@ -452,8 +452,11 @@ class _Writer:
 
     With ``spill`` (a full build) the layout rows of each flush go to a :class:`_BucketSpill`
     instead, and :meth:`close` writes them bucket by bucket: every bucket is then one file in
-    cluster order. Without it (an update) each flush appends its rows, one file per bucket it
-    holds rows of."""
+    cluster order. On a local lake the ``assignments`` rows of each flush are then written as a
+    data file that is committed only at the end, in one commit right before the layout's: a
+    build that fails leaves both tables as they were (the per-flush overwrite-then-append left
+    ``assignments`` holding the first flushes only, beside the old layout). Without ``spill``
+    (an update) each flush appends its rows, one file per bucket it holds rows of."""
 
     def __init__(self, lake: Lake, config: LayoutConfig, overwrite: bool, spill: bool = False):
         self.lake, self.config, self.first = lake, config, overwrite
@@ -462,6 +465,8 @@ class _Writer:
         self.rows = 0
         self.written = 0
         self.spill = _BucketSpill(config) if spill else None
+        self.asg_files: list | None = [] if spill and lake.is_local else None
+        self.asg_schema: pa.Schema | None = None
 
     def add(self, shard: str, uids: pa.Array, x: np.ndarray, ids: np.ndarray, cos: np.ndarray,
             text: np.ndarray | None = None) -> None:
@@ -488,7 +493,12 @@ class _Writer:
         mode = "overwrite" if self.first else "append"
         asg = pa.concat_tables(self.asg) if self.asg else None
         if asg is not None:
-            self.lake.write("assignments", asg, mode=mode)
+            if self.asg_files is not None:  # committed by close(), beside the layout
+                self.asg_files.append(_write_data_file(self.lake._local_path("assignments"), {}, asg, ["uid"], None,
+                                                       int(time.time() * 1000)))
+                self.asg_schema = asg.schema
+            else:
+                self.lake.write("assignments", asg, mode=mode)
             n = sum(t.num_rows for t in self.vec)
             # the buffered rows are passed as the only reference, so write_layout_rows frees them
             # once it has sorted them (the flush holds one copy of its rows while it sorts, not two)
@@ -504,7 +514,11 @@ class _Writer:
         """Flush the buffer; with a spill, write the layout from it (one file per bucket)."""
         self.flush()
         if self.spill is not None:
-            self.written += self.spill.write(self.lake)
+            self.written += self.spill.write(self.lake, before_commit=self._commit_assignments)
+
+    def _commit_assignments(self) -> None:
+        if self.asg_files:
+            replace_table_files(self.lake, "assignments", self.asg_files, self.asg_schema)
 
     def discard(self) -> None:
         """Delete the spill's temporary files (after :meth:`close`, or after a failure)."""
@@ -535,7 +549,9 @@ class _BucketSpill:
 
     def __init__(self, config: LayoutConfig):
         self.config = config
-        self.dir = tempfile.mkdtemp(prefix="pool_by_cluster_spill_")
+        remove_stale_spills()
+        self.dir = tempfile.mkdtemp(prefix=SPILL_PREFIX)
+        self._owner = _hold_owner_lock(self.dir)
         self.schema: pa.Schema | None = None
         self.widths: dict[str, int] = {}  # raw column -> bytes per row
         self.shards: dict[str, int] = {}
@@ -603,18 +619,20 @@ class _BucketSpill:
             cols[c] = _fixed_binary(v.pop(c)[order])
         return pa.table({f.name: cols[f.name].cast(f.type) for f in self.schema}, schema=self.schema)
 
-    def write(self, lake: Lake) -> int:
+    def write(self, lake: Lake, before_commit=None) -> int:
         """Write every spilled bucket, deleting each bucket's files once read; returns the rows
         written. A local lake gets each bucket as one data file whose row groups hold whole
         clusters (:func:`cluster_row_groups`), and the whole layout in ONE commit that replaces
-        the old one (a build killed before it leaves the old layout as it was); elsewhere the
-        buckets go through the Delta writer in groups of about ``flush_rows`` rows, the first
-        group overwriting the table."""
+        the old one (a build killed before it leaves the old layout as it was), made right after
+        ``before_commit()``; elsewhere the buckets go through the Delta writer in groups of about
+        ``flush_rows`` rows, the first group overwriting the table."""
         if self.schema is None:
             return 0
-        return self._commit_files(lake) if lake.is_local else self._write_groups(lake)
+        return self._commit_files(lake, before_commit) if lake.is_local else self._write_groups(lake, before_commit)
 
-    def _write_groups(self, lake: Lake) -> int:
+    def _write_groups(self, lake: Lake, before_commit=None) -> int:
+        if before_commit is not None:  # no one commit here: the first group replaces the table
+            before_commit()
         group: list[pa.Table] = []
         rows = written = 0
         mode = "overwrite"
@@ -639,10 +657,7 @@ class _BucketSpill:
         piece = max(1, int(self.config.flush_rows))
         return [(a, min(piece, n - a)) for a in range(0, n, piece)]
 
-    def _commit_files(self, lake: Lake) -> int:
-        from deltalake import Schema
-        from deltalake.transaction import create_table_with_add_actions
-
+    def _commit_files(self, lake: Lake, before_commit=None) -> int:
         root = lake._local_path(LAYOUT_TABLE)
         raw = _raw_columns(self.schema.names)
         now = int(time.time() * 1000)
@@ -653,18 +668,96 @@ class _BucketSpill:
             adds.append(_write_data_file(root, {"bucket": name}, t, raw, None, now, groups=bounds))
             written += t.num_rows
             del t
-        if lake.exists(LAYOUT_TABLE):  # replaces every file (and the schema: a new dtype or caption column)
-            lake.table(LAYOUT_TABLE).create_write_transaction(adds, mode="overwrite", schema=self.schema,
-                                                              partition_by=["bucket"])
-        else:
-            create_table_with_add_actions(lake.uri(LAYOUT_TABLE), Schema.from_arrow(self.schema), adds,
-                                          partition_by=["bucket"])
+        if before_commit is not None:
+            before_commit()
+        replace_table_files(lake, LAYOUT_TABLE, adds, self.schema, ["bucket"])
         return written
 
     def discard(self) -> None:
         import shutil
 
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self._owner is not None:
+            self._owner.close()  # releases the lock
+            self._owner = None
+
+
+#: the spill directories' name prefix under ``TMPDIR`` (see :func:`remove_stale_spills`)
+SPILL_PREFIX = "pool_by_cluster_spill_"
+_OWNER_FILE = ".owner"
+
+
+def _hold_owner_lock(spill_dir: str):
+    """Take an exclusive ``flock`` on the spill's owner file and keep it while the spill lives
+    (None where ``fcntl`` is missing). The kernel drops the lock when the process dies, SIGKILL
+    and OOM kills included, so a spill whose lock can be taken has no live owner."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no stale-spill cleanup
+        return None
+    f = open(os.path.join(spill_dir, _OWNER_FILE), "w")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return f
+
+
+def remove_stale_spills(tmp_dir: str | None = None, grace_s: float = 60.0) -> list[str]:
+    """Delete the spill directories under ``tmp_dir`` (default: ``TMPDIR``) that no live build
+    owns: a build killed before its cleanup ran (SIGKILL, an OOM kill, a lost machine) leaves
+    its spill behind, as large as the layout (~20 GB at 10M rows). A spill is stale when its
+    owner lock can be taken (:func:`_hold_owner_lock`), or when it has had no owner file for
+    ``grace_s`` seconds (a build killed between creating it and locking it). Runs at the start
+    of every spilled build; returns the directories removed."""
+    import shutil
+
+    try:
+        import fcntl
+    except ImportError:
+        return []
+    root = tmp_dir or tempfile.gettempdir()
+    removed = []
+    try:
+        names = [e.name for e in os.scandir(root) if e.name.startswith(SPILL_PREFIX) and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+    for name in names:
+        path = os.path.join(root, name)
+        owner = os.path.join(path, _OWNER_FILE)
+        try:
+            f = open(owner, "r")
+        except FileNotFoundError:
+            try:
+                stale = time.time() - os.stat(path).st_mtime > grace_s
+            except OSError:
+                continue
+            if stale:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+            continue
+        except OSError:
+            continue
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held: a live build
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        log.warning("removed %d spill directories of killed layout builds: %s", len(removed), removed)
+    return removed
+
+
+def replace_table_files(lake: Lake, table: str, adds: list, schema: pa.Schema, partition_by: list[str] | None = None) -> None:
+    """Make the data files ``adds`` (``AddAction`` of :func:`_write_data_file`, written but not
+    committed) the whole of the local ``table``, in ONE commit: it replaces every file and the
+    schema (a new dtype or caption column), or creates the table."""
+    from deltalake import Schema
+    from deltalake.transaction import create_table_with_add_actions
+
+    if lake.exists(table):
+        lake.table(table).create_write_transaction(adds, mode="overwrite", schema=schema, partition_by=partition_by)
+    else:
+        create_table_with_add_actions(lake.uri(table), Schema.from_arrow(schema), adds, partition_by=partition_by)
 
 
 def _concat_clearing(tables: list[pa.Table]) -> pa.Table:
