@@ -1422,3 +1422,18 @@ def test_a_killed_build_leaves_both_tables_and_its_spill_is_removed_by_the_next(
     finally:
         live.discard()
     assert list(tmp.iterdir()) == []
+    # a TMPDIR whose filesystem refuses flock: the build goes on without a lock, and no cleanup
+    # removes a spill it cannot lock (live or not)
+    import fcntl
+
+    def no_flock(*a, **k):
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    unlocked = layout._BucketSpill(cfg)
+    try:
+        assert unlocked._owner is None
+        assert layout.remove_stale_spills(grace_s=0.0) == [] and Path(unlocked.dir).exists()
+    finally:
+        unlocked.discard()
+    assert list(tmp.iterdir()) == []

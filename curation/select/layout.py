@@ -696,7 +696,12 @@ def _hold_owner_lock(spill_dir: str):
     except ImportError:  # not POSIX: no stale-spill cleanup
         return None
     f = open(os.path.join(spill_dir, _OWNER_FILE), "w")
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:  # a filesystem without flock: the spill is kept by every cleanup (it cannot lock it either)
+        log.info("spill %s: no owner lock (%s); a killed build's spill here is not cleaned up", spill_dir, e)
+        f.close()
+        return None
     return f
 
 
@@ -1377,10 +1382,12 @@ def _rows_of_fragments(ds, frags: list, cols: list[str]) -> pa.Table:
         return _dataset_of(ds, frags).to_table(columns=cols)
     import pyarrow.parquet as pq
 
+    want = pa.schema([ds.schema.field(c) for c in cols])  # the types a scan of the dataset returns
     parts = []
     for f in frags:
         pf = pq.ParquetFile(os.path.join(base, f.path), metadata=f.metadata, memory_map=True)
-        parts.append(pf.read_row_groups([g.id for g in f.row_groups], columns=cols, use_threads=False))
+        part = pf.read_row_groups([g.id for g in f.row_groups], columns=cols, use_threads=False)
+        parts.append(part if part.schema.equals(want) else part.cast(want))
     return pa.concat_tables(parts)
 
 
