@@ -1305,11 +1305,13 @@ def mapped_bytes() -> int:
 
 
 def _count_mapped(ds, t: pa.Table) -> None:
-    fs = ds.filesystem
-    base = getattr(fs, "base_fs", fs)
-    if isinstance(base, pa_fs.LocalFileSystem) and base.equals(_MAPPED_FS):
-        with _MAPPED_LOCK:
-            _MAPPED_BYTES[0] += t.nbytes
+    if _local_base(ds) is not None:
+        _add_mapped(t.nbytes)
+
+
+def _add_mapped(nbytes: int) -> None:
+    with _MAPPED_LOCK:
+        _MAPPED_BYTES[0] += nbytes
 
 
 def read_bucket(lake: Lake, bucket: str, clusters=None, vectors: bool = True, dtype: str | None = None,
@@ -1332,9 +1334,9 @@ def read_bucket(lake: Lake, bucket: str, clusters=None, vectors: bool = True, dt
     frags, want = _fragments(ds, bucket, clusters)
     views = _mapped_vectors(ds, frags, emb_column(dtype), dtype) if vectors and chunked else None
     t = _rows_of_fragments(ds, frags, cols[:3] if views is not None else cols)
-    if views is not None and sum(v.shape[0] for v in views) != t.num_rows:
-        raise ValueError(f"{LAYOUT_TABLE}: got {sum(v.shape[0] for v in views)} vectors for {t.num_rows} rows of bucket "
-                         f"{bucket}; expected one each")
+    n_views = None if views is None else sum(v.shape[0] for v in views)
+    if n_views is not None and n_views != t.num_rows:
+        raise ValueError(f"{LAYOUT_TABLE}: got {n_views} vectors for {t.num_rows} rows of bucket {bucket}; expected one each")
     _count_mapped(ds, t)
     cids = t.column("cluster_id").to_numpy().astype(np.int32)
     keep = None if want is None else np.isin(cids, want)
@@ -1421,8 +1423,7 @@ def _mapped_vectors(ds, frags: list, column: str, dtype: str) -> list[np.ndarray
         if views is None:
             return None
         out.extend(views)
-    with _MAPPED_LOCK:
-        _MAPPED_BYTES[0] += sum(v.shape[0] * v.strides[0] for v in out)
+    _add_mapped(sum(v.shape[0] * v.strides[0] for v in out))
     return out
 
 

@@ -28,7 +28,7 @@ import os
 import numpy as np
 
 # parquet-format enums
-_DATA_PAGE, _DICTIONARY_PAGE, _DATA_PAGE_V2 = 0, 2, 3
+_DATA_PAGE, _DATA_PAGE_V2 = 0, 3
 _PLAIN = 0
 # Thrift compact protocol wire types
 _TRUE, _FALSE, _BYTE, _I16, _I32, _I64, _DOUBLE, _BINARY, _LIST, _SET, _MAP, _STRUCT = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12
