@@ -1049,6 +1049,86 @@ def test_update_in_place_equals_gathered_update():
         assert np.array_equal(np.isneginf(want), np.isneginf(got))
         np.testing.assert_allclose(got[fin], want[fin], atol=1e-6, rtol=0)
 
+def test_bucket_gains_equal_the_per_cluster_update_bit_for_bit():
+    """The gain mode for a whole bucket at once (``_bucket_gains``) returns, for every cluster,
+    exactly what ``_update_m`` returns for that cluster alone (the same products, so the same
+    bits): clusters lying in long runs (cut into pieces), in short scattered runs (gathered),
+    split across chunks, with a new member first (M = -1), with none new (no gain); and it
+    matches the definition member by member. Too wide for the budget: None."""
+    from curation.select.layout import RowChunks, _bucket_gains, _update_m
+
+    rng = np.random.default_rng(21)
+    chunks = []
+    for n in (230, 4, 1, 150, 3, 90):
+        x = rng.standard_normal((n, 24)).astype(np.float32)
+        chunks.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+    rc = RowChunks(chunks)
+    whole = np.concatenate(chunks)
+    rows_all = rng.permutation(whole.shape[0])
+    # cluster 0: one long run (rows 0..229) and chunk 3; cluster 1: scattered single rows
+    # (gathered); cluster 2: chunk 5 and the small chunks; cluster 3: nothing new
+    clusters = [np.r_[0:230, 235:385], rows_all[:40], np.r_[230:235, 385:388, 388:478], np.r_[478:whole.shape[0]]]
+    clusters[1] = np.setdiff1d(clusters[1], np.concatenate([clusters[0], clusters[2], clusters[3]]))
+    members, is_new = [], []
+    for k, c in enumerate(clusters):
+        order = rng.permutation(c)  # the cluster's SemDeDup order
+        new = np.zeros(order.size, bool)
+        if k < 3:
+            new[rng.choice(order.size, min(9, order.size // 2), replace=False)] = True
+        if k == 2:
+            new[0] = True  # a new member first in its cluster
+        members.append(order)
+        is_new.append(new)
+    rows = np.concatenate(members)
+    seg = np.concatenate([[0], np.cumsum([m.size for m in members])])
+    for piece in (100, 7):
+        got = _bucket_gains(rc, rows, seg, np.concatenate(is_new), budget_bytes=1 << 30, block=64, piece=piece)
+        ref = np.concatenate([
+            _update_m(rc, new, np.full(m.size, -np.inf, np.float32), block=64, members=m) if piece == 100
+            else _update_m(whole[m], new, np.full(m.size, -np.inf, np.float32), block=64)
+            for m, new in zip(members, is_new)])
+        if piece == 100:  # the per-cluster path's own pieces: the same bits
+            assert np.array_equal(got, ref)
+        else:
+            assert np.array_equal(np.isneginf(got), np.isneginf(ref))
+            np.testing.assert_allclose(got[np.isfinite(ref)], ref[np.isfinite(ref)], atol=1e-6, rtol=0)
+        for m, new, a in zip(members, is_new, seg[:-1]):
+            x = whole[m].astype(np.float64)
+            sims = x @ x.T
+            for i in range(m.size):  # the definition: a new member's M, an old member's gain
+                if new[i]:
+                    want = sims[i, :i].max() if i else -1.0
+                else:
+                    earlier_new = sims[i, :i][new[:i]]
+                    want = earlier_new.max() if earlier_new.size else -np.inf
+                assert (np.isneginf(want) and np.isneginf(got[a + i])) or abs(got[a + i] - want) < 1e-6
+    assert got[seg[2]] == -1.0 and np.isneginf(got[seg[3]:]).all()
+    assert _bucket_gains(rc, rows, seg, np.concatenate(is_new), budget_bytes=4 * rows.size * 9 * 4 - 1, block=64) is None
+    assert _bucket_gains(rc, rows, seg, np.concatenate(is_new), budget_bytes=1 << 30, block=8) is None  # 9 new > block
+
+
+def test_add_only_update_scores_buckets_whole_or_cluster_by_cluster_alike(tmp_path, monkeypatch):
+    """A new shard's add-only update takes the whole-bucket gain pass; with that pass refused
+    (``_bucket_gains`` -> None: the cluster-by-cluster path) the update is the same table, bit
+    for bit."""
+    import curation.select.layout as L
+
+    p = SynPool(tmp_path / "lake")
+    for i in range(3):
+        p.shard(f"{i:05d}", 500)
+    cent, cfg = _curated(p.lake)
+    p.shard("00003", 300)
+    update_layout(p.lake, cent, cfg)
+    calls = []
+    orig = L._bucket_gains
+    monkeypatch.setattr(L, "_bucket_gains", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    whole = dedup_scores_by_bucket(p.lake, config=cfg)
+    assert whole.mode == "incremental" and len(calls) == len(p.lake.partitions(LAYOUT_TABLE))
+    monkeypatch.setattr(L, "_bucket_gains", lambda *a, **kw: None)
+    by_cluster = dedup_scores_by_bucket(p.lake, config=cfg)
+    assert whole.table.equals(by_cluster.table) and whole.table.num_rows == 1800
+
+
 def test_find_locates_hashed_and_counter_uids_in_any_query_order():
     """``_find``: positions of query uids in sorted keys (and whether each is there), for hashed
     uids (the high half decides), counters (the low half decides) and the general case."""
