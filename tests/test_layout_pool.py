@@ -1108,9 +1108,11 @@ def test_bucket_gains_equal_the_per_cluster_update_bit_for_bit():
 
 
 def test_add_only_update_scores_buckets_whole_or_cluster_by_cluster_alike(tmp_path, monkeypatch):
-    """A new shard's add-only update takes the whole-bucket gain pass; with that pass refused
-    (``_bucket_gains`` -> None: the cluster-by-cluster path) the update is the same table, bit
-    for bit."""
+    """A new shard's add-only update takes the whole-bucket gain pass, and its in-process tasks
+    return only the new members and the old ones whose gain beats their stored M. With that
+    pass refused (``_bucket_gains`` -> None: the cluster-by-cluster path), or with the stored
+    scores withheld from the tasks (every gain returned, the driver keeps the max), the update
+    is the same table, bit for bit."""
     import curation.select.layout as L
 
     p = SynPool(tmp_path / "lake")
@@ -1119,14 +1121,32 @@ def test_add_only_update_scores_buckets_whole_or_cluster_by_cluster_alike(tmp_pa
     cent, cfg = _curated(p.lake)
     p.shard("00003", 300)
     update_layout(p.lake, cent, cfg)
-    calls = []
-    orig = L._bucket_gains
+    calls, returned = [], []
+    orig, orig_items = L._bucket_gains, L._run_items
     monkeypatch.setattr(L, "_bucket_gains", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+
+    def spy_items(*a, **kw):
+        out = orig_items(*a, **kw)
+        returned.append(out[0].shape[0])
+        return out
+
+    monkeypatch.setattr(L, "_run_items", spy_items)
     whole = dedup_scores_by_bucket(p.lake, config=cfg)
     assert whole.mode == "incremental" and len(calls) == len(p.lake.partitions(LAYOUT_TABLE))
     monkeypatch.setattr(L, "_bucket_gains", lambda *a, **kw: None)
     by_cluster = dedup_scores_by_bucket(p.lake, config=cfg)
     assert whole.table.equals(by_cluster.table) and whole.table.num_rows == 1800
+
+    class Withheld(L._StoredScores):
+        def publish(self, *a, **kw):
+            return super().publish()
+
+    monkeypatch.setattr(L, "_bucket_gains", orig)
+    monkeypatch.setattr(L, "_StoredScores", Withheld)
+    every_gain = dedup_scores_by_bucket(p.lake, config=cfg)
+    assert every_gain.table.equals(whole.table)
+    # the filtered tasks returned the 300 new rows and fewer old ones than every gain
+    assert 300 <= returned[0] == returned[1] < returned[2]
 
 
 def test_find_locates_hashed_and_counter_uids_in_any_query_order():
