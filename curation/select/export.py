@@ -45,6 +45,9 @@ SAMPLE_COLUMNS = ("uid", "dataset", "shard", "key", "caption", "member")
 MANIFEST_COLUMNS = ("uid", "shard", "key", "caption", "rank", "score")
 #: the samples columns an export without webdataset shards needs (the manifest's)
 MANIFEST_SAMPLE_COLUMNS = ("uid", "shard", "key", "caption")
+#: zstd level of manifest.parquet: level 1 wrote a 515k-row manifest in 0.10 s against 0.18 s
+#: at polars' default level, and the file came out no larger (14 vs 15 MiB)
+MANIFEST_ZSTD_LEVEL = 1
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -123,7 +126,8 @@ def export_subset(
 
     # the manifest is written (polars, GIL released) while the uid file is made and saved
     # (500k kept: 0.11 s and 0.09 s one after the other)
-    run_beside(lambda: _write_atomic(out / "manifest.parquet", lambda p: man.select(MANIFEST_COLUMNS).write_parquet(p)),
+    run_beside(lambda: _write_atomic(out / "manifest.parquet", lambda p: man.select(MANIFEST_COLUMNS).write_parquet(
+                   p, compression="zstd", compression_level=MANIFEST_ZSTD_LEVEL)),
                lambda: _write_atomic(out / "uids.npy", save_uids))
 
     shards_dir = safe_child(out, "shards")
