@@ -3,6 +3,7 @@ the memory budget in blocks, incremental == full for every recipe, two-level == 
 
 from __future__ import annotations
 
+import threading
 import zlib
 
 import numpy as np
@@ -1109,10 +1110,10 @@ def test_bucket_gains_equal_the_per_cluster_update_bit_for_bit():
 
 def test_add_only_update_scores_buckets_whole_or_cluster_by_cluster_alike(tmp_path, monkeypatch):
     """A new shard's add-only update takes the whole-bucket gain pass, and its in-process tasks
-    return only the new members and the old ones whose gain beats their stored M. With that
-    pass refused (``_bucket_gains`` -> None: the cluster-by-cluster path), or with the stored
-    scores withheld from the tasks (every gain returned, the driver keeps the max), the update
-    is the same table, bit for bit."""
+    that end after the driver published the stored scores return only the new members and the
+    old ones whose gain beats their stored M. With that pass refused (``_bucket_gains`` -> None:
+    the cluster-by-cluster path), or with the tasks ending before the publication (every gain
+    returned, the driver keeps the max), the update is the same table, bit for bit."""
     import curation.select.layout as L
 
     p = SynPool(tmp_path / "lake")
@@ -1131,15 +1132,30 @@ def test_add_only_update_scores_buckets_whole_or_cluster_by_cluster_alike(tmp_pa
         return out
 
     monkeypatch.setattr(L, "_run_items", spy_items)
+
+    class Published(L._StoredScores):  # the tasks end after the driver published the stored scores
+        def __init__(self):
+            super().__init__()
+            self.ready = threading.Event()
+
+        def publish(self, *a):
+            super().publish(*a)
+            self.ready.set()
+
+        def get(self):
+            self.ready.wait(10)
+            return super().get()
+
+    monkeypatch.setattr(L, "_StoredScores", Published)
     whole = dedup_scores_by_bucket(p.lake, config=cfg)
     assert whole.mode == "incremental" and len(calls) == len(p.lake.partitions(LAYOUT_TABLE))
     monkeypatch.setattr(L, "_bucket_gains", lambda *a, **kw: None)
     by_cluster = dedup_scores_by_bucket(p.lake, config=cfg)
     assert whole.table.equals(by_cluster.table) and whole.table.num_rows == 1800
 
-    class Withheld(L._StoredScores):
-        def publish(self, *a, **kw):
-            return super().publish()
+    class Withheld(L._StoredScores):  # the tasks end before the publication: every gain returned
+        def get(self):
+            return None
 
     monkeypatch.setattr(L, "_bucket_gains", orig)
     monkeypatch.setattr(L, "_StoredScores", Withheld)

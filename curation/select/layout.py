@@ -1653,7 +1653,7 @@ def bucket_scores(
             they get only their gain, max cos to the new members before them, and only the
             members with a gain (plus every new one) are returned. An optional fourth element,
             a :class:`_StoredScores` (in-process tasks only), narrows those to the members whose
-            gain beats their stored M.
+            gain beats their stored M once the driver has published them.
         root, storage_options: the lake (each task opens it itself).
         dtype, d: the layout's vector dtype and dimension.
         block: similarity block rows; memory_budget_bytes: see :class:`LayoutConfig`.
@@ -1707,7 +1707,7 @@ def bucket_scores(
                 ids = np.repeat(cids.astype(np.int32), np.diff(seg))
                 at = span[keep]
                 out = (rows.uids[at], ids[keep], rows.cos[at], m[keep])
-                return _drop_unchanged(out, stored.get(bucket)) if stored is not None else out
+                return _drop_unchanged(out, stored.get()) if stored is not None else out
         for c, a, b in zip(cids.tolist(), starts.tolist(), ends.tolist()):
             add = adds.get(c)
             if add is not None and add[1] is None:
@@ -1717,7 +1717,7 @@ def bucket_scores(
     if not outs:
         return np.zeros((0, UID_BYTES), np.uint8), np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.float32)
     out = tuple(np.concatenate([o[i] for o in outs]) for i in range(4))
-    return _drop_unchanged(out, stored.get(bucket)) if stored is not None else out
+    return _drop_unchanged(out, stored.get()) if stored is not None else out
 
 
 def _score_cluster(lake, ds, bucket, rows, order, c, add, fits, dtype, d, block, memory_budget_bytes):
@@ -1947,40 +1947,22 @@ def _find(keys: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _StoredScores:
-    """The stored ``dedup_scores`` rows of each touched bucket, published once by the add-only
-    update's driver when it has read them (or nothing, when the stored rows fail the update's
-    premise); the bucket tasks of the same process wait for them only after their products, and
-    return just the old members whose gain beats their stored M (a 10k shard touching every
-    cluster of a 1M pool: ~20k rows instead of ~950k, which the driver had to search for and
-    merge)."""
+    """The stored ``dedup_scores`` (key index, M, cluster), published once by the add-only
+    update's driver when it has read them. A bucket task of the same process that ends after
+    the publication returns just the new members and the old ones whose gain beats their stored
+    M (a 10k shard touching every cluster of a 1M pool: ~20k rows instead of ~950k, which the
+    driver had to search for and merge); one that ends before it returns every gain, as other
+    executors' tasks do, and the driver keeps the larger of the two. No task waits for it: at
+    10M the read takes ~1.2 s, and tasks that waited for it sat idle that long."""
 
     def __init__(self):
-        self._ready = threading.Event()
-        self._by_bucket: dict[str, tuple] = {}
+        self._value = None
 
-    def publish(self, keys: np.ndarray | None = None, m: np.ndarray | None = None, cl: np.ndarray | None = None,
-                clusters_per_bucket: int = 1, buckets=()) -> None:
-        """``keys`` (sorted), ``m``, ``cl``: the stored rows, split here by bucket (a stable sort:
-        each bucket's keys stay sorted, and a task searches its ~30k, not the pool's 1M). No
-        arguments: nothing (the tasks return every gain). Only the first call counts."""
-        if self._ready.is_set():
-            return
-        try:
-            if keys is not None and len(buckets):
-                nums = np.asarray(cl, np.int64) // clusters_per_bucket
-                order = np.argsort(nums, kind="stable")
-                wanted = {int(name): name for name in buckets}
-                bounds = np.searchsorted(nums[order], np.fromiter(wanted, np.int64, len(wanted)), side="left")
-                ends = np.searchsorted(nums[order], np.fromiter(wanted, np.int64, len(wanted)), side="right")
-                for (num, name), a, b in zip(wanted.items(), bounds.tolist(), ends.tolist()):
-                    at = order[a:b]
-                    self._by_bucket[name] = (_KeyIndex(keys[at]), m[at], cl[at])
-        finally:
-            self._ready.set()
+    def publish(self, index: _KeyIndex, m: np.ndarray, cl: np.ndarray) -> None:
+        self._value = (index, m, cl)
 
-    def get(self, bucket: str) -> tuple | None:
-        self._ready.wait()
-        return self._by_bucket.get(bucket)
+    def get(self) -> tuple | None:
+        return self._value
 
 
 def _drop_unchanged(out: tuple, stored: tuple | None) -> tuple:
@@ -2116,35 +2098,30 @@ def _add_only_update(lake: Lake, executor: Executor, config: LayoutConfig, new_s
     # in process, the tasks take the stored M from here once it is read (other executors' tasks
     # return every gain, and this driver keeps the larger of the two)
     stored = _StoredScores() if executor.kind == "in-process" else None
-    cpb = layout_clusters_per_bucket(lake) if adds else 1
     if adds:
         cs = sorted(adds)
         by_bucket: dict[str, dict] = {}
-        for c, b in zip(cs, bucket_names(np.array(cs), cpb).to_list()):
+        for c, b in zip(cs, bucket_names(np.array(cs), layout_clusters_per_bucket(lake)).to_list()):
             by_bucket.setdefault(b, {})[c] = adds[c]
         items = [(b, [], by_bucket[b], *([stored] if stored is not None else [])) for b in sorted(by_bucket)]
     with ThreadPoolExecutor(max_workers=1) as pool:
         # the touched buckets are scored while the stored scores are read and checked (1M: the
         # read and its key decode, ~0.1 s, hide behind the scoring instead of preceding it)
         scored = pool.submit(_timed_items, lake, executor, config, items) if items else None
-        try:
-            # the stored scores through Arrow (no polars frame: 10M rows were ~1.5 GB of copies)
-            old = lake.dataset("dedup_scores").to_table(columns=list(_SCORE_SCHEMA)).cast(_SCORE_ARROW)
-            okeys = _keys(uids_to_bytes(old.column("uid")))
-            if okeys.size > 1 and not bool(np.all(okeys[1:] > okeys[:-1])):  # written sorted by uid, normally
-                oorder = np.argsort(okeys, kind="stable")
-                old, okeys = old.take(oorder), okeys[oorder]
-            oindex = _KeyIndex(okeys)
-            # the premise fails (rows that do not add up, a new shard's uid scored before: re-entered
-            # content): the general path, once the scoring started here has ended
-            premise = old.num_rows + new.height == n_now and not (new.height and oindex.find(nkeys)[1].any())
-            m_old = old.column("max_sim_to_earlier").to_numpy().astype(np.float32)
-            ocl = old.column("cluster_id").to_numpy()
-            if stored is not None and premise:
-                stored.publish(okeys, m_old, ocl, cpb, [it[0] for it in items])
-        finally:
-            if stored is not None:
-                stored.publish()  # after an error or a failed premise the tasks return every gain (no-op once published)
+        # the stored scores through Arrow (no polars frame: 10M rows were ~1.5 GB of copies)
+        old = lake.dataset("dedup_scores").to_table(columns=list(_SCORE_SCHEMA)).cast(_SCORE_ARROW)
+        okeys = _keys(uids_to_bytes(old.column("uid")))
+        if okeys.size > 1 and not bool(np.all(okeys[1:] > okeys[:-1])):  # written sorted by uid, normally
+            oorder = np.argsort(okeys, kind="stable")
+            old, okeys = old.take(oorder), okeys[oorder]
+        oindex = _KeyIndex(okeys)
+        # the premise fails (rows that do not add up, a new shard's uid scored before: re-entered
+        # content): the general path, once the scoring started here has ended
+        premise = old.num_rows + new.height == n_now and not (new.height and oindex.find(nkeys)[1].any())
+        m_old = old.column("max_sim_to_earlier").to_numpy().astype(np.float32)
+        ocl = old.column("cluster_id").to_numpy()
+        if stored is not None and premise:
+            stored.publish(oindex, m_old, ocl)
         if scored is not None and not premise:
             scored.exception()  # waits; an error there belongs to the path not taken
         result = scored.result() if scored is not None and premise else None
