@@ -1050,14 +1050,19 @@ def test_update_in_place_equals_gathered_update():
         assert np.array_equal(np.isneginf(want), np.isneginf(got))
         np.testing.assert_allclose(got[fin], want[fin], atol=1e-6, rtol=0)
 
-def test_bucket_gains_equal_the_per_cluster_update_bit_for_bit():
+def test_bucket_gains_equal_the_per_cluster_update_bit_for_bit(monkeypatch):
     """The gain mode for a whole bucket at once (``_bucket_gains``) returns, for every cluster,
     exactly what ``_update_m`` returns for that cluster alone (the same products, so the same
     bits): clusters lying in long runs (cut into pieces), in short scattered runs (gathered),
     split across chunks, with a new member first (M = -1), with none new (no gain); and it
     matches the definition member by member. Too wide for the budget: None."""
+    import curation.select.layout as L
     from curation.select.layout import RowChunks, _bucket_gains, _update_m
 
+    # pieces of ~70 rows for 9 new members of 24 dims (the default is sized for 512 dims)
+    monkeypatch.setattr(L, "MATMUL_PIECE_MNK", 70 * 9 * 24)
+    monkeypatch.setattr(L, "MATMUL_MIN_PIECE_ROWS", 16)
+    assert L.piece_rows(9, 24) == 70 and L.piece_rows(40, 24) is None
     rng = np.random.default_rng(21)
     chunks = []
     for n in (230, 4, 1, 150, 3, 90):
@@ -1082,13 +1087,13 @@ def test_bucket_gains_equal_the_per_cluster_update_bit_for_bit():
         is_new.append(new)
     rows = np.concatenate(members)
     seg = np.concatenate([[0], np.cumsum([m.size for m in members])])
-    for piece in (100, 7):
+    for piece in (None, 7):
         got = _bucket_gains(rc, rows, seg, np.concatenate(is_new), budget_bytes=1 << 30, block=64, piece=piece)
         ref = np.concatenate([
-            _update_m(rc, new, np.full(m.size, -np.inf, np.float32), block=64, members=m) if piece == 100
+            _update_m(rc, new, np.full(m.size, -np.inf, np.float32), block=64, members=m) if piece is None
             else _update_m(whole[m], new, np.full(m.size, -np.inf, np.float32), block=64)
             for m, new in zip(members, is_new)])
-        if piece == 100:  # the per-cluster path's own pieces: the same bits
+        if piece is None:  # the per-cluster path's own pieces: the same bits
             assert np.array_equal(got, ref)
         else:
             assert np.array_equal(np.isneginf(got), np.isneginf(ref))

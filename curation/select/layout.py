@@ -108,11 +108,15 @@ DEFAULT_FULL_PASS_FRACTION = 0.8
 #: bucket ~30% faster than 256 (fewer, larger column chunks to decode: 245 vs 343 ms for 8
 #: buckets of the 1M pool) and, at ~1,000 members per cluster, still skip most of a bucket
 LAYOUT_ROW_GROUP_ROWS = 1024
-#: rows per product of a cluster's run of vectors with its few new members (the add-only
-#: update): a (100 x 512) x (512 x few) product takes OpenBLAS's small-matrix path, which skips
-#: packing the run (1,000 clusters of 1,000 x 512 by 10 new members, one thread: 0.50 s in runs
-#: of 1,000 rows, 0.33 s in pieces of 100; 0.45 s at 128)
-MATMUL_PIECE_ROWS = 100
+#: the add-only update multiplies a cluster's run of vectors by its few new members in pieces
+#: of at most this many multiply-adds (rows x new members x d): a product that small takes
+#: OpenBLAS's small-matrix path, which skips packing the run. Per row, one thread, unaligned
+#: runs of 512-d vectors: 10 new members 493 ns in 1,000-row products, 326 ns in 100-row
+#: pieces, 448 ns in 128-row ones; 16 new members 439 / 341 ns (64-row pieces). From ~20 new
+#: members on, whole runs cost the same or less (400: 2,922 ns whole, 3,830 in 100-row pieces),
+#: so pieces are cut only when they hold at least ``MATMUL_MIN_PIECE_ROWS`` rows
+MATMUL_PIECE_MNK = 1 << 19
+MATMUL_MIN_PIECE_ROWS = 64
 #: a cluster lying in runs shorter than this on average (a layout of many small flushes) is
 #: gathered and multiplied whole: many tiny products cost more than the copy
 MATMUL_MIN_RUN = 32
@@ -1271,8 +1275,8 @@ class RowChunks:
         one cluster of a layout file is one run) instead of gathering the rows first: the
         add-only update multiplies every touched cluster by its few new members, so the gather
         was a copy of each cluster for a product ~100x smaller than it. A run is multiplied in
-        pieces of ``max_piece`` rows (default :data:`MATMUL_PIECE_ROWS`, a size OpenBLAS
-        multiplies without packing). Runs shorter than ``min_run`` rows on average (a layout of
+        pieces of ``max_piece`` rows (default :func:`piece_rows`: a size OpenBLAS multiplies
+        without packing, for few columns of ``y``). Runs shorter than ``min_run`` rows on average (a layout of
         many small flushes) gather instead: a small product per run costs more than the copy.
         Equal to the gathered product within float32 rounding (BLAS blocks a product by its
         shape)."""
@@ -1286,7 +1290,7 @@ class RowChunks:
             return self[idx] @ y.T
         out = np.empty((idx.size, y.shape[0]), np.float32)
         bounds = [0, *cut.tolist(), idx.size]
-        step = max_piece or MATMUL_PIECE_ROWS
+        step = max_piece or piece_rows(y.shape[0], y.shape[1]) or idx.size
         for a, b in zip(bounds[:-1], bounds[1:]):
             k = int(which[a])
             lo = int(idx[a] - self.starts[k])
@@ -1493,6 +1497,13 @@ def _match_old(u: np.ndarray, new_u: np.ndarray, old_u: np.ndarray, old_m: np.nd
     return flag, m
 
 
+def piece_rows(width: int, d: int) -> int | None:
+    """Rows per product of a run of ``d``-dimensional vectors by ``width`` new members (see
+    :data:`MATMUL_PIECE_MNK`); None: the whole run in one product."""
+    rows = MATMUL_PIECE_MNK // max(1, width * d)
+    return rows if rows >= MATMUL_MIN_PIECE_ROWS else None
+
+
 def _cluster_m(x_ord: np.ndarray, block: int) -> np.ndarray:
     return max_sim_to_earlier(x_ord, block=block)
 
@@ -1552,7 +1563,7 @@ def _update_m(x_ord, is_new: np.ndarray, old_m: np.ndarray, block: int, members:
 
 
 def _bucket_gains(x: RowChunks, rows: np.ndarray, seg: np.ndarray, is_new: np.ndarray, budget_bytes: int,
-                  block: int, piece: int = MATMUL_PIECE_ROWS, min_run: int = MATMUL_MIN_RUN) -> np.ndarray | None:
+                  block: int, piece: int | None = None, min_run: int = MATMUL_MIN_RUN) -> np.ndarray | None:
     """The gain mode of :func:`_update_m` for every cluster of a bucket at once: ``rows`` (R,)
     are the clusters' row numbers in ``x``, cluster after cluster (``seg``: their bounds, one
     more than the clusters), each in SemDeDup order; ``is_new`` (R,) marks the new members.
@@ -1565,7 +1576,8 @@ def _bucket_gains(x: RowChunks, rows: np.ndarray, seg: np.ndarray, is_new: np.nd
     cluster.
 
     The products are the same as :func:`_update_m`'s (each cluster's rows in row order, runs
-    of consecutive rows cut into ``piece``-row products), so the values are too; only the masks
+    of consecutive rows cut into ``piece``-row products, default :func:`piece_rows` of the
+    cluster's new members), so the values are too; only the masks
     change: one prefix max across the new members' columns and one ``reduceat`` over the
     bucket, instead of ~10 small numpy calls per cluster (1M pool, a 10k shard touching every
     cluster: the Python around the products held the GIL for ~0.4 s of the two threads' ~1 s).
@@ -1603,8 +1615,9 @@ def _bucket_gains(x: RowChunks, rows: np.ndarray, seg: np.ndarray, is_new: np.nd
                 g[: yc.shape[0], seg[c] : seg[c + 1]] = (x[r_sorted[seg[c] : seg[c + 1]]] @ yc.T).T
             continue
         lo = int(r_sorted[a] - x.starts[k])
-        for s in range(a, b, piece):
-            run = x.chunks[k][lo + s - a : lo + min(b, s + piece) - a]
+        step = piece or piece_rows(yc.shape[0], yc.shape[1]) or b - a
+        for s in range(a, b, step):
+            run = x.chunks[k][lo + s - a : lo + min(b, s + step) - a]
             g[: yc.shape[0], s : s + run.shape[0]] = ((run if run.dtype == np.float32 else run.astype(np.float32)) @ yc.T).T
     inv = np.empty(r_total, np.int64)
     inv[by_row] = np.arange(r_total)
