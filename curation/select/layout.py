@@ -29,8 +29,10 @@ The pool-wide stages never hold the ``(N, d)`` matrix. Instead:
    (one ``(new x members)`` product), clusters that lost members are recomputed. When the
    shards were only ADDED since the stored scores (``dedup_scores_shards``, the layout's
    fingerprints at the last write, says so), each touched bucket is read once and its task
-   returns the new members' M and the old members' gain, combined with the stored M by a
-   uint64 uid key (no N-scale string join); a uid of a shard whose content changed since
+   returns the new members' M and the old members' gain (:func:`_bucket_gains`: every cluster
+   of the bucket in one pass), combined with the stored M by a uint64 uid key (no N-scale
+   string join; in process, a task ending after the driver has read the stored M returns only
+   the gains that beat it); a uid of a shard whose content changed since
    re-enters as new content (removed from its old cluster, added to its new one: both
    recomputed). When changed or removed shards touch clusters holding most of the pool
    (``LayoutConfig.full_pass_fraction``, 80%: a replaced shard of a web crawl touches nearly
