@@ -1579,10 +1579,10 @@ def _bucket_gains(x: RowChunks, rows: np.ndarray, seg: np.ndarray, is_new: np.nd
 
     The products are the same as :func:`_update_m`'s (each cluster's rows in row order, runs
     of consecutive rows cut into ``piece``-row products, default :func:`piece_rows` of the
-    cluster's new members), so the values are too; only the masks
-    change: one prefix max across the new members' columns and one ``reduceat`` over the
-    bucket, instead of ~10 small numpy calls per cluster (1M pool, a 10k shard touching every
-    cluster: the Python around the products held the GIL for ~0.4 s of the two threads' ~1 s).
+    cluster's new members), so the values are too; only the masks change: one running max
+    down the new members' rows and one ``reduceat`` over the bucket, instead of ~10 small
+    numpy calls per cluster (1M pool, a 10k shard touching every cluster: the Python around
+    the products held the GIL for ~0.4 s of the two threads' ~1 s).
     """
     n_cl = seg.size - 1
     r_total = rows.size
@@ -1968,7 +1968,7 @@ class _StoredScores:
     M (a 10k shard touching every cluster of a 1M pool: ~20k rows instead of ~950k, which the
     driver had to search for and merge); one that ends before it returns every gain, as other
     executors' tasks do, and the driver keeps the larger of the two. No task waits for it: at
-    10M the read takes ~1.2 s, and tasks that waited for it sat idle that long."""
+    10M the read took 1.2-2.7 s, and tasks that waited for it sat idle that long."""
 
     def __init__(self):
         self._value = None
