@@ -1295,11 +1295,17 @@ class RowChunks:
         step = max_piece or piece_rows(y.shape[0], y.shape[1]) or idx.size
         for a, b in zip(bounds[:-1], bounds[1:]):
             k = int(which[a])
-            lo = int(idx[a] - self.starts[k])
-            for s in range(a, b, step):
-                run = self.chunks[k][lo + s - a : lo + min(b, s + step) - a]
-                np.matmul(run if run.dtype == np.float32 else run.astype(np.float32), y.T, out=out[s : s + run.shape[0]])
+            for off, run in self.pieces(k, int(idx[a] - self.starts[k]), b - a, step):
+                np.matmul(run, y.T, out=out[a + off : a + off + run.shape[0]])
         return out
+
+    def pieces(self, k: int, lo: int, n: int, step: int):
+        """``(offset, rows as float32)`` of the ``n`` rows of chunk ``k`` from row ``lo``,
+        ``step`` rows at a time: the products :meth:`matmul_rows` and :func:`_bucket_gains`
+        make, cut the same way (so their values are the same bits)."""
+        for s in range(0, n, step):
+            run = self.chunks[k][lo + s : lo + min(n, s + step)]
+            yield s, run if run.dtype == np.float32 else run.astype(np.float32)
 
 
 _MAPPED_FS = pa_fs.LocalFileSystem(use_mmap=True)
@@ -1616,11 +1622,9 @@ def _bucket_gains(x: RowChunks, rows: np.ndarray, seg: np.ndarray, is_new: np.nd
                 done = c
                 g[: yc.shape[0], seg[c] : seg[c + 1]] = (x[r_sorted[seg[c] : seg[c + 1]]] @ yc.T).T
             continue
-        lo = int(r_sorted[a] - x.starts[k])
         step = piece or piece_rows(yc.shape[0], yc.shape[1]) or b - a
-        for s in range(a, b, step):
-            run = x.chunks[k][lo + s - a : lo + min(b, s + step) - a]
-            g[: yc.shape[0], s : s + run.shape[0]] = ((run if run.dtype == np.float32 else run.astype(np.float32)) @ yc.T).T
+        for off, run in x.pieces(k, int(r_sorted[a] - x.starts[k]), b - a, step):
+            g[: yc.shape[0], a + off : a + off + run.shape[0]] = (run @ yc.T).T
     inv = np.empty(r_total, np.int64)
     inv[by_row] = np.arange(r_total)
     g = np.take(g, inv, axis=1)  # column q: the member at SemDeDup position q
@@ -2142,7 +2146,7 @@ def _add_only_update(lake: Lake, executor: Executor, config: LayoutConfig, new_s
         result = scored.result() if scored is not None and premise else None
     if not premise:
         return None
-    m = m_old.copy()
+    m = m_old  # the tasks have ended: the stored M (the driver's own copy) is updated in place
     m_new = np.full(new.height, np.nan, np.float32)
     score_s = 0.0
     if result is not None:
