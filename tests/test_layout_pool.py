@@ -3,6 +3,7 @@ the memory budget in blocks, incremental == full for every recipe, two-level == 
 
 from __future__ import annotations
 
+import os
 import threading
 import zlib
 
@@ -905,24 +906,39 @@ def test_reading_some_clusters_picks_their_rows_from_their_row_groups(tmp_path, 
         assert whole.uids.shape[0] == plain.count_rows(filter=pc.field("bucket") == bucket)
 
 
-def test_a_chunked_read_views_the_mapped_pages_or_decodes_through_arrow(tmp_path, monkeypatch):
-    """A chunked read of a local layout holds views of the mapped files' pages (no decoded copy);
-    when a file is not in the layout's own form (here: every file, by patching the page check),
-    it decodes the column through Arrow instead, with the same rows, vectors and SemDeDup
-    scores (full and add-only) on either path."""
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_chunked_read_views_the_mapped_pages_or_decodes_through_arrow(tmp_path, monkeypatch, packed):
+    """A chunked read of a local layout holds views of the mapped files' pages (no decoded copy)
+    for the vectors, and for the uid, cluster and cos columns; a layout written before the
+    cluster and cos columns were stored PLAIN (``packed`` False) views its uids and vectors and
+    decodes those two through Arrow; when no file is in the layout's own form (here: by
+    patching the page check), every column goes through Arrow. Every way gives the same rows,
+    vectors and SemDeDup scores (full and add-only)."""
     import mmap
 
+    import pyarrow.parquet as pq
+
     from curation.select import layout as layout_mod
-    from curation.select.layout import read_bucket
+    from curation.select.layout import _bucket_dataset, _fragments, _mapped_columns, read_bucket
     from curation.storage import parquet_pages
 
     monkeypatch.setattr(layout_mod, "LAYOUT_ROW_GROUP_ROWS", 64)
+    if not packed:
+        monkeypatch.setattr(layout_mod, "PACKED_COLUMNS", ())
     p = SynPool(tmp_path / "lake")
     for i in range(3):
         p.shard(f"{i:05d}", 600)
     cent, cfg = _curated(p.lake)
     p.shard("00003", 200)  # a new shard: an update file beside each bucket's built one
     update_layout(p.lake, cent, cfg)
+    files = [os.path.join(r, f) for r, _, fs in os.walk(p.lake._local_path(LAYOUT_TABLE)) for f in fs
+             if f.endswith(".parquet") and "_delta_log" not in r]
+    assert len(files) > len(p.lake.partitions(LAYOUT_TABLE))
+    for f in files:  # the built files (pyarrow) and the update's (deltalake) alike
+        md = pq.ParquetFile(f).metadata
+        cols = {md.row_group(0).column(i).path_in_schema: md.row_group(0).column(i) for i in range(md.num_columns)}
+        assert cols["cluster_id"].statistics.has_min_max  # still prunes row groups
+        assert cols["cluster_id"].has_dictionary_page != packed and cols["cos_to_centroid"].has_dictionary_page != packed
 
     def root(a):
         while isinstance(a, np.ndarray) and a.base is not None:
@@ -937,17 +953,26 @@ def test_a_chunked_read_views_the_mapped_pages_or_decodes_through_arrow(tmp_path
             out[b] = (r, some)
         return out
 
+    version = p.lake.table(LAYOUT_TABLE).version()
+    b0 = p.lake.partitions(LAYOUT_TABLE)[0]
+    ds = _bucket_dataset(p.lake, b0, version)
+    kinds = {"uid": "uint8", "cluster_id": "int32", "cos_to_centroid": "float32", "emb_float32": "float32"}
+    viewed = {"uid", "emb_float32"} | ({"cluster_id", "cos_to_centroid"} if packed else set())
+    assert set(_mapped_columns(ds, _fragments(ds, b0, None)[0], kinds)) == viewed
     mapped = reads()
     assert all(isinstance(root(c), mmap.mmap) for r, _ in mapped.values() for c in r.x.chunks)
     full = dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame
     update = dedup_scores_by_bucket(p.lake, config=cfg, incremental=True)
     assert update.mode == "incremental"
-    monkeypatch.setattr(parquet_pages, "fixed_width_views", lambda *a, **k: None)
+    monkeypatch.setattr(parquet_pages, "column_views", lambda *a, **k: {})
+    assert _mapped_columns(ds, _fragments(ds, b0, None)[0], kinds) == {}
     decoded = reads()
     assert not any(isinstance(root(c), mmap.mmap) for r, _ in decoded.values() for c in r.x.chunks)
     for b, (r, some) in mapped.items():
         for got, ref in ((r, decoded[b][0]), (some, decoded[b][1])):
             assert got.uids.tolist() == ref.uids.tolist() and got.cluster_ids.tolist() == ref.cluster_ids.tolist()
+            assert got.uids.dtype == ref.uids.dtype and got.cluster_ids.dtype == ref.cluster_ids.dtype
+            np.testing.assert_array_equal(got.cos, ref.cos)
             rows = np.arange(ref.x.shape[0])
             np.testing.assert_array_equal(got.x[rows], ref.x[rows])
     assert dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame.equals(full)

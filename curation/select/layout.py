@@ -679,7 +679,8 @@ class _BucketSpill:
         for name, t, _pieced in self._pieces():
             t = t.drop_columns(["bucket"])
             bounds = cluster_row_groups(t.column("cluster_id").to_numpy(), LAYOUT_ROW_GROUP_ROWS)
-            adds.append(_write_data_file(root, {"bucket": name}, t, raw, None, now, groups=bounds))
+            adds.append(_write_data_file(root, {"bucket": name}, t, raw, None, now, groups=bounds,
+                                         packed=_packed_columns(t.column_names)))
             written += t.num_rows
             del t
         if before_commit is not None:
@@ -844,7 +845,7 @@ def write_layout_rows(lake: Lake, rows: pa.Table, mode: str, presorted: bool = F
         os.makedirs(lake.root, exist_ok=True)
     kwargs = {"schema_mode": "overwrite"} if mode == "overwrite" else {}
     raw = _raw_columns(rows.column_names)
-    props = _layout_writer_properties(raw)
+    props = _layout_writer_properties(raw, _packed_columns(rows.column_names))
     if presorted:  # in batches, as _sorted_by_cluster leaves them
         rows = pa.Table.from_batches(rows.to_batches(max_chunksize=8192), schema=rows.schema)
     elif rows.num_rows > 1:
@@ -858,9 +859,21 @@ def _raw_columns(names) -> list[str]:
     return [c for c in names if c == "uid" or c.startswith(("emb_", "text_"))]
 
 
-def _layout_writer_properties(raw: list[str]):
-    """Parquet settings of every ``pool_by_cluster`` file (see :func:`write_layout_rows`)."""
-    return plain_writer_properties(raw, max_row_group_size=LAYOUT_ROW_GROUP_ROWS)
+#: the layout's fixed-width number columns that every bucket read takes: written PLAIN without
+#: a dictionary (statistics kept: cluster_id's prune row groups), so a local read views them in
+#: the mapped pages like the uids and vectors instead of decoding them through Arrow
+PACKED_COLUMNS = ("cluster_id", "cos_to_centroid")
+
+
+def _packed_columns(names) -> list[str]:
+    return [c for c in PACKED_COLUMNS if c in names]
+
+
+def _layout_writer_properties(raw: list[str], packed=None):
+    """Parquet settings of every ``pool_by_cluster`` file (see :func:`write_layout_rows`):
+    ``packed`` (default :data:`PACKED_COLUMNS`) PLAIN without a dictionary."""
+    return plain_writer_properties(raw, max_row_group_size=LAYOUT_ROW_GROUP_ROWS,
+                                   packed=PACKED_COLUMNS if packed is None else packed)
 
 
 @dataclass
@@ -1156,17 +1169,19 @@ def drop_shard_rows(lake: Lake, table: str, shards: list[str]) -> int:
         actions.append(RemoveAction(add["path"], True, now, add["size_bytes"], pv))
         if t.num_rows:  # a layout file keeps its cluster order: row groups of whole clusters
             bounds = cluster_row_groups(t.column("cluster_id").to_numpy(), group_rows) if table == LAYOUT_TABLE else None
-            actions.append(_write_data_file(root, pv, t, raw, group_rows, now, groups=bounds))
+            actions.append(_write_data_file(root, pv, t, raw, group_rows, now, groups=bounds,
+                                            packed=_packed_columns(t.column_names) if table == LAYOUT_TABLE else ()))
     if actions:
         dt.create_write_transaction(actions, mode="append", schema=dt.schema(), partition_by=[part] if part else None)
     return sum(isinstance(x, RemoveAction) for x in actions)
 
 
 def _write_data_file(root: str, pv: dict, t: pa.Table, raw: list[str], group_rows: int | None, now: int,
-                     groups: list[int] | None = None):
+                     groups: list[int] | None = None, packed=()):
     """Write ``t`` (a partition's rows, without the partition column) as a new data file of the
     local Delta table at ``root`` in the table's own format: uncompressed pages, the ``raw``
-    columns PLAIN without dictionary or statistics, row groups of ``group_rows`` rows (or
+    columns PLAIN without dictionary or statistics, the ``packed`` ones PLAIN without dictionary
+    (statistics kept), row groups of ``group_rows`` rows (or
     bounded by the row offsets ``groups``: ``[0, ..., t.num_rows]``); returns its ``AddAction``
     (min/max statistics of the other columns, for deltalake's file pruning), not committed."""
     import json
@@ -1178,8 +1193,9 @@ def _write_data_file(root: str, pv: dict, t: pa.Table, raw: list[str], group_row
     rel = "/".join([*(f"{k}={v}" for k, v in pv.items()), f"part-00000-{uuid.uuid4()}-c000.parquet"])
     path = os.path.join(root, rel)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    kw = dict(compression="NONE", use_dictionary=stat_cols, column_encoding={c: "PLAIN" for c in raw},
-              write_statistics=stat_cols)
+    packed = [c for c in packed if c in stat_cols]
+    kw = dict(compression="NONE", use_dictionary=[c for c in stat_cols if c not in packed],
+              column_encoding={c: "PLAIN" for c in [*raw, *packed]}, write_statistics=stat_cols)
     if groups is None:
         pq.write_table(t, path, row_group_size=group_rows, **kw)
     else:
@@ -1350,27 +1366,41 @@ def read_bucket(lake: Lake, bucket: str, clusters=None, vectors: bool = True, dt
     lie sorted by cluster, see :func:`write_layout_rows`), and the wanted rows are picked from
     them here, not by a row filter of the scan: Arrow's filter copies every column it keeps (a
     second copy of the vectors, ~30% of a bucket's read), while the wanted rows of a row group
-    are consecutive runs, so a chunked ``x`` holds views of them. A chunked read of a local
-    lake views the vectors in the mapped files themselves (:func:`_mapped_vectors`), with no
-    decoding copy; other columns, and every column elsewhere, go through Arrow."""
+    are consecutive runs, so a chunked ``x`` holds views of them. A read of a local lake views
+    the uid, cluster and cos values in the mapped files themselves (:func:`_mapped_columns`;
+    a layout written before they were stored PLAIN decodes its cluster and cos columns through
+    Arrow), and a chunked one its vectors too, with no decoding copy; every column elsewhere
+    goes through Arrow."""
     dtype = dtype or layout_dtype(lake)
     ds = dataset if dataset is not None else layout_dataset(lake)
-    cols = ["uid", "cluster_id", "cos_to_centroid"] + ([emb_column(dtype)] if vectors else [])
+    emb = emb_column(dtype)
+    cols = ["uid", "cluster_id", "cos_to_centroid"] + ([emb] if vectors else [])
     frags, want = _fragments(ds, bucket, clusters)
-    views = _mapped_vectors(ds, frags, emb_column(dtype), dtype) if vectors and chunked else None
-    t = _rows_of_fragments(ds, frags, cols[:3] if views is not None else cols)
-    n_views = None if views is None else sum(v.shape[0] for v in views)
-    if n_views is not None and n_views != t.num_rows:
-        raise ValueError(f"{LAYOUT_TABLE}: got {n_views} vectors for {t.num_rows} rows of bucket {bucket}; expected one each")
+    kinds = {"uid": "uint8", "cluster_id": "int32", "cos_to_centroid": "float32", **({emb: dtype} if vectors and chunked else {})}
+    mapped = _mapped_columns(ds, frags, kinds)
+    t = _rows_of_fragments(ds, frags, [c for c in cols if c not in mapped])
+    n_rows = sum(g.num_rows for f in frags for g in f.row_groups) if mapped else t.num_rows
+    for c, views in mapped.items():
+        if sum(v.shape[0] for v in views) != n_rows:
+            raise ValueError(f"{LAYOUT_TABLE}: got {sum(v.shape[0] for v in views)} {c} values for {n_rows} rows of "
+                             f"bucket {bucket}; expected one each")
+    if t.num_columns and t.num_rows != n_rows:
+        raise ValueError(f"{LAYOUT_TABLE}: got {t.num_rows} rows of bucket {bucket} for {n_rows} in its row groups")
     _count_mapped(ds, t)
-    cids = t.column("cluster_id").to_numpy().astype(np.int32)
+
+    def small(c: str, kind: str) -> np.ndarray:  # a small column, from its pages or from Arrow
+        if c in mapped:
+            return np.concatenate(mapped[c]) if mapped[c] else np.zeros((0, UID_BYTES) if c == "uid" else 0, kind)
+        return binary_column_to_bytes(t.column(c)) if c == "uid" else t.column(c).to_numpy().astype(kind)
+
+    cids = small("cluster_id", "int32")
     keep = None if want is None else np.isin(cids, want)
-    uids, cos = binary_column_to_bytes(t.column("uid")), t.column("cos_to_centroid").to_numpy().astype(np.float32)
+    uids, cos = small("uid", "uint8"), small("cos_to_centroid", "float32")
     x = None
-    if views is not None:
-        x = RowChunks(_kept_runs(views, keep))
+    if emb in mapped:
+        x = RowChunks(_kept_runs(mapped[emb], keep))
     elif vectors:
-        col = t.column(emb_column(dtype))
+        col = t.column(emb)
         if chunked:
             x = RowChunks(_kept_runs([_decode_chunk(c, dtype, stored=True) for c in col.chunks if len(c)], keep))
         else:
@@ -1426,29 +1456,35 @@ def _local_base(ds) -> str | None:
     return None
 
 
-def _mapped_vectors(ds, frags: list, column: str, dtype: str) -> list[np.ndarray] | None:
-    """The vectors of the fragments' row groups as views of their pages in the mapped files
-    (:func:`curation.storage.parquet_pages.fixed_width_views`), in the order
-    :func:`_rows_of_fragments` returns their rows; None when ``ds`` is not read from a local
-    memory-mapped lake or a file is not in the layout's own format (the caller decodes the
-    column through Arrow). Counted in :func:`mapped_bytes` as the values' bytes.
+def _mapped_columns(ds, frags: list, columns: dict[str, str]) -> dict[str, list[np.ndarray]]:
+    """``{column: views}``: the values of each of ``columns`` (``{name: dtype}``) in the
+    fragments' row groups as views of their pages in the mapped files
+    (:func:`curation.storage.parquet_pages.column_views`), in the order :func:`_rows_of_fragments`
+    returns their rows; only the columns in that form in every fragment (the caller decodes
+    the others through Arrow), and none when ``ds`` is not read from a local memory-mapped lake
+    or there is no fragment. Counted in :func:`mapped_bytes` as the values' bytes.
 
     Measured (1M pool, a 10k shard touching every cluster, the 32 buckets' products on one
-    thread): decoding the column through Arrow took 0.68 s of 2.36 s, a copy of every vector
-    that the products then read again."""
-    from curation.storage.parquet_pages import fixed_width_views
+    thread): decoding the vector column through Arrow took 0.68 s of 2.36 s, a copy of every
+    vector that the products then read again. The uid, cluster and cos columns through Arrow
+    took ~0.2 s more (a Parquet reader per file; ~0.4 ms a file before a value is read)."""
+    from curation.storage.parquet_pages import column_views
 
     base = _local_base(ds)
-    if base is None:
-        return None
-    out: list[np.ndarray] = []
+    if base is None or not frags:
+        return {}
+    out: dict[str, list[np.ndarray]] = {c: [] for c in columns}
     for f in frags:
-        views = fixed_width_views(os.path.join(base, f.path), f.metadata, column,
-                                  [g.id for g in f.row_groups], dtype)
-        if views is None:
-            return None
-        out.extend(views)
-    _add_mapped(sum(v.shape[0] * v.strides[0] for v in out))
+        got = column_views(os.path.join(base, f.path), f.metadata, {c: columns[c] for c in out},
+                           [g.id for g in f.row_groups])
+        for c in list(out):
+            if c in got:
+                out[c].extend(got[c])
+            else:
+                del out[c]
+        if not out:
+            return {}
+    _add_mapped(sum(v.shape[0] * v.strides[0] for views in out.values() for v in views))
     return out
 
 

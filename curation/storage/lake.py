@@ -71,14 +71,18 @@ COMMIT_RETRIES = 20
 VACUUM_RETENTION_HOURS = 168
 
 
-def plain_writer_properties(columns, max_row_group_size: int | None = None):
+def plain_writer_properties(columns, max_row_group_size: int | None = None, packed=()):
     """Uncompressed Parquet pages, and ``columns`` (unique values of random bytes: hashed uids,
-    vectors) written PLAIN, without a dictionary or statistics."""
+    vectors) written PLAIN, without a dictionary or statistics; ``packed`` (fixed-width numbers
+    a reader views in place, see :mod:`curation.storage.parquet_pages`) PLAIN without a
+    dictionary, their statistics kept."""
     from deltalake import ColumnProperties, WriterProperties
 
     plain = ColumnProperties(dictionary_enabled=False, statistics_enabled="NONE", encoding="PLAIN")
+    props = {c: plain for c in columns}
+    props.update({c: ColumnProperties(dictionary_enabled=False, encoding="PLAIN") for c in packed})
     extra = {} if max_row_group_size is None else {"max_row_group_size": max_row_group_size}
-    return WriterProperties(compression="UNCOMPRESSED", column_properties={c: plain for c in columns}, **extra)
+    return WriterProperties(compression="UNCOMPRESSED", column_properties=props, **extra)
 
 
 def writer_properties(table: str):

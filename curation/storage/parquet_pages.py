@@ -8,7 +8,13 @@ Parquet reader instead copies every value into a new buffer: for an update that 
 every cluster of a 1M pool by its few new members, that copy (2 GB read and written) cost
 as much as the products themselves, which then read the copy again.
 
-:func:`fixed_width_views` returns those views for chosen row groups of one file, or None
+The layout's uids (16-byte ``binary`` values) are viewed the same way, and its cluster ids and
+cos (INT32 and FLOAT, written PLAIN without a dictionary) as the packed values they are: a
+bucket read then decodes no column through Arrow (a Parquet reader per file and column cost
+~0.4 ms before any value was read: with a few update files per bucket, more than the values).
+
+:func:`fixed_width_views` returns those views for chosen row groups of one file (and
+:func:`column_views` for several columns, mapping the file once), or None
 when the column chunk is not in that form (compressed, dictionary-encoded, another
 encoding, nulls, values of different widths, a repeated column): the caller then reads the
 column through Arrow as before. The views are read-only and keep the file's mapping alive;
@@ -154,6 +160,11 @@ def _values_of_page(b, i: int, max_def: int) -> tuple[int, int, int]:
     raise _Unreadable(f"page type {kind} (a dictionary or index page)")
 
 
+#: the fixed-width Parquet physical types a PLAIN page holds packed, value after value: their
+#: width, and the numpy kinds that may view them
+_FIXED_TYPES = {"INT32": (4, "iu"), "INT64": (8, "iu"), "FLOAT": (4, "f"), "DOUBLE": (8, "f")}
+
+
 def fixed_width_views(path: str, metadata, column: str, row_groups: list[int], dtype: str) -> list[np.ndarray] | None:
     """Views ``(rows, d)`` of ``dtype`` (little-endian) over the values of the ``binary``
     column ``column`` in the row groups ``row_groups`` (in that order) of the Parquet file at
@@ -166,55 +177,91 @@ def fixed_width_views(path: str, metadata, column: str, row_groups: list[int], d
     anywhere in the file): numpy reads them as they are, and BLAS gets an aligned copy of a
     product's operand from numpy when it needs one.
     """
+    return column_views(path, metadata, {column: dtype}, row_groups).get(column)
+
+
+def column_views(path: str, metadata, columns: dict[str, str], row_groups: list[int]) -> dict[str, list[np.ndarray]]:
+    """:func:`fixed_width_views` of several columns of one file, mapped once: ``{column:
+    views}`` for each column of ``columns`` (``{name: dtype}``) whose chunks are in that form,
+    and no entry for the others (the caller decodes those through Arrow).
+
+    Besides ``binary`` columns of fixed-width values (views ``(rows, d)``, e.g. vectors, or a
+    16-byte uid as ``uint8``), a column of a fixed-width physical type (INT32, INT64, FLOAT,
+    DOUBLE) written PLAIN gives 1-D views ``(rows,)`` when ``dtype`` has its width and kind
+    (integer, float); its pages are checked to hold one value per row (a null would leave a
+    page short)."""
+    out: dict[str, list[np.ndarray]] = {}
     schema = metadata.schema
     names = [schema.column(i).path for i in range(len(schema))]
-    if column not in names:
-        return None
-    ci = names.index(column)
-    desc = schema.column(ci)
-    item = np.dtype(dtype).itemsize
-    if desc.physical_type != "BYTE_ARRAY" or desc.max_repetition_level != 0:
-        return None
+    wanted = [(c, names.index(c), np.dtype(dt)) for c, dt in columns.items() if c in names]
+    if not wanted:
+        return out
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size == 0:
-                return None
+                return out
             b = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError:
-        return None
+        return out
     buf = np.frombuffer(b, dtype=np.uint8)
-    views: list[np.ndarray] = []
-    try:
-        for g in row_groups:
-            rg = metadata.row_group(g)
-            chunk = rg.column(ci)
-            if chunk.compression != "UNCOMPRESSED" or chunk.has_dictionary_page:
-                return None
-            i, end, rows = chunk.data_page_offset, chunk.data_page_offset + chunk.total_compressed_size, 0
-            if end > size:
-                return None
-            while i < end:
-                start, i, n = _values_of_page(b, i, desc.max_definition_level)
-                if n < 0 or i > end:
-                    return None
-                if n == 0:
-                    continue
-                span, rem = divmod(i - start, n)
-                width = span - 4
-                if rem or width <= 0 or width % item:
-                    return None  # values of different widths, or nulls (no bytes in PLAIN)
-                lengths = np.ndarray((n,), np.dtype("<i4"), buffer=buf, offset=start, strides=(span,))
-                if not bool(np.all(lengths == width)):
-                    return None
-                views.append(np.ndarray((n, width // item), np.dtype(dtype).newbyteorder("<"), buffer=buf,
-                                        offset=start + 4, strides=(span, item)))
-                rows += n
-            if rows != rg.num_rows:
-                return None
-    except _Unreadable:
+    for column, ci, dt in wanted:
+        try:
+            views = _chunk_views(b, buf, size, metadata, ci, row_groups, dt)
+        except _Unreadable:
+            views = None
+        if views is not None:
+            out[column] = views
+    return out
+
+
+def _chunk_views(b, buf: np.ndarray, size: int, metadata, ci: int, row_groups: list[int], dt: np.dtype) -> list[np.ndarray] | None:
+    """The views of column ``ci`` in ``row_groups`` over the mapped file ``b`` (see
+    :func:`column_views`), or None."""
+    desc = metadata.schema.column(ci)
+    item = dt.itemsize
+    if desc.max_repetition_level != 0:
         return None
-    if len({v.shape[1] for v in views}) > 1:
+    fixed = _FIXED_TYPES.get(desc.physical_type)
+    if fixed is None and desc.physical_type != "BYTE_ARRAY":
+        return None
+    if fixed is not None and (fixed[0] != item or dt.kind not in fixed[1]):
+        return None  # a view of another width or kind would be other numbers
+    packed = fixed is not None
+    little = dt.newbyteorder("<")
+    views: list[np.ndarray] = []
+    for g in row_groups:
+        rg = metadata.row_group(g)
+        chunk = rg.column(ci)
+        if chunk.compression != "UNCOMPRESSED" or chunk.has_dictionary_page:
+            return None
+        i, end, rows = chunk.data_page_offset, chunk.data_page_offset + chunk.total_compressed_size, 0
+        if end > size:
+            return None
+        while i < end:
+            start, i, n = _values_of_page(b, i, desc.max_definition_level)
+            if n < 0 or i > end:
+                return None
+            if n == 0:
+                continue
+            if packed:
+                if i - start != n * item:
+                    return None  # nulls (no bytes in PLAIN), or a page that is not this column's
+                views.append(np.ndarray((n,), little, buffer=buf, offset=start))
+                rows += n
+                continue
+            span, rem = divmod(i - start, n)
+            width = span - 4
+            if rem or width <= 0 or width % item:
+                return None  # values of different widths, or nulls (no bytes in PLAIN)
+            lengths = np.ndarray((n,), np.dtype("<i4"), buffer=buf, offset=start, strides=(span,))
+            if not bool(np.all(lengths == width)):
+                return None
+            views.append(np.ndarray((n, width // item), little, buffer=buf, offset=start + 4, strides=(span, item)))
+            rows += n
+        if rows != rg.num_rows:
+            return None
+    if len({v.shape[1:] for v in views}) > 1:
         return None
     for v in views:
         v.flags.writeable = False
