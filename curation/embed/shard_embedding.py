@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 EMBED_STAGE = "embed"
 #: Quarantine reason codes of the embed stage.
 EMBED_REASONS = ("missing_member", "decompression_bomb", "decode_error", "preprocess_error")
-MODALITIES = ("image", "text")
-_EMB_COLUMNS = {"image": "image_emb", "text": "text_emb"}
 
 
 # --------------------------------------------------------------------------- embed one shard
