@@ -906,14 +906,15 @@ def test_reading_some_clusters_picks_their_rows_from_their_row_groups(tmp_path, 
         assert whole.uids.shape[0] == plain.count_rows(filter=pc.field("bucket") == bucket)
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_a_chunked_read_views_the_mapped_pages_or_decodes_through_arrow(tmp_path, monkeypatch, packed):
+@pytest.mark.parametrize("packed, min_files", [(True, 1), (False, 1), (True, 99)])
+def test_a_chunked_read_views_the_mapped_pages_or_decodes_through_arrow(tmp_path, monkeypatch, packed, min_files):
     """A chunked read of a local layout holds views of the mapped files' pages (no decoded copy)
-    for the vectors, and for the uid, cluster and cos columns; a layout written before the
-    cluster and cos columns were stored PLAIN (``packed`` False) views its uids and vectors and
-    decodes those two through Arrow; when no file is in the layout's own form (here: by
-    patching the page check), every column goes through Arrow. Every way gives the same rows,
-    vectors and SemDeDup scores (full and add-only)."""
+    for the vectors, and for the uid, cluster and cos columns when the bucket spans
+    ``MAPPED_SMALL_MIN_FILES`` files (here 2: 1 views them, 99 decodes them); a layout written
+    before the cluster and cos columns were stored PLAIN (``packed`` False) views its uids and
+    vectors and decodes those two through Arrow; when no file is in the layout's own form (here:
+    by patching the page check), every column goes through Arrow. Every way gives the same
+    rows, vectors and SemDeDup scores (full and add-only)."""
     import mmap
 
     import pyarrow.parquet as pq
@@ -923,6 +924,7 @@ def test_a_chunked_read_views_the_mapped_pages_or_decodes_through_arrow(tmp_path
     from curation.storage import parquet_pages
 
     monkeypatch.setattr(layout_mod, "LAYOUT_ROW_GROUP_ROWS", 64)
+    monkeypatch.setattr(layout_mod, "MAPPED_SMALL_MIN_FILES", min_files)
     if not packed:
         monkeypatch.setattr(layout_mod, "PACKED_COLUMNS", ())
     p = SynPool(tmp_path / "lake")
@@ -959,7 +961,17 @@ def test_a_chunked_read_views_the_mapped_pages_or_decodes_through_arrow(tmp_path
     kinds = {"uid": "uint8", "cluster_id": "int32", "cos_to_centroid": "float32", "emb_float32": "float32"}
     viewed = {"uid", "emb_float32"} | ({"cluster_id", "cos_to_centroid"} if packed else set())
     assert set(_mapped_columns(ds, _fragments(ds, b0, None)[0], kinds)) == viewed
+    seen: list[set] = []
+    real = layout_mod._mapped_columns
+
+    def spy(ds, frags, kinds):
+        out = real(ds, frags, kinds)
+        seen.append(set(out))
+        return out
+
+    monkeypatch.setattr(layout_mod, "_mapped_columns", spy)
     mapped = reads()
+    assert seen and all(s == (viewed if min_files == 1 else {"emb_float32"}) for s in seen)
     assert all(isinstance(root(c), mmap.mmap) for r, _ in mapped.values() for c in r.x.chunks)
     full = dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame
     update = dedup_scores_by_bucket(p.lake, config=cfg, incremental=True)
