@@ -1385,8 +1385,10 @@ def read_bucket(lake: Lake, bucket: str, clusters=None, vectors: bool = True, dt
     emb = emb_column(dtype)
     cols = ["uid", "cluster_id", "cos_to_centroid"] + ([emb] if vectors else [])
     frags, want = _fragments(ds, bucket, clusters)
-    small = {"uid": "uint8", "cluster_id": "int32", "cos_to_centroid": "float32"} if len(frags) >= MAPPED_SMALL_MIN_FILES else {}
-    mapped = _mapped_columns(ds, frags, {**small, **({emb: dtype} if vectors and chunked else {})})
+    kinds = {"uid": "uint8", "cluster_id": "int32", "cos_to_centroid": "float32"} if len(frags) >= MAPPED_SMALL_MIN_FILES else {}
+    if vectors and chunked:
+        kinds[emb] = dtype
+    mapped = _mapped_columns(ds, frags, kinds)
     t = _rows_of_fragments(ds, frags, [c for c in cols if c not in mapped])
     n_rows = sum(g.num_rows for f in frags for g in f.row_groups) if mapped else t.num_rows
     for c, views in mapped.items():

@@ -8,10 +8,11 @@ Parquet reader instead copies every value into a new buffer: for an update that 
 every cluster of a 1M pool by its few new members, that copy (2 GB read and written) cost
 as much as the products themselves, which then read the copy again.
 
-The layout's uids (16-byte ``binary`` values) are viewed the same way, and its cluster ids and
-cos (INT32 and FLOAT, written PLAIN without a dictionary) as the packed values they are: a
-bucket read then decodes no column through Arrow (a Parquet reader per file and column cost
-~0.4 ms before any value was read: with a few update files per bucket, more than the values).
+The layout's uids (16-byte ``binary`` values) can be viewed the same way, and its cluster ids
+and cos (INT32 and FLOAT, written PLAIN without a dictionary) as the packed values they are:
+a read of a bucket in several files (updates not yet compacted) then decodes no column
+through Arrow, whose Parquet reader per file and column costs ~0.4 ms before any value is
+read (see ``curation.select.layout.MAPPED_SMALL_MIN_FILES``).
 
 :func:`fixed_width_views` returns those views for chosen row groups of one file (and
 :func:`column_views` for several columns, mapping the file once), or None
@@ -189,7 +190,8 @@ def fixed_width_views(path: str, metadata, column: str, row_groups: list[int], d
     """Views ``(rows, d)`` of ``dtype`` (little-endian) over the values of the ``binary``
     column ``column`` in the row groups ``row_groups`` (in that order) of the Parquet file at
     ``path``, one view per data page, in row order; None when the column chunks are not
-    uncompressed, PLAIN, non-null values of one width (the caller reads them otherwise).
+    uncompressed, PLAIN, non-null values of one width (the caller reads them otherwise). A
+    column of a fixed-width number type gives 1-D views (see :func:`column_views`).
 
     ``metadata``: the file's ``pyarrow.parquet.FileMetaData`` (a dataset fragment's, already
     read: the footer is not read again). Each view's rows are checked: their count against the
