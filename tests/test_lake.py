@@ -129,7 +129,8 @@ def test_local_reads_go_through_arrows_own_filesystem(tmp_path):
 
 def test_hashed_uid_tables_write_their_uid_column_plain_and_the_rest_default(tmp_path):
     """dedup_scores / subsets / assignments: uid PLAIN, no dictionary, no statistics, pages
-    uncompressed (whole table and partition writes); other tables keep deltalake's defaults."""
+    uncompressed (whole table and partition writes), their unique numbers (scores, cosines,
+    ranks) without a dictionary but with statistics; other tables keep deltalake's defaults."""
     import glob
 
     import pyarrow.parquet as pq
@@ -138,18 +139,23 @@ def test_hashed_uid_tables_write_their_uid_column_plain_and_the_rest_default(tmp
 
     db = Lake(str(tmp_path))
     uids = [make_uid("d", "s", str(i)) for i in range(50)]
-    db.write("dedup_scores", pl.DataFrame({"uid": uids, "max_sim_to_earlier": np.zeros(50, np.float32)}))
+    db.write("dedup_scores", pl.DataFrame({"uid": uids, "cluster_id": np.arange(50, dtype=np.int32) % 3,
+                                           "max_sim_to_earlier": np.zeros(50, np.float32)}))
     db.write("subsets", pl.DataFrame({"recipe": ["r"] * 50, "uid": uids, "rank": np.arange(50)}), partition="r")
     db.write("samples", pl.DataFrame({"uid": uids, "shard": ["s"] * 50}), partition="s")
 
-    def uid_chunk(table):
+    def uid_chunk(table, column="uid"):
         f = glob.glob(str(tmp_path / table / "**" / "*.parquet"), recursive=True)[0]
         md = pq.ParquetFile(f).metadata
-        return next(md.row_group(0).column(i) for i in range(md.num_columns) if md.row_group(0).column(i).path_in_schema == "uid")
+        return next(md.row_group(0).column(i) for i in range(md.num_columns) if md.row_group(0).column(i).path_in_schema == column)
 
     for table in ("dedup_scores", "subsets"):
         c = uid_chunk(table)
         assert not c.has_dictionary_page and not c.is_stats_set and c.compression == "UNCOMPRESSED", table
         assert db.read(table)["uid"].to_list() == uids
+    for table, column in (("dedup_scores", "max_sim_to_earlier"), ("subsets", "rank")):
+        c = uid_chunk(table, column)
+        assert not c.has_dictionary_page and c.is_stats_set and c.compression == "UNCOMPRESSED", (table, column)
+    assert uid_chunk("dedup_scores", "cluster_id").has_dictionary_page  # clusters repeat: a dictionary
     c = uid_chunk("samples")
     assert c.has_dictionary_page and c.is_stats_set  # the defaults

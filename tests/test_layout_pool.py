@@ -941,6 +941,13 @@ def test_a_chunked_read_views_the_mapped_pages_or_decodes_through_arrow(tmp_path
         cols = {md.row_group(0).column(i).path_in_schema: md.row_group(0).column(i) for i in range(md.num_columns)}
         assert cols["cluster_id"].statistics.has_min_max  # still prunes row groups
         assert cols["cluster_id"].has_dictionary_page != packed and cols["cos_to_centroid"].has_dictionary_page != packed
+    asg = [os.path.join(r, f) for r, _, fs in os.walk(p.lake._local_path("assignments")) for f in fs
+           if f.endswith(".parquet") and "_delta_log" not in r]
+    assert len(asg) >= 2
+    for f in asg:  # the build's assignments (pyarrow) and the update's (deltalake): cosines without a dictionary
+        md = pq.ParquetFile(f).metadata
+        cols = {md.row_group(0).column(i).path_in_schema: md.row_group(0).column(i) for i in range(md.num_columns)}
+        assert not cols["cos_to_centroid"].has_dictionary_page and not cols["uid"].has_dictionary_page
 
     def root(a):
         while isinstance(a, np.ndarray) and a.base is not None:

@@ -92,7 +92,7 @@ from curation.select.similarity import (
     max_sim_to_earlier_blocked,
     single_thread_blas,
 )
-from curation.storage.lake import TABLES, UID_PLAIN_TABLES, Lake, plain_writer_properties, release_memory
+from curation.storage.lake import TABLES, UID_PLAIN_TABLES, UNIQUE_NUMBER_COLUMNS, Lake, plain_writer_properties, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -509,7 +509,8 @@ class _Writer:
         if asg is not None:
             if self.asg_files is not None:  # committed by close(), beside the layout
                 self.asg_files.append(_write_data_file(self.lake._local_path("assignments"), {}, asg, ["uid"], None,
-                                                       int(time.time() * 1000)))
+                                                       int(time.time() * 1000),
+                                                       packed=UNIQUE_NUMBER_COLUMNS["assignments"]))
                 self.asg_schema = asg.schema
             else:
                 self.lake.write("assignments", asg, mode=mode)
@@ -1170,7 +1171,8 @@ def drop_shard_rows(lake: Lake, table: str, shards: list[str]) -> int:
         if t.num_rows:  # a layout file keeps its cluster order: row groups of whole clusters
             bounds = cluster_row_groups(t.column("cluster_id").to_numpy(), group_rows) if table == LAYOUT_TABLE else None
             actions.append(_write_data_file(root, pv, t, raw, group_rows, now, groups=bounds,
-                                            packed=_packed_columns(t.column_names) if table == LAYOUT_TABLE else ()))
+                                            packed=_packed_columns(t.column_names) if table == LAYOUT_TABLE
+                                            else UNIQUE_NUMBER_COLUMNS.get(table, ())))
     if actions:
         dt.create_write_transaction(actions, mode="append", schema=dt.schema(), partition_by=[part] if part else None)
     return sum(isinstance(x, RemoveAction) for x in actions)
