@@ -922,11 +922,12 @@ def test_a_chunked_read_views_the_mapped_pages_or_decodes_through_arrow(tmp_path
     from curation.select import layout as layout_mod
     from curation.select.layout import _bucket_dataset, _fragments, _mapped_columns, read_bucket
     from curation.storage import parquet_pages
+    from curation.storage.lake import PACKED_COLUMNS
 
     monkeypatch.setattr(layout_mod, "LAYOUT_ROW_GROUP_ROWS", 64)
     monkeypatch.setattr(layout_mod, "MAPPED_SMALL_MIN_FILES", min_files)
     if not packed:
-        monkeypatch.setattr(layout_mod, "PACKED_COLUMNS", ())
+        monkeypatch.setitem(PACKED_COLUMNS, LAYOUT_TABLE, ())
     p = SynPool(tmp_path / "lake")
     for i in range(3):
         p.shard(f"{i:05d}", 600)

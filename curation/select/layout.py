@@ -92,7 +92,7 @@ from curation.select.similarity import (
     max_sim_to_earlier_blocked,
     single_thread_blas,
 )
-from curation.storage.lake import TABLES, UID_PLAIN_TABLES, UNIQUE_NUMBER_COLUMNS, Lake, plain_writer_properties, release_memory
+from curation.storage.lake import TABLES, UID_PLAIN_TABLES, PACKED_COLUMNS, Lake, plain_writer_properties, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -510,7 +510,7 @@ class _Writer:
             if self.asg_files is not None:  # committed by close(), beside the layout
                 self.asg_files.append(_write_data_file(self.lake._local_path("assignments"), {}, asg, ["uid"], None,
                                                        int(time.time() * 1000),
-                                                       packed=UNIQUE_NUMBER_COLUMNS["assignments"]))
+                                                       packed=PACKED_COLUMNS["assignments"]))
                 self.asg_schema = asg.schema
             else:
                 self.lake.write("assignments", asg, mode=mode)
@@ -681,7 +681,7 @@ class _BucketSpill:
             t = t.drop_columns(["bucket"])
             bounds = cluster_row_groups(t.column("cluster_id").to_numpy(), LAYOUT_ROW_GROUP_ROWS)
             adds.append(_write_data_file(root, {"bucket": name}, t, raw, None, now, groups=bounds,
-                                         packed=_packed_columns(t.column_names)))
+                                         packed=PACKED_COLUMNS[LAYOUT_TABLE]))
             written += t.num_rows
             del t
         if before_commit is not None:
@@ -846,7 +846,7 @@ def write_layout_rows(lake: Lake, rows: pa.Table, mode: str, presorted: bool = F
         os.makedirs(lake.root, exist_ok=True)
     kwargs = {"schema_mode": "overwrite"} if mode == "overwrite" else {}
     raw = _raw_columns(rows.column_names)
-    props = _layout_writer_properties(raw, _packed_columns(rows.column_names))
+    props = _layout_writer_properties(raw)
     if presorted:  # in batches, as _sorted_by_cluster leaves them
         rows = pa.Table.from_batches(rows.to_batches(max_chunksize=8192), schema=rows.schema)
     elif rows.num_rows > 1:
@@ -860,21 +860,10 @@ def _raw_columns(names) -> list[str]:
     return [c for c in names if c == "uid" or c.startswith(("emb_", "text_"))]
 
 
-#: the layout's fixed-width number columns that every bucket read takes: written PLAIN without
-#: a dictionary (statistics kept: cluster_id's prune row groups), so a local read views them in
-#: the mapped pages like the uids and vectors instead of decoding them through Arrow
-PACKED_COLUMNS = ("cluster_id", "cos_to_centroid")
-
-
-def _packed_columns(names) -> list[str]:
-    return [c for c in PACKED_COLUMNS if c in names]
-
-
-def _layout_writer_properties(raw: list[str], packed=None):
-    """Parquet settings of every ``pool_by_cluster`` file (see :func:`write_layout_rows`):
-    ``packed`` (default :data:`PACKED_COLUMNS`) PLAIN without a dictionary."""
-    return plain_writer_properties(raw, max_row_group_size=LAYOUT_ROW_GROUP_ROWS,
-                                   packed=PACKED_COLUMNS if packed is None else packed)
+def _layout_writer_properties(raw: list[str]):
+    """Parquet settings of every ``pool_by_cluster`` file (see :func:`write_layout_rows`); its
+    :data:`curation.storage.lake.PACKED_COLUMNS` PLAIN without a dictionary."""
+    return plain_writer_properties(raw, max_row_group_size=LAYOUT_ROW_GROUP_ROWS, packed=PACKED_COLUMNS[LAYOUT_TABLE])
 
 
 @dataclass
@@ -1171,8 +1160,7 @@ def drop_shard_rows(lake: Lake, table: str, shards: list[str]) -> int:
         if t.num_rows:  # a layout file keeps its cluster order: row groups of whole clusters
             bounds = cluster_row_groups(t.column("cluster_id").to_numpy(), group_rows) if table == LAYOUT_TABLE else None
             actions.append(_write_data_file(root, pv, t, raw, group_rows, now, groups=bounds,
-                                            packed=_packed_columns(t.column_names) if table == LAYOUT_TABLE
-                                            else UNIQUE_NUMBER_COLUMNS.get(table, ())))
+                                            packed=PACKED_COLUMNS.get(table, ())))
     if actions:
         dt.create_write_transaction(actions, mode="append", schema=dt.schema(), partition_by=[part] if part else None)
     return sum(isinstance(x, RemoveAction) for x in actions)
@@ -1363,6 +1351,8 @@ def _add_mapped(nbytes: int) -> None:
 #: column and row group, holding it. 32 buckets of a 1M layout, the three columns, one thread:
 #: 3.5 files a bucket 86 ms through Arrow, 92 ms viewed; 8.5 files a bucket 149 vs 90 ms.
 MAPPED_SMALL_MIN_FILES = 4
+#: the small columns every bucket read returns, and the dtype each is held in (uid: its 16 bytes)
+_SMALL_KINDS = {"uid": "uint8", "cluster_id": "int32", "cos_to_centroid": "float32"}
 
 
 def read_bucket(lake: Lake, bucket: str, clusters=None, vectors: bool = True, dtype: str | None = None,
@@ -1387,7 +1377,7 @@ def read_bucket(lake: Lake, bucket: str, clusters=None, vectors: bool = True, dt
     emb = emb_column(dtype)
     cols = ["uid", "cluster_id", "cos_to_centroid"] + ([emb] if vectors else [])
     frags, want = _fragments(ds, bucket, clusters)
-    kinds = {"uid": "uint8", "cluster_id": "int32", "cos_to_centroid": "float32"} if len(frags) >= MAPPED_SMALL_MIN_FILES else {}
+    kinds = dict(_SMALL_KINDS) if len(frags) >= MAPPED_SMALL_MIN_FILES else {}
     if vectors and chunked:
         kinds[emb] = dtype
     mapped = _mapped_columns(ds, frags, kinds)
@@ -1401,14 +1391,14 @@ def read_bucket(lake: Lake, bucket: str, clusters=None, vectors: bool = True, dt
         raise ValueError(f"{LAYOUT_TABLE}: got {t.num_rows} rows of bucket {bucket} for {n_rows} in its row groups")
     _count_mapped(ds, t)
 
-    def small(c: str, kind: str) -> np.ndarray:  # a small column, from its pages or from Arrow
+    def small(c: str) -> np.ndarray:  # a small column, from its pages or from Arrow
         if c in mapped:
-            return np.concatenate(mapped[c]) if mapped[c] else np.zeros((0, UID_BYTES) if c == "uid" else 0, kind)
-        return binary_column_to_bytes(t.column(c)) if c == "uid" else t.column(c).to_numpy().astype(kind)
+            return np.concatenate(mapped[c]) if mapped[c] else np.zeros((0, UID_BYTES) if c == "uid" else 0, _SMALL_KINDS[c])
+        return binary_column_to_bytes(t.column(c)) if c == "uid" else t.column(c).to_numpy().astype(_SMALL_KINDS[c])
 
-    cids = small("cluster_id", "int32")
+    cids = small("cluster_id")
     keep = None if want is None else np.isin(cids, want)
-    uids, cos = small("uid", "uint8"), small("cos_to_centroid", "float32")
+    uids, cos = small("uid"), small("cos_to_centroid")
     x = None
     if emb in mapped:
         x = RowChunks(_kept_runs(mapped[emb], keep))

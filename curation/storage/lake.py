@@ -64,12 +64,19 @@ TABLES: dict[str, str | None] = {
 #: instead of 0.066 s, 45.5 instead of 39.7 MiB; a 544k-row ``subsets`` partition rewritten in
 #: 0.13 instead of 0.19 s (docs/benchmarks.md).
 UID_PLAIN_TABLES = frozenset({"assignments", "dedup_scores", "subsets"})
-#: their columns of (nearly) unique numbers, written without a dictionary: a float32 score or
-#: cosine, a rank, take the writer's dictionary attempt and fallback for nothing. 1M
-#: ``dedup_scores`` rows overwritten in 0.10 instead of 0.16 s (medians of 3), 43.2 instead of
-#: 44.3 MiB (``docs/benchmarks.md``, session 15).
-UNIQUE_NUMBER_COLUMNS = {"assignments": ("cos_to_centroid",), "dedup_scores": ("cos_to_centroid", "max_sim_to_earlier"),
-                         "subsets": ("rank", "score")}
+#: per table, its number columns written PLAIN without a dictionary, statistics kept: the
+#: unique numbers of the uid-keyed tables (a cosine, a score, a rank: the writer's dictionary
+#: attempt and fallback cost a page for nothing; 1M ``dedup_scores`` rows overwritten in 0.10
+#: instead of 0.16 s, medians of 3, 43.2 instead of 44.3 MiB, ``docs/benchmarks.md`` session
+#: 15) and the layout's cluster and cos, which a read of a bucket in several files views in the
+#: mapped pages (``curation.select.layout.read_bucket``; cluster_id's statistics prune its row
+#: groups)
+PACKED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "assignments": ("cos_to_centroid",),
+    "dedup_scores": ("cos_to_centroid", "max_sim_to_earlier"),
+    "subsets": ("rank", "score"),
+    "pool_by_cluster": ("cluster_id", "cos_to_centroid"),
+}
 
 #: how often a partition write is retried after a commit conflict with a concurrent writer
 COMMIT_RETRIES = 20
@@ -93,10 +100,10 @@ def plain_writer_properties(columns, max_row_group_size: int | None = None, pack
 
 def writer_properties(table: str):
     """The Parquet settings of ``table``'s writes (None: deltalake's defaults); see
-    :data:`UID_PLAIN_TABLES` and :data:`UNIQUE_NUMBER_COLUMNS`."""
+    :data:`UID_PLAIN_TABLES` and :data:`PACKED_COLUMNS`."""
     if table not in UID_PLAIN_TABLES:
         return None
-    return plain_writer_properties(["uid"], packed=UNIQUE_NUMBER_COLUMNS.get(table, ()))
+    return plain_writer_properties(["uid"], packed=PACKED_COLUMNS.get(table, ()))
 
 
 def _sql_literal(value: str) -> str:
