@@ -226,6 +226,46 @@ def test_bucket_tasks_read_the_drivers_table_version_opened_once_per_process(tmp
     assert 0 < old < new
 
 
+def test_pinned_bucket_datasets_come_from_one_listing_and_read_what_deltalake_lists(tmp_path, monkeypatch):
+    """With a pinned version, a bucket's dataset is made from the snapshot's file listing, built
+    once per process and version, instead of deltalake's file pruning per bucket: the same files,
+    schema and rows for every bucket (a bucket the snapshot lacks has no file), and the pinned
+    snapshot keeps listing its own version's files after the table moves on."""
+    import curation.select.layout as L
+
+    p, cent, cfg, ref = _two_per_bucket(tmp_path / "lake", 2, 400)
+    p.shard("00002", 300)
+    update_layout(p.lake, cent, cfg)  # a second file in every touched bucket
+    v = p.lake.table(L.LAYOUT_TABLE).version()
+    built = []
+    real = L._SnapshotFiles.__init__
+
+    def counting(self, *a, **k):
+        built.append(1)
+        real(self, *a, **k)
+
+    monkeypatch.setattr(L._SnapshotFiles, "__init__", counting)
+    L._SNAPSHOT.clear()
+    dt = L._layout_table(p.lake, v)
+    cols = ["bucket", "cluster_id", "uid", "cos_to_centroid", "emb_float32"]
+    buckets = p.lake.partitions(L.LAYOUT_TABLE)
+    assert len(buckets) == 2
+    for b in buckets:
+        ours, theirs = L._bucket_dataset(p.lake, b, v), L.layout_dataset(p.lake, dt, [("bucket", "=", b)])
+        assert sorted(ours.files) == sorted(theirs.files) and len(ours.files) == 2
+        assert ours.schema.equals(theirs.schema)
+        got = ours.to_table(columns=cols).sort_by([("cluster_id", "ascending"), ("uid", "ascending")])
+        assert got.equals(theirs.to_table(columns=cols).sort_by([("cluster_id", "ascending"), ("uid", "ascending")]))
+        assert set(got.column("bucket").to_pylist()) == {b}
+    assert L._bucket_dataset(p.lake, "999999", v).files == []
+    assert built == [1]  # one listing for every bucket of the version
+    p.shard("00003", 300)
+    update_layout(p.lake, cent, cfg)
+    assert sorted(L._bucket_dataset(p.lake, buckets[0], v).files) == sorted(
+        L.layout_dataset(p.lake, dt, [("bucket", "=", buckets[0])]).files)  # still the pinned version's
+    assert dedup_scores_by_bucket(p.lake, config=cfg, incremental=False).frame.height == p.lake.count_rows("assignments")
+
+
 def test_incremental_equals_full_for_every_recipe(tmp_path):
     a, b = SynPool(tmp_path / "a"), SynPool(tmp_path / "b")
     for p in (a, b):
