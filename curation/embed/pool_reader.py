@@ -176,10 +176,15 @@ def iter_pool_partitions(
         raise ValueError(f"table {table!r}: got an unpartitioned table; expected one partitioned by shard")
     if not lake.exists(table):
         return
-    ds = lake.dataset(table)
-    parts = lake.partitions(table)
+    dt = lake.table(table)  # one snapshot for the listing and the reads
+    parts = lake.partitions(table, dt)
     if shards is not None:
         parts = sorted(set(parts) & set(shards))
+    if not parts:
+        return
+    # only the wanted partitions' files (a new shard of a 1M pool: 96 -> 63 ms, most of the
+    # rest its read)
+    ds = lake.dataset(table, dt, [(part_col, "in", parts)] if shards is not None else None)
     read_cols = ["uid", "encoder"] + [_EMB_COLUMNS[c] for c in columns]
     for p in parts:
         tbl = ds.to_table(columns=read_cols, filter=pc.field(part_col) == p, batch_size=batch_size)
