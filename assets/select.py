@@ -43,7 +43,7 @@ from curation.select.clustering import (
     default_k,
     use_gpu,
 )
-from curation.select.export import export_subset
+from curation.select.export import export_subset, kept_in_pool_order
 from curation.select.layout import (
     DEFAULT_CLUSTERS_PER_BUCKET,
     DEFAULT_MEMORY_BUDGET,
@@ -378,7 +378,10 @@ def pruned_subsets(
     with distributed.executor(compute.spec()) as ex:  # per-class CLIPCov on Ray when configured
         sel = apply_recipe(recipe, pool, executor=ex)
     select_s = time.perf_counter() - t0
-    del pool  # the pool arrays are not needed for the export
+    # the kept uids in the pool's (uid) order, for the uid file; the other pool arrays are not
+    # needed for the export
+    kept_uids = kept_in_pool_order(pool.uids, sel.index)
+    del pool
     # the subsets rows are written while the kept samples rows are read: only those rows, streamed,
     # in rank order (the image hashes only when shards are written and checked)
     frame, kept = store_selection(db, recipe.name, sel.to_arrow(),
@@ -394,7 +397,7 @@ def pruned_subsets(
     held = [kept]
     del kept
     exp = export_subset(out_dir, frame, held.pop(), datasets.landing, recipe=recipe.to_dict(), extra=extra,
-                        shard_size=config.shard_size, write_shards=config.write_shards)
+                        shard_size=config.shard_size, write_shards=config.write_shards, kept_uids=kept_uids)
     seconds = time.perf_counter() - t0
     meta = {
         "recipe": recipe.name,

@@ -434,13 +434,16 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
     stage("semdedup", lambda: semdedup(False))
     rates.append(sgemm_rate(d))
 
-    def select():
+    def select():  # the selection, and its uids in pool order for the uid file (as pruned_subsets)
+        from curation.select.export import kept_in_pool_order
+
         pool = read_recipe_pool(lake, recipe)
-        return apply_recipe(recipe, pool)
+        s = apply_recipe(recipe, pool)
+        return s, kept_in_pool_order(pool.uids, s.index)
 
-    sel = stage("dbp_select", select)
+    sel, sel_uids = stage("dbp_select", select)
 
-    def export(s):  # what pruned_subsets does after the selection (no webdataset shards: no images here)
+    def export(s, kept_uids):  # what pruned_subsets does after the selection (no webdataset shards: no images here)
         from curation.select.export import export_subset
         from curation.select.pool_tables import store_selection
 
@@ -448,9 +451,10 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
         held = [kept]
         del kept
         return export_subset(Path(root) / "artifacts" / recipe.name, frame, held.pop(), Path(root) / "landing",
-                             recipe=recipe.to_dict(), write_shards=False)
+                             recipe=recipe.to_dict(), write_shards=False, kept_uids=kept_uids)
 
-    stage("export", lambda: export(sel))
+    stage("export", lambda: export(sel, sel_uids))
+    del sel_uids
     rss_full = peak_rss_bytes()
     parity = None
     if n <= int(os.environ.get("PRUNE_SCALE_PARITY_MAX_N", "200000")):
@@ -486,9 +490,9 @@ def run_lake(root: str, n: int, d: int, k: int, niter: int, eps: float, seed: in
                 "rows_scored": du.rows_scored, "concepts": concepts, "score_s": du.score_seconds}
         del du  # written: the next stages read dedup_scores from the lake, like the next asset would
         stage(f"{prefix}_complexity", complexity)
-        s = stage(f"{prefix}_select", select)
+        s, kept_uids = stage(f"{prefix}_select", select)
         info["kept"] = s.stats["n_kept"]
-        stage(f"{prefix}_export", lambda: export(s))
+        stage(f"{prefix}_export", lambda: export(s, kept_uids))
         info["seconds"] = sum(sec[f"{prefix}_{x}"] for x in INCR_STAGES)
         # the touched-cluster work (assigning the shard, scoring its clusters) vs the pool-wide rest
         # (merging and writing the stored scores, complexity, the selection and its export)

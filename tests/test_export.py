@@ -138,3 +138,28 @@ def test_manifest_at_scale_is_the_join_in_rank_order_whatever_the_input_order(tm
     got = pl.read_parquet(tmp_path / "o" / "manifest.parquet")
     assert got.equals(want)
     assert u128_to_uids(np.load(tmp_path / "o" / "uids.npy")) == sorted(sel["uid"].to_list())
+
+
+def test_uid_file_from_the_pool_order_equals_the_one_from_the_selection(tmp_path):
+    """``kept_uids``: the uid file made from the kept uids in pool order (a pool read sorted by
+    uid: no sort), or in any other order, is the file made from the selection's own uids, byte
+    for byte; a count that is not the selection's is refused."""
+    from curation.ingest.ids import uid_strings
+    from curation.select.export import kept_in_pool_order
+
+    rng = np.random.default_rng(3)
+    n, k = 5_000, 2_000
+    pool_uids = np.sort(uid_strings([f"{j:032x}" for j in rng.permutation(10 * n)[:n]]))  # S32, sorted
+    index = rng.permutation(n)[:k]  # the selection's rows in the pool, in rank order
+    sel = pl.DataFrame({"uid": pool_uids[index].astype(str), "rank": np.arange(k), "score": rng.random(k)})
+    samples = pl.DataFrame({"uid": sel["uid"], "shard": ["s0"] * k, "key": [f"{j:05d}" for j in range(k)],
+                            "caption": ["c"] * k})
+    export_subset(tmp_path / "ref", sel, samples, tmp_path, write_shards=False)
+    ref = (tmp_path / "ref" / "uids.npy").read_bytes()
+    in_pool_order = kept_in_pool_order(pool_uids, index)
+    assert bool(np.all(in_pool_order[1:] > in_pool_order[:-1])) and len(in_pool_order) == k
+    for name, kept in (("pool", in_pool_order), ("shuffled", in_pool_order[rng.permutation(k)])):
+        export_subset(tmp_path / name, sel, samples, tmp_path, write_shards=False, kept_uids=kept)
+        assert (tmp_path / name / "uids.npy").read_bytes() == ref
+    with pytest.raises(ValueError, match="kept_uids"):
+        export_subset(tmp_path / "bad", sel, samples, tmp_path, write_shards=False, kept_uids=in_pool_order[:-1])

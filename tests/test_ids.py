@@ -20,6 +20,11 @@ def test_u128_round_trip_and_datacomp_sort_order():
     s = sorted_uid_array(uids)
     assert u128_to_uids(s) == sorted(uids)  # lexicographic hex order == (hi, lo) order
     assert sorted_uid_array([]).shape == (0, 2)
+    # given in order (high halves tied too), the rows come back as they are; else sorted
+    tied = [f"{7:016x}{j:016x}" for j in (1, 5, 9)] + [f"{8:016x}{0:016x}"]
+    assert u128_to_uids(sorted_uid_array(tied)) == tied
+    assert u128_to_uids(sorted_uid_array(tied[::-1])) == tied
+    assert u128_to_uids(sorted_uid_array([tied[1], tied[0], tied[2], tied[3]])) == tied
 
 
 def test_compact_uid_strings_round_trip_sort_like_strings_and_decode_to_bytes():

@@ -261,9 +261,16 @@ def binary_column_to_bytes(col) -> np.ndarray:
 
 
 def sorted_uid_array(uids) -> np.ndarray:
-    """DataComp-style subset file content: uids as ``(n, 2) uint64`` sorted lexicographically."""
+    """DataComp-style subset file content: uids as ``(n, 2) uint64`` sorted lexicographically
+    (uids given in that order already are not sorted again: one pass checks it)."""
     arr = uids_to_u128(uids)
-    if len(arr) == 0:
+    if len(arr) < 2 or _u128_sorted(arr):
         return arr
     order = lex_order((arr[:, 1], arr[:, 0]))
     return arr[order]
+
+
+def _u128_sorted(arr: np.ndarray) -> bool:
+    """Whether the ``(n, 2) uint64`` rows are in lexicographic (high, low) order."""
+    hi, lo = arr[:, 0], arr[:, 1]
+    return bool(np.all((hi[1:] > hi[:-1]) | ((hi[1:] == hi[:-1]) & (lo[1:] >= lo[:-1]))))

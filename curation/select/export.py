@@ -60,6 +60,16 @@ def _write_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def kept_in_pool_order(pool_uids: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """The kept uids (``Selection.index``: their rows in the pool whose uids are ``pool_uids``)
+    in pool row order, for :func:`export_subset`'s ``kept_uids``: a pool read sorted by uid
+    (:func:`curation.select.pool_tables.read_recipe_pool`) gives them in the uid file's order,
+    which then needs no sort (560k kept of a 1.12M pool: the file's uids in 0.05 s, not 0.14)."""
+    keep = np.zeros(len(pool_uids), bool)
+    keep[np.asarray(index, dtype=np.int64)] = True
+    return np.asarray(pool_uids)[np.flatnonzero(keep)]
+
+
 def export_subset(
     out_dir: str | Path,
     selection: pl.DataFrame,
@@ -69,6 +79,7 @@ def export_subset(
     shard_size: int = 10_000,
     write_shards: bool = True,
     extra: dict[str, Any] | None = None,
+    kept_uids: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Write the exports of one subset.
 
@@ -84,6 +95,9 @@ def export_subset(
         shard_size: kept samples per output shard.
         write_shards: also write the webdataset shards (the uid file and manifest always).
         extra: more top-level keys for ``recipe.json`` (recipe hash, pool counts, ...).
+        kept_uids: the selection's uids again, in any order, to make ``uids.npy`` from; in uid
+            order (:func:`kept_in_pool_order` of a pool read sorted by uid) the file needs no
+            sort. Default: the selection's own, in rank order.
 
     Returns:
         Stats: ``n`` (kept samples), ``n_shards``, ``n_missing`` (kept samples whose image
@@ -92,10 +106,13 @@ def export_subset(
         ``changed_uids``), ``n_changed``, ``bytes`` (image bytes copied), ``paths``.
 
     Raises:
-        ValueError: if a selected uid has no ``samples`` row.
+        ValueError: if a selected uid has no ``samples`` row, or ``kept_uids`` is not as many
+            uids as the selection.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size: got {shard_size}; expected >= 1")
+    if kept_uids is not None and len(kept_uids) != selection.height:
+        raise ValueError(f"kept_uids: got {len(kept_uids)} uids for a selection of {selection.height}; expected the same uids")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     need = SAMPLE_COLUMNS if write_shards else MANIFEST_SAMPLE_COLUMNS
@@ -121,8 +138,8 @@ def export_subset(
         raise ValueError(f"selection: got {n_unknown} uids without a samples row (e.g. {unknown}); expected all kept uids in samples")
 
     def save_uids(p: Path) -> None:
-        with open(p, "wb") as f:
-            np.save(f, sorted_uid_array(man["uid"]))  # from the column: no Python string per uid
+        with open(p, "wb") as f:  # from an array or the column: no Python string per uid
+            np.save(f, sorted_uid_array(man["uid"] if kept_uids is None else kept_uids))
 
     # the manifest is written (polars, GIL released) while the uid file is made and saved
     # (500k kept: 0.11 s and 0.09 s one after the other)
