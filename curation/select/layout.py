@@ -2063,10 +2063,26 @@ class _SnapshotFiles:
         return pads.FileSystemDataset(frags, self.schema, self.format, self.filesystem)
 
 
-def _snapshot(lake: Lake, version: int) -> tuple:
-    """``(DeltaTable, _SnapshotFiles or None)`` of the layout at ``version``, opened once per
-    process (one snapshot held: the bucket threads of one run share it); the file listing only
-    for a local lake (elsewhere deltalake's object store reads the files)."""
+class _Snapshot:
+    """One opened ``pool_by_cluster`` version: its DeltaTable, and on a local lake the listing of
+    its files by bucket (:class:`_SnapshotFiles`), made on the first bucket dataset asked for."""
+
+    def __init__(self, lake: Lake, dt):
+        self.lake, self.dt = lake, dt
+        self._files: _SnapshotFiles | None = None
+
+    def files(self) -> "_SnapshotFiles | None":
+        if not self.lake.is_local:  # elsewhere deltalake's object store reads the files
+            return None
+        with _SNAPSHOT_LOCK:
+            if self._files is None:
+                self._files = _SnapshotFiles(self.lake, self.dt)
+        return self._files
+
+
+def _snapshot(lake: Lake, version: int) -> _Snapshot:
+    """The layout at ``version``, opened once per process (one snapshot held: the bucket threads
+    of one run share it)."""
     key = (lake.uri(LAYOUT_TABLE), tuple(sorted(dict(lake.storage_options).items())), int(version))
     with _SNAPSHOT_LOCK:
         snap = _SNAPSHOT.get(key)
@@ -2074,7 +2090,7 @@ def _snapshot(lake: Lake, version: int) -> tuple:
             from deltalake import DeltaTable
 
             dt = DeltaTable(lake.uri(LAYOUT_TABLE), version=int(version), storage_options=dict(lake.storage_options) or None)
-            snap = (dt, _SnapshotFiles(lake, dt) if lake.is_local else None)
+            snap = _Snapshot(lake, dt)
             _SNAPSHOT.clear()  # one snapshot per process
             _SNAPSHOT[key] = snap
     return snap
@@ -2087,7 +2103,7 @@ def _layout_table(lake: Lake, version: int | None = None):
     reads of small buckets."""
     if version is None:
         return lake.table(LAYOUT_TABLE)
-    return _snapshot(lake, version)[0]
+    return _snapshot(lake, version).dt
 
 
 def _bucket_dataset(lake: Lake, bucket: str | None, version: int | None = None):
@@ -2097,7 +2113,7 @@ def _bucket_dataset(lake: Lake, bucket: str | None, version: int | None = None):
     deltalake's own file pruning built every file's statistics into an expression on each
     call, ~4-5 ms a bucket of a 1M layout in ~13 files a bucket, against ~1 ms."""
     if bucket is not None and version is not None:
-        dt, files = _snapshot(lake, version)
+        files = _snapshot(lake, version).files()
         if files is not None:
             return files.dataset(bucket)
     return layout_dataset(lake, _layout_table(lake, version), None if bucket is None else [("bucket", "=", bucket)])
