@@ -2111,7 +2111,8 @@ def _bucket_dataset(lake: Lake, bucket: str | None, version: int | None = None):
     given (listing the whole table's files costs ~0.3 s at 1M rows). With ``version``, on a
     local lake, the bucket's files come from the snapshot's listing (:class:`_SnapshotFiles`):
     deltalake's own file pruning built every file's statistics into an expression on each
-    call, ~4-5 ms a bucket of a 1M layout in ~13 files a bucket, against ~1 ms."""
+    call: a bucket's dataset and row count took ~6.5-7 ms of a 1M layout in ~13 files a bucket,
+    against ~1.2-1.7 ms (footers read in both)."""
     if bucket is not None and version is not None:
         files = _snapshot(lake, version).files()
         if files is not None:
