@@ -94,3 +94,22 @@ def test_the_environment_switches_it_off():
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r == {"status": "disabled by CURATION_NATIVE_SYRK=0", "native": False, "m": [-1.0, 0.0, 1.0]}
+
+
+def test_direct_sgemm_follows_numpys_openblas_core(native, monkeypatch):
+    """Pieces of the add-only update's products are cut only where numpy's OpenBLAS core has
+    the direct small-matrix sgemm; the core is threadpoolctl's, and the environment overrides it."""
+    from threadpoolctl import threadpool_info
+
+    core = native.numpy_openblas_core()
+    assert core == next(i["architecture"] for i in threadpool_info() if i["filepath"] == native.numpy_openblas_path())
+    monkeypatch.delenv("CURATION_DIRECT_SGEMM", raising=False)
+    assert native.direct_sgemm() == (core.lower() in native.DIRECT_SGEMM_CORES)
+    for name, want in (("SkylakeX", True), ("SapphireRapids", True), ("Haswell", False), ("Zen", False)):
+        monkeypatch.setitem(native_blas._STATE, "core", name)
+        assert native.direct_sgemm() is want, name
+        monkeypatch.setenv("CURATION_DIRECT_SGEMM", "0" if want else "1")
+        assert native.direct_sgemm() is not want, name
+        monkeypatch.delenv("CURATION_DIRECT_SGEMM")
+    monkeypatch.setitem(native_blas._STATE, "core", None)  # another BLAS, or threadpoolctl failing
+    assert native.direct_sgemm() is False

@@ -86,6 +86,7 @@ from curation.select.clustering import (
     exact_nearest,
     train_centroids_any,
 )
+from curation.select import native_blas
 from curation.select.similarity import (
     DEFAULT_BLOCK,
     max_sim_to_earlier,
@@ -111,12 +112,18 @@ DEFAULT_FULL_PASS_FRACTION = 0.8
 #: buckets of the 1M pool) and, at ~1,000 members per cluster, still skip most of a bucket
 LAYOUT_ROW_GROUP_ROWS = 1024
 #: the add-only update multiplies a cluster's run of vectors by its few new members in pieces
-#: of at most this many multiply-adds (rows x new members x d): a product that small takes
-#: OpenBLAS's small-matrix path, which skips packing the run. Per row, one thread, unaligned
-#: runs of 512-d vectors: 10 new members 493 ns in 1,000-row products, 326 ns in 100-row
+#: of at most this many multiply-adds (rows x new members x d) where numpy's OpenBLAS has a
+#: direct small-matrix sgemm (:func:`curation.select.native_blas.direct_sgemm`): a product that
+#: small skips packing the run. Per row, one thread, unaligned runs of 512-d vectors, on a
+#: SkylakeX-kernel box: 10 new members 493 ns in 1,000-row products, 326 ns in 100-row
 #: pieces, 448 ns in 128-row ones; 16 new members 439 / 341 ns (64-row pieces). From ~20 new
 #: members on, whole runs cost the same or less (400: 2,922 ns whole, 3,830 in 100-row pieces),
-#: so pieces are cut only when they hold at least ``MATMUL_MIN_PIECE_ROWS`` rows
+#: so pieces are cut only when they hold at least ``MATMUL_MIN_PIECE_ROWS`` rows. Other cores
+#: pack every product, small or not: on Haswell kernels (an AMD EPYC, AVX2) 10 new members
+#: took 412 ns a row in 102-row pieces and 390 ns in 1,024-row ones, and the pieces' extra
+#: calls held the GIL the two bucket threads share (scoring a 10k shard that touched every
+#: cluster of a 1M pool: 0.877 s in pieces, 0.765 s in whole runs, medians of 5), so there a
+#: run is one product
 MATMUL_PIECE_MNK = 1 << 19
 MATMUL_MIN_PIECE_ROWS = 64
 #: a cluster lying in runs shorter than this on average (a layout of many small flushes) is
@@ -1546,7 +1553,10 @@ def _match_old(u: np.ndarray, new_u: np.ndarray, old_u: np.ndarray, old_m: np.nd
 
 def piece_rows(width: int, d: int) -> int | None:
     """Rows per product of a run of ``d``-dimensional vectors by ``width`` new members (see
-    :data:`MATMUL_PIECE_MNK`); None: the whole run in one product."""
+    :data:`MATMUL_PIECE_MNK`); None: the whole run in one product (always, where numpy's
+    OpenBLAS has no direct small-matrix sgemm)."""
+    if not native_blas.direct_sgemm():
+        return None
     rows = MATMUL_PIECE_MNK // max(1, width * d)
     return rows if rows >= MATMUL_MIN_PIECE_ROWS else None
 
@@ -1599,11 +1609,16 @@ def _update_m(x_ord, is_new: np.ndarray, old_m: np.ndarray, block: int, members:
         starts = np.arange(p.size) * n
         spans = np.maximum.reduceat(g_pos.reshape(-1), np.stack([starts, starts + p], axis=1).reshape(-1))
         out[p] = np.where(p > 0, spans[0::2], -np.inf)
-        # every later member gains the new members before it: a running max over the block's new
-        # members, read at the last one before each position
+        # every later OLD member gains the new members before it: a running max over the block's
+        # new members, read at the last one before each position. A new member's own row (above)
+        # already holds its cosine to every earlier member, new ones included; the same pair read
+        # the other way (the earlier new member's row) is the same cosine rounded by another
+        # product position, which packed BLAS kernels (Haswell's) round differently, so it is
+        # not taken: a new member's M comes from its own row only, in every block split and in
+        # _bucket_gains alike
         run = np.maximum.accumulate(g_pos, axis=0)
         before = np.searchsorted(p, ahead, side="left")  # new members of the block before each position
-        at = np.flatnonzero(before)
+        at = np.flatnonzero((before > 0) & ~is_new)
         out[at] = np.maximum(out[at], run[before[at] - 1, at])
     out[is_new & np.isneginf(out)] = -1.0
     return out
@@ -1715,8 +1730,8 @@ def bucket_scores(
         root, storage_options: the lake (each task opens it itself).
         dtype, d: the layout's vector dtype and dimension.
         block: similarity block rows; memory_budget_bytes: see :class:`LayoutConfig`.
-        manage_blas: a bucket whose clusters only gained members runs its products on one
-            BLAS thread (False: the caller already set the BLAS threads, e.g. a thread pool).
+        manage_blas: run the bucket's products on one BLAS thread (False: the caller already
+            set the BLAS threads, e.g. a thread pool).
         version: the ``pool_by_cluster`` version to read (the driver's; None: the latest).
             A process opens each version once (:func:`_bucket_dataset`), not once per bucket.
 
@@ -1752,8 +1767,9 @@ def bucket_scores(
     if gain:
         new_keys = np.sort(_keys(np.concatenate(list(gain.values()))))
         is_new = _find(new_keys, _keys(rows.uids[order]))[1]
-    # a bucket with only add-only clusters: many (few x n) products, run on one BLAS thread
-    with single_thread_blas() if manage_blas and full is not None and not full else contextlib.nullcontext():
+    # one BLAS thread: many (few x n) products for add-only clusters, and SemDeDup's Gram with
+    # the same bits on any number of cores (see max_sim_to_earlier)
+    with single_thread_blas() if manage_blas else contextlib.nullcontext():
         if gain and len(gain) == len(adds) and fits and isinstance(rows.x, RowChunks) and cids.size:
             # the gain mode of a bucket read whole: every cluster's masks in one pass over the bucket
             span = np.concatenate([order[a:b] for a, b in zip(starts.tolist(), ends.tolist())])

@@ -96,6 +96,38 @@ def _load():
     return fn, os.path.basename(path)
 
 
+#: OpenBLAS cores (threadpoolctl's ``architecture``, lower case) whose ``sgemm`` multiplies a small
+#: product straight from its operands, without packing them first ("direct sgemm",
+#: ``kernel/x86_64/sgemm_direct_skylakex.c``, built for these three): the add-only SemDeDup
+#: update cuts its products to that size there (:func:`curation.select.layout.piece_rows`)
+DIRECT_SGEMM_CORES = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
+
+
+def numpy_openblas_core() -> str | None:
+    """The kernels numpy's OpenBLAS picked for this CPU (threadpoolctl's ``architecture``,
+    e.g. ``Haswell``, ``SkylakeX``), or None when numpy uses another BLAS or threadpoolctl
+    cannot tell."""
+    with _LOCK:
+        if "core" not in _STATE:
+            try:
+                path = numpy_openblas_path()
+                core = next((i.get("architecture") for i in bundled_openblas("numpy") if i["filepath"] == path), None)
+            except Exception:  # threadpoolctl missing or failing
+                core = None
+            _STATE["core"] = core
+    return _STATE["core"]
+
+
+def direct_sgemm() -> bool:
+    """True when numpy's OpenBLAS runs a core of :data:`DIRECT_SGEMM_CORES` (small products
+    skip the packing copy), unless ``CURATION_DIRECT_SGEMM`` says otherwise (``1``/``0``)."""
+    forced = os.environ.get("CURATION_DIRECT_SGEMM", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    core = numpy_openblas_core()
+    return core is not None and core.lower() in DIRECT_SGEMM_CORES
+
+
 def available() -> bool:
     """True when :func:`ssyrk_upper` runs the native routine (False: callers use ``x @ x.T``)."""
     return _fn() is not None

@@ -20,7 +20,7 @@ from typing import Iterable
 import numpy as np
 
 from curation.select.budgets import in_cluster_order
-from curation.select.similarity import DEFAULT_BLOCK, max_sim_to_earlier
+from curation.select.similarity import DEFAULT_BLOCK, max_sim_to_earlier, single_thread_blas
 from curation.engine.executor import Executor, chunk_groups
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,9 @@ def semdedup_scores(
     """
     n = x.shape[0]
     out = np.full(n, -1.0, dtype=np.float32)
-    for members in cluster_member_groups(n, cluster_ids, cos_to_centroid, uids, min_size=2):
-        out[members] = max_sim_to_earlier(x[members], block=block)
+    with single_thread_blas():  # the same bits on any number of cores (see max_sim_to_earlier)
+        for members in cluster_member_groups(n, cluster_ids, cos_to_centroid, uids, min_size=2):
+            out[members] = max_sim_to_earlier(x[members], block=block)
     return out
 
 
@@ -108,7 +109,8 @@ def _semdedup_chunk(chunk: list[np.ndarray], x: np.ndarray, block: int) -> list[
     """Per-cluster SemDeDup for a chunk of clusters: ``M`` of each cluster's members, which
     arrive already in the SemDeDup order (:func:`curation.select.similarity.max_sim_to_earlier`)."""
 
-    return [max_sim_to_earlier(x[members], block=block) for members in chunk]
+    with single_thread_blas():  # the same bits as the in-process loop, whatever the worker's cores
+        return [max_sim_to_earlier(x[members], block=block) for members in chunk]
 
 
 def semdedup_scores_distributed(

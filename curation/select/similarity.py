@@ -80,6 +80,12 @@ def max_sim_to_earlier(x: np.ndarray, block: int = DEFAULT_BLOCK) -> np.ndarray:
     OpenBLAS without numpy's copy of the triangle (:mod:`curation.select.native_blas`; the
     same values, ~0.8x the time), or ``x @ x.T`` where that routine is not available.
 
+    Callers run it on ONE BLAS thread (:func:`single_thread_blas`): OpenBLAS's Haswell kernels
+    (an AMD EPYC here) split ``ssyrk`` over threads with other rounding, so a 300 x 512 Gram
+    on two threads differed from one thread's in the last bit; on one thread the values do
+    not depend on the machine's core count (the in-memory loop, the layout's bucket tasks
+    and Ray tasks agree bit for bit).
+
     Args:
         x: (n, d) float32, unit-norm rows, already in the SemDeDup order.
         block: rows per block.
