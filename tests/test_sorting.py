@@ -39,6 +39,25 @@ def test_lex_order_equals_lexsort(n):
         assert np.array_equal(got, np.lexsort(keys)), name
 
 
+def test_lex_order_packs_the_row_number_where_it_fits(monkeypatch):
+    """A key of few bits sorts its values with the row number in the low bits (no argsort), a
+    64-bit key takes argsort; both equal lexsort, ties on the first word included."""
+    import curation.engine.sorting as S
+
+    rng = np.random.default_rng(5)
+    n = 40_000
+    calls = []
+    real = np.argsort
+    monkeypatch.setattr(S.np, "argsort", lambda *a, **k: calls.append(1) or real(*a, **k))
+    small = (rng.random(n).astype(np.float32), rng.integers(0, 1000, n))  # 32 + 10 bits
+    tied = (rng.standard_normal(n), rng.integers(0, 3, n))  # two words (2 + 64 bits), the first of 2 bits
+    for keys in (small, tied):
+        assert np.array_equal(S.lex_order(keys), np.lexsort(keys))
+    assert not calls
+    wide = (rng.standard_normal(n),)  # float64: 64 bits, no room for the row number
+    assert np.array_equal(S.lex_order(wide), np.lexsort(wide)) and calls
+
+
 def test_lex_order_stable_on_all_equal_keys():
     keys = (np.ones(5000), np.zeros(5000, np.int32))
     assert np.array_equal(lex_order(keys), np.arange(5000))

@@ -3,8 +3,11 @@
 ``np.lexsort`` is a stable merge sort over every key: ~180-200 ms for 1M rows of two keys on
 this machine, and the pool-wide stages sort by uid or by (cluster, score) several times per
 recipe. :func:`lex_order` returns the SAME permutation (stable: ties keep their index order)
-from one unstable ``np.argsort`` of the keys packed into a uint64 (numpy's vectorized sort,
-~25 ms at 1M), then restores index order inside the (usually few) groups of equal keys.
+from one sort of the keys packed into a uint64, then restores the order inside the (usually
+few) groups of equal first words. When the packed key leaves room for the row number in its
+low bits (a cluster id and a float32 score: 42 bits, 1M rows: 20), the sort is numpy's
+vectorized sort of the VALUES, row number included (16 ms at 1M on an AVX2 box); otherwise an
+unstable ``np.argsort`` of the key (49 ms there, ~25 ms on an AVX-512 box).
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ def lex_order(keys) -> np.ndarray:
         return np.lexsort(keys).astype(np.int64)
     # pack from the primary key down into as few 64-bit words as fit (usually one or two)
     words: list[np.ndarray] = []
+    widths: list[int] = []
     cur, used = None, 0
     for val, width in reversed(conv):
         if cur is not None and used + width <= 64:
@@ -75,11 +79,25 @@ def lex_order(keys) -> np.ndarray:
         else:
             if cur is not None:
                 words.append(cur)
+                widths.append(used)
             cur, used = val.copy(), width
     words.append(cur)
+    widths.append(used)
     first = words[0]
-    order = np.argsort(first)  # numpy's fast (unstable) sort; ties fixed below
-    s = first[order]
+    idx_bits = (n - 1).bit_length()
+    if widths[0] + idx_bits <= 64:
+        # the row number in the free low bits: one sort of VALUES (numpy's vectorized sort; 1M
+        # rows of a 42-bit key on an AVX2 box: 16 ms against argsort's 49 ms), stable by
+        # construction; ties of the first word still sort by the other words below
+        packed = (first << np.uint64(idx_bits)) | np.arange(n, dtype=np.uint64)
+        packed.sort()
+        order = (packed & np.uint64((1 << idx_bits) - 1)).astype(np.int64)
+        if len(words) == 1:
+            return order
+        s = packed >> np.uint64(idx_bits)
+    else:
+        order = np.argsort(first)  # numpy's fast (unstable) sort; ties fixed below
+        s = first[order]
     tie = np.empty(n, bool)
     tie[0] = False
     np.equal(s[1:], s[:-1], out=tie[1:])
