@@ -107,6 +107,8 @@ def numpy_openblas_core() -> str | None:
     """The kernels numpy's OpenBLAS picked for this CPU (threadpoolctl's ``architecture``,
     e.g. ``Haswell``, ``SkylakeX``), or None when numpy uses another BLAS or threadpoolctl
     cannot tell."""
+    if "core" in _STATE:  # read once per process (piece_rows asks once per touched cluster)
+        return _STATE["core"]
     with _LOCK:
         if "core" not in _STATE:
             try:
