@@ -24,6 +24,10 @@ def _cases(rng, n):
     yield "uid halves, high half tied in groups", (lo, hi % np.uint64(97))
     yield "counter uids (high half constant)", (lo, np.zeros(n, np.uint64))
     yield "float64 with -0.0, nan, inf", (f64,)
+    f32 = f64.astype(np.float32)  # -0.0, nan, +-inf and negatives kept, as float32 keys
+    yield "float32 with -0.0, nan, inf", (f32,)
+    yield "cluster, float32 score as float32", (cos32, c)
+    yield "cluster, -score as float32", (-cos32, c)
     yield "three keys, negative ints", (rng.integers(-5, 5, n), f64, rng.integers(-(2**62), 2**62, n))
     yield "int64 extremes", (np.r_[np.iinfo(np.int64).min, np.iinfo(np.int64).max, rng.integers(-3, 3, n - 2)],)
     yield "pos, cluster (unique pairs)", (rng.permutation(n), c)

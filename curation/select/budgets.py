@@ -210,12 +210,14 @@ def in_cluster_order(
     if order not in ORDERS:
         raise ValueError(f"order: got {order!r}; expected one of {ORDERS}")
     c = np.asarray(cluster_ids, dtype=np.int64)
-    s = np.asarray(cos_to_centroid, dtype=np.float64)
+    s = np.asarray(cos_to_centroid)
+    if s.dtype != np.float32:  # float32 scores sort as they are (the same order, half the bytes)
+        s = s.astype(np.float64)
     if order == "easy":
         s = -s
     elif order == "random":
         s = np.random.default_rng(seed).random(c.size)
-    s = s + 0.0  # -0.0 -> 0.0: one zero for both sorts below
+    s = s + s.dtype.type(0.0)  # -0.0 -> 0.0: one zero for both sorts below
     if isinstance(uids, np.ndarray) and uids.dtype.kind in "SU" and uids.size == c.size and (
             uids.size < 2 or bool(np.all(uids[1:] > uids[:-1]))):
         # uids strictly increasing (pools are read sorted by uid): the uid tie-break is the row
