@@ -1290,8 +1290,9 @@ class RowChunks:
         one cluster of a layout file is one run) instead of gathering the rows first: the
         add-only update multiplies every touched cluster by its few new members, so the gather
         was a copy of each cluster for a product ~100x smaller than it. A run is multiplied in
-        pieces of ``max_piece`` rows (default :func:`piece_rows`: a size OpenBLAS multiplies
-        without packing, for few columns of ``y``). Runs shorter than ``min_run`` rows on average (a layout of
+        pieces of ``max_piece`` rows (default :func:`piece_rows`: where numpy's OpenBLAS has a
+        direct small-matrix sgemm, a size it multiplies without packing, for few columns of
+        ``y``; elsewhere the whole run). Runs shorter than ``min_run`` rows on average (a layout of
         many small flushes) gather instead: a small product per run costs more than the copy.
         Equal to the gathered product within float32 rounding (BLAS blocks a product by its
         shape)."""
