@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.storage.lake import TABLES, Lake, list_column_to_matrix
@@ -206,11 +205,7 @@ def partition_fingerprints(lake: Lake, table: str = "embeddings") -> dict[str, s
     part_col = TABLES.get(table)
     if part_col is None or not lake.exists(table):
         return {}
-    acts = pa.table(lake.table(table).get_add_actions(flatten=True)).to_pydict()  # arro3 -> pyarrow
-    key = f"partition.{part_col}"
-    files: dict[str, list[str]] = {}
-    for path, part in zip(acts["path"], acts[key]):
-        files.setdefault(part, []).append(path)
+    files = lake.partition_files(table)
     return {p: hashlib.sha256("\n".join(sorted(v)).encode()).hexdigest()[:16] for p, v in files.items()}
 
 

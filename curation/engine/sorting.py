@@ -31,31 +31,23 @@ def _sortable(key: np.ndarray) -> tuple[np.ndarray, int] | None:
         # k - lo fits uint64 (the span of any 64-bit integer dtype); int64 arithmetic wraps to it
         shifted = k.astype(np.uint64) - np.uint64(lo) if lo >= 0 else (k.astype(np.int64) - lo).astype(np.uint64)
         return shifted, max(1, (hi - lo).bit_length())
-    if k.dtype == np.float32:  # the same values as below, without the float64 round trip
-        f32 = k + np.float32(0.0)  # -0.0 -> 0.0 (a copy)
-        nan = np.isnan(f32)
-        has_nan = bool(nan.any())
-        if has_nan:
-            f32[nan] = 0.0
-        bits = f32.view(np.uint32)
-        out = np.where(bits >= np.uint32(1 << 31), ~bits, bits | np.uint32(1 << 31)).astype(np.uint64)
-        if has_nan:
-            out[nan] = np.uint64(0xFFFFFFFF)
-        return out, 32
     if k.dtype.kind == "f":
-        f = k.astype(np.float64) + 0.0  # -0.0 -> 0.0: lexsort counts them equal
+        # -0.0 -> 0.0 (lexsort counts them equal); a float32 key stays float32 (no float64
+        # round trip: its 32 bits are the ones the check below would find)
+        f = k + np.float32(0.0) if k.dtype == np.float32 else k.astype(np.float64) + 0.0
         nan = np.isnan(f)
         if nan.any():
             f[nan] = 0.0
-        f32 = f.astype(np.float32)
-        if np.array_equal(f32.astype(np.float64), f):  # exactly float32: 32 bits suffice
-            bits, width, sign = f32.view(np.uint32).astype(np.uint64), 32, np.uint64(1 << 31)
+        f32 = f if f.dtype == np.float32 else f.astype(np.float32)
+        if f is f32 or np.array_equal(f32.astype(np.float64), f):  # exactly float32: 32 bits suffice
+            bits, width = f32.view(np.uint32), 32
         else:
-            bits, width, sign = f.view(np.uint64), 64, np.uint64(1 << 63)
-        full = np.uint64((1 << width) - 1)
-        out = np.where((bits & sign) != 0, ~bits & full, bits | sign)  # negatives reversed below positives
+            bits, width = f.view(np.uint64), 64
+        sign = bits.dtype.type(1 << (width - 1))
+        # negatives reversed below positives, in the bits' own width (no mask for ~)
+        out = np.where(bits >= sign, ~bits, bits | sign).astype(np.uint64, copy=False)
         if nan.any():  # NaN sorts last, after +inf (lexsort's order), and all NaNs tie (no float maps to all ones)
-            out[nan] = full
+            out[nan] = np.uint64((1 << width) - 1)
         return out, width
     return None
 

@@ -887,11 +887,7 @@ class LayoutCompaction:
 
 def layout_files_per_bucket(lake: Lake) -> dict[str, int]:
     """``{bucket: data files}`` of the current ``pool_by_cluster`` version (from its log)."""
-    actions = lake.table(LAYOUT_TABLE).get_add_actions(flatten=True)
-    out: dict[str, int] = {}
-    for b in actions.column("partition.bucket").to_pylist():
-        out[b] = out.get(b, 0) + 1
-    return out
+    return {b: len(paths) for b, paths in lake.partition_files(LAYOUT_TABLE).items()}
 
 
 def buckets_to_compact(counts: dict[str, int], min_files: int, buckets=None) -> list[str]:
@@ -2063,10 +2059,7 @@ class _SnapshotFiles:
     ``to_pyarrow_dataset`` gives (its protocol checks ran once, on a dataset of no file)."""
 
     def __init__(self, lake: Lake, dt):
-        acts = pa.table(dt.get_add_actions(flatten=True)).select(["path", "partition.bucket"]).to_pydict()
-        self.paths: dict[str, list[str]] = {}
-        for path, b in zip(acts["path"], acts["partition.bucket"]):
-            self.paths.setdefault(b, []).append(path)
+        self.paths = lake.partition_files(LAYOUT_TABLE, dt)
         empty = layout_dataset(lake, dt, [("bucket", "=", "")])  # no bucket is named "": no fragment
         self.schema, self.format, self.filesystem = empty.schema, empty.format, empty.filesystem
 

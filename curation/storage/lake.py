@@ -193,6 +193,19 @@ class Lake:
             raise ValueError(f"table {table!r} is not partitioned")
         return self.dataset(table, file_pruning_predicate=[(part_col, "=", partition)]).count_rows()
 
+    def partition_files(self, table: str, dt: DeltaTable | None = None) -> dict[str, list[str]]:
+        """``{partition: its data files' paths}`` of a partitioned table (of the open snapshot
+        ``dt`` when given), from the log's add actions alone: no data file is opened."""
+        part_col = TABLES[table]
+        if part_col is None:
+            raise ValueError(f"table {table!r} is not partitioned")
+        dt = dt if dt is not None else self.table(table)
+        acts = pa.table(dt.get_add_actions(flatten=True)).select(["path", f"partition.{part_col}"])  # arro3 -> pyarrow
+        files: dict[str, list[str]] = {}
+        for path, part in zip(acts.column(0).to_pylist(), acts.column(1).to_pylist()):
+            files.setdefault(part, []).append(path)
+        return files
+
     def partition_counts(self, table: str) -> dict[str, int]:
         """``{partition: rows}`` of a partitioned table (empty when it does not exist)."""
         return {p: self.count_rows(table, p) for p in self.partitions(table)}
